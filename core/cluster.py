@@ -1,0 +1,364 @@
+"""The cluster: ties config, transports, workers and the coordinator together and emits events.
+
+Both the headless commands and the dashboard drive this object; it never prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TypeVar
+
+from . import detached
+from .backends import llama_rpc
+from .config import ClusterConfig, NodeConfig
+from .coordinator import (
+    CoordinatorError,
+    coordinator_argv,
+    coordinator_state_dir,
+    coordinator_status,
+    coordinator_url,
+    explain_coordinator_log,
+    find_coordinator_binary,
+    health,
+    local_transport,
+)
+from .status import (
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    UNREACHABLE,
+    ClusterStatus,
+    CoordinatorChanged,
+    CoordinatorStatus,
+    Event,
+    NodeChanged,
+    NodeStatus,
+    Notice,
+)
+from .transport import Transport, TransportError, make_transport
+
+T = TypeVar("T")
+EventSink = Callable[[Event], None]
+
+WORKER_READY_TIMEOUT = 30.0
+COORDINATOR_READY_TIMEOUT = 600.0
+
+
+class ClusterError(Exception):
+    """An operation failed; `problems` holds one sentence per node or part."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, *, max_parallel: int = 16) -> None:
+        self.config = config
+        self._sinks: list[EventSink] = []
+        self._transports: dict[str, Transport] = {}
+        self._locks: dict[str, asyncio.Lock] = {n.name: asyncio.Lock() for n in config.nodes}
+        self._coordinator_lock = asyncio.Lock()
+        self._fanout = asyncio.Semaphore(max_parallel)
+        self.nodes: dict[str, NodeStatus] = {
+            n.name: NodeStatus(n.name, n.host, n.backend, STOPPED, None, n.endpoint)
+            for n in config.nodes
+        }
+        self.coordinator = CoordinatorStatus(STOPPED, coordinator_url(config))
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def subscribe(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def _emit(self, event: Event) -> None:
+        for sink in list(self._sinks):
+            sink(event)
+
+    def _notice(self, text: str, level: str = "info", node: str | None = None) -> None:
+        self._emit(Notice(text, level, node))
+
+    def _set_node(self, status: NodeStatus) -> NodeStatus:
+        if self.nodes.get(status.name) != status:
+            self.nodes[status.name] = status
+            self._emit(NodeChanged(status))
+        return status
+
+    def _set_coordinator(self, status: CoordinatorStatus) -> CoordinatorStatus:
+        if self.coordinator != status:
+            self.coordinator = status
+            self._emit(CoordinatorChanged(status))
+        return status
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    def node_state_dir(self, node: NodeConfig) -> str:
+        return f"{self.config.state_dir.rstrip('/')}/{self.config.name}/{node.name}"
+
+    def transport(self, name: str) -> Transport:
+        if name not in self._transports:
+            self._transports[name] = make_transport(self.config.node(name))
+        return self._transports[name]
+
+    async def _gather(self, items: Iterable[T],
+                      fn: Callable[[T], Awaitable[NodeStatus]]) -> list[NodeStatus]:
+        async def limited(item: T) -> NodeStatus:
+            async with self._fanout:
+                return await fn(item)
+
+        return list(await asyncio.gather(*(limited(i) for i in items)))
+
+    def _status(self, node: NodeConfig, state: str, pid: int | None = None,
+                error: str = "") -> NodeStatus:
+        return self._set_node(NodeStatus(node.name, node.host, node.backend, state, pid,
+                                         node.endpoint, error))
+
+    @staticmethod
+    def _rpc_address(node: NodeConfig) -> tuple[str, int]:
+        return node.rpc_host or node.host, node.rpc_port
+
+    async def close(self) -> None:
+        transports, self._transports = self._transports, {}
+        await asyncio.gather(*(t.close() for t in transports.values()), return_exceptions=True)
+
+    # ---- nodes -----------------------------------------------------------------------------
+
+    async def probe_node(self, name: str) -> NodeStatus:
+        """Find the node's worker from its pidfile: works from a fresh process."""
+        node = self.config.node(name)
+        try:
+            proc = await detached.status(self.transport(name), self.node_state_dir(node))
+            if proc.state == "running":
+                ready = await llama_rpc.port_open(*self._rpc_address(node))
+                return self._status(node, READY if ready else STARTING, proc.pid)
+            if proc.state == "dead":
+                tail = await detached.log_tail(self.transport(name), self.node_state_dir(node))
+                return self._status(node, FAILED, proc.pid,
+                                    llama_rpc.explain_worker_log(tail))
+            return self._status(node, STOPPED)
+        except TransportError as exc:
+            return self._status(node, UNREACHABLE, None, str(exc))
+
+    async def refresh_nodes(self) -> list[NodeStatus]:
+        return await self._gather([n.name for n in self.config.nodes], self.probe_node)
+
+    async def status(self) -> ClusterStatus:
+        nodes, coordinator = await asyncio.gather(self.refresh_nodes(), self.refresh_coordinator())
+        return ClusterStatus(self.config.name, tuple(nodes), coordinator)
+
+    async def start_node(self, name: str, *, timeout: float = WORKER_READY_TIMEOUT) -> NodeStatus:
+        node = self.config.node(name)
+        async with self._locks[name]:
+            self._status(node, STARTING)
+            try:
+                status = await self._start_worker(node, timeout)
+            except TransportError as exc:
+                status = self._status(node, UNREACHABLE, None, str(exc))
+        if status.state != READY:
+            self._notice(f"{name}: {status.error}", "error", name)
+        else:
+            self._notice(f"{name}: worker ready on {node.endpoint} (pid {status.pid})", node=name)
+        return status
+
+    async def _start_worker(self, node: NodeConfig, timeout: float) -> NodeStatus:
+        if node.backend != "llama-rpc":
+            return self._status(node, FAILED, None,
+                                f"backend {node.backend!r} cannot be started by this version yet")
+        transport = self.transport(node.name)
+        state_dir = self.node_state_dir(node)
+        await transport.connect()
+        proc = await detached.status(transport, state_dir)
+        if proc.state != "running":
+            host, port = self._rpc_address(node)
+            if await llama_rpc.port_open(host, port):
+                return self._status(node, FAILED, None,
+                                    f"port {port} on {host} is already in use by a program this "
+                                    "cluster did not start: stop it or set another rpc_port")
+            binary, error = await llama_rpc.find_binary(transport)
+            if binary is None:
+                return self._status(node, FAILED, None, error)
+            argv = llama_rpc.rpc_server_argv(binary, node)
+            proc = await detached.spawn(transport, state_dir, argv, env={"LLAMA_CACHE": "cache"})
+            if proc.state != "running":
+                return self._status(node, FAILED, None, proc.error)
+            self._status(node, STARTING, proc.pid)
+        return await self._wait_worker_ready(node, proc.pid, timeout)
+
+    async def _wait_worker_ready(self, node: NodeConfig, pid: int | None,
+                                 timeout: float) -> NodeStatus:
+        """Ready means the port accepts connections; rpc-server's exit code proves nothing."""
+        transport = self.transport(node.name)
+        state_dir = self.node_state_dir(node)
+        deadline = time.monotonic() + timeout
+        checks = 0
+        while time.monotonic() < deadline:
+            if await llama_rpc.port_open(*self._rpc_address(node), timeout=0.5):
+                return self._status(node, READY, pid)
+            checks += 1
+            if checks % 4 == 0:
+                proc = await detached.status(transport, state_dir)
+                if proc.state != "running":
+                    tail = await detached.log_tail(transport, state_dir)
+                    return self._status(node, FAILED, pid, llama_rpc.explain_worker_log(tail))
+            await asyncio.sleep(0.1)
+        host, port = self._rpc_address(node)
+        return self._status(node, FAILED, pid,
+                            f"worker runs (pid {pid}) but {host}:{port} refused connections from "
+                            f"this machine for {timeout:g} s: check rpc_host and firewalls")
+
+    async def stop_node(self, name: str) -> NodeStatus:
+        node = self.config.node(name)
+        async with self._locks[name]:
+            try:
+                result = await detached.stop(self.transport(name), self.node_state_dir(node))
+            except TransportError as exc:
+                return self._status(node, UNREACHABLE, None, str(exc))
+            if result.error:
+                status = self._status(node, FAILED, result.pid, result.error)
+                self._notice(f"{name}: {result.error}", "error", name)
+                return status
+        self._notice(f"{name}: worker stopped", node=name)
+        return self._status(node, STOPPED)
+
+    async def start_workers(self, names: Iterable[str] | None = None) -> list[NodeStatus]:
+        chosen = list(names) if names is not None else [n.name for n in self.config.nodes]
+        return await self._gather(chosen, self.start_node)
+
+    async def stop_workers(self) -> list[NodeStatus]:
+        return await self._gather([n.name for n in self.config.nodes], self.stop_node)
+
+    async def follow_log(self, name: str, lines: int = 200) -> AsyncIterator[str]:
+        node = self.config.node(name)
+        script = detached.follow_script(self.node_state_dir(node), lines)
+        async for line in self.transport(name).stream_lines(script):
+            yield line
+
+    # ---- coordinator -----------------------------------------------------------------------
+
+    async def refresh_coordinator(self) -> CoordinatorStatus:
+        return self._set_coordinator(await coordinator_status(self.config))
+
+    def _rpc_nodes(self) -> list[NodeConfig]:
+        return [n for n in self.config.nodes if n.backend == "llama-rpc"]
+
+    async def start_coordinator(self, *,
+                                timeout: float = COORDINATOR_READY_TIMEOUT) -> CoordinatorStatus:
+        async with self._coordinator_lock:
+            try:
+                status = await self._start_coordinator(timeout)
+            except (CoordinatorError, ClusterError) as exc:
+                status = self._set_coordinator(
+                    CoordinatorStatus(FAILED, coordinator_url(self.config), None, str(exc)))
+        if status.state == READY:
+            self._notice(f"coordinator ready at {status.url} (pid {status.pid})")
+        else:
+            self._notice(f"coordinator: {status.error}", "error")
+        return status
+
+    async def _start_coordinator(self, timeout: float) -> CoordinatorStatus:
+        config = self.config
+        url = coordinator_url(config)
+        current = await self.refresh_coordinator()
+        if current.state in (READY, STARTING):
+            return await self._wait_coordinator_ready(current.pid, timeout)
+        if config.model.gguf is None or not config.model.gguf.is_file():
+            raise CoordinatorError(f"model file {config.model.gguf} not found: fix [model] gguf "
+                                   f"in {config.source}")
+        binary = find_coordinator_binary(config)
+        workers = self._rpc_nodes()
+        statuses = await self._gather([n.name for n in workers], self.probe_node)
+        not_ready = [s for s in statuses if s.state != READY]
+        if not_ready:
+            raise ClusterError([f"worker {s.name} is {s.state}" + (f": {s.error}" if s.error
+                                                                  else "") for s in not_ready])
+        await self._refuse_busy_workers(workers)
+        if await llama_rpc.port_open(config.coordinator.host if config.coordinator.host not in
+                                     ("0.0.0.0", "::") else "127.0.0.1", config.coordinator.port):
+            raise CoordinatorError(f"port {config.coordinator.port} is already in use on this "
+                                   "machine: stop that program or set [coordinator] port")
+        argv = coordinator_argv(config, binary, [n.endpoint for n in workers])
+        proc = await detached.spawn(local_transport(), coordinator_state_dir(config), argv)
+        if proc.state != "running":
+            raise CoordinatorError(proc.error)
+        self._set_coordinator(CoordinatorStatus(STARTING, url, proc.pid))
+        self._notice(f"coordinator starting (pid {proc.pid}) with {len(workers)} workers")
+        return await self._wait_coordinator_ready(proc.pid, timeout)
+
+    async def _refuse_busy_workers(self, workers: list[NodeConfig]) -> None:
+        """A worker serves one client; a second coordinator would hang without a word."""
+
+        async def probe(node: NodeConfig) -> str:
+            try:
+                await llama_rpc.hello(*self._rpc_address(node))
+                return ""
+            except llama_rpc.HelloError as exc:
+                if str(exc) == "busy":
+                    return (f"worker {node.name} ({node.endpoint}) is already serving another "
+                            "coordinator; a worker serves one client at a time, so a second one "
+                            "would hang. Stop the other coordinator first")
+                return f"worker {node.name} ({node.endpoint}) did not answer the RPC HELLO: {exc}"
+
+        problems = [p for p in await asyncio.gather(*(probe(n) for n in workers)) if p]
+        if problems:
+            raise ClusterError(problems)
+
+    async def _wait_coordinator_ready(self, pid: int | None, timeout: float) -> CoordinatorStatus:
+        url = coordinator_url(self.config)
+        state_dir = coordinator_state_dir(self.config)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code, _ = await health(url, timeout=1.0)
+            if code == 200:
+                return self._set_coordinator(CoordinatorStatus(READY, url, pid))
+            proc = await detached.status(local_transport(), state_dir)
+            if proc.state != "running":
+                tail = await detached.log_tail(local_transport(), state_dir, 40)
+                return self._set_coordinator(
+                    CoordinatorStatus(FAILED, url, pid, explain_coordinator_log(tail)))
+            await asyncio.sleep(0.25)
+        return self._set_coordinator(CoordinatorStatus(
+            FAILED, url, pid, f"not healthy after {timeout:g} s; see its log "
+                              f"(torbiz-tui logs coordinator)"))
+
+    async def stop_coordinator(self) -> CoordinatorStatus:
+        async with self._coordinator_lock:
+            result = await detached.stop(local_transport(), coordinator_state_dir(self.config))
+            url = coordinator_url(self.config)
+            if result.error:
+                return self._set_coordinator(CoordinatorStatus(FAILED, url, result.pid,
+                                                               result.error))
+            if result.pid:
+                self._notice("coordinator stopped")
+            return self._set_coordinator(CoordinatorStatus(STOPPED, url))
+
+    async def follow_coordinator_log(self, lines: int = 200) -> AsyncIterator[str]:
+        script = detached.follow_script(coordinator_state_dir(self.config), lines)
+        async for line in local_transport().stream_lines(script):
+            yield line
+
+    # ---- whole cluster ---------------------------------------------------------------------
+
+    async def up(self) -> ClusterStatus:
+        """Workers in parallel, then the coordinator; ClusterError names every failed part."""
+        workers = await self.start_workers([n.name for n in self._rpc_nodes()])
+        failed = [w for w in workers if w.state != READY]
+        if failed:
+            raise ClusterError([f"{w.name}: {w.error}" for w in failed])
+        coordinator = await self.start_coordinator()
+        if coordinator.state != READY:
+            raise ClusterError([f"coordinator: {coordinator.error}"])
+        return ClusterStatus(self.config.name, tuple(self.nodes.values()), coordinator)
+
+    async def down(self) -> ClusterStatus:
+        coordinator = await self.stop_coordinator()
+        nodes = await self.stop_workers()
+        problems = [f"{n.name}: {n.error}" for n in nodes if n.state not in (STOPPED,)]
+        if coordinator.state != STOPPED:
+            problems.insert(0, f"coordinator: {coordinator.error}")
+        if problems:
+            raise ClusterError(problems)
+        return ClusterStatus(self.config.name, tuple(nodes), coordinator)
+

@@ -1,0 +1,339 @@
+"""Load and validate the cluster file (TOML); every error names the file, the table and the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BACKENDS = ("llama-rpc", "petals")
+TRANSPORTS = ("ssh", "local")
+DEFAULT_RPC_PORT = 50052
+DEFAULT_COORDINATOR_PORT = 8080
+DEFAULT_STATE_DIR = "~/.torbiz"
+
+# Names become directory names on nodes: keep them boring.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# A DNS name (labels of letters, digits, hyphens), never starting with "-" (ssh option injection).
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+class ConfigError(Exception):
+    """A problem in the cluster file, phrased for the operator."""
+
+    def __init__(self, path: Path | str, where: str, message: str) -> None:
+        self.path = str(path)
+        self.where = where
+        self.message = message
+        location = f"{self.path}: [{where}]" if where else self.path
+        super().__init__(f"{location}: {message}")
+
+
+@dataclass(frozen=True)
+class SshOptions:
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str = "~/.ssh/known_hosts"
+    config_file: str | None = "~/.ssh/config"
+    connect_timeout: float = 10.0
+    keepalive_interval: float = 5.0
+    keepalive_count_max: int = 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    gguf: Path | None = None
+    context: int = 4096
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    binary: str | None = None
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_COORDINATOR_PORT
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    host: str
+    ssh_port: int = 22
+    transport: str = "ssh"
+    backend: str = "llama-rpc"
+    rpc_server: str | None = None
+    rpc_host: str = ""
+    rpc_port: int = DEFAULT_RPC_PORT
+    threads: int | None = None
+    cache: bool = True
+    ssh: SshOptions = field(default_factory=SshOptions)
+
+    @property
+    def endpoint(self) -> str:
+        """The host:port the coordinator connects to."""
+        host = self.rpc_host or self.host
+        if ":" in host:  # IPv6 literal
+            return f"[{host}]:{self.rpc_port}"
+        return f"{host}:{self.rpc_port}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    state_dir: str
+    model: ModelConfig
+    coordinator: CoordinatorConfig
+    nodes: tuple[NodeConfig, ...]
+    ssh: SshOptions = field(default_factory=SshOptions)
+    source: Path | None = None
+
+    def node(self, name: str) -> NodeConfig:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in self.nodes) or "none"
+        raise KeyError(f"no node named {name!r} in cluster {self.name!r} (nodes: {known})")
+
+
+# ---- schema -------------------------------------------------------------------------------
+
+_SSH_KEYS: dict[str, tuple[type, ...]] = {
+    "user": (str,),
+    "identity_file": (str,),
+    "known_hosts": (str,),
+    "config_file": (str,),
+    "connect_timeout": (int, float),
+    "keepalive_interval": (int, float),
+    "keepalive_count_max": (int,),
+}
+_CLUSTER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "state_dir": (str,)}
+_MODEL_KEYS: dict[str, tuple[type, ...]] = {"gguf": (str,), "context": (int,)}
+_COORDINATOR_KEYS: dict[str, tuple[type, ...]] = {
+    "binary": (str,),
+    "host": (str,),
+    "port": (int,),
+    "extra_args": (list,),
+}
+_NODE_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "host": (str,),
+    "ssh_port": (int,),
+    "transport": (str,),
+    "backend": (str,),
+    "rpc_server": (str,),
+    "rpc_host": (str,),
+    "rpc_port": (int,),
+    "threads": (int,),
+    "cache": (bool,),
+    **_SSH_KEYS,
+}
+_TOP_KEYS = {"cluster", "ssh", "model", "coordinator", "nodes"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list"}
+
+
+def _expect_table(path: Path, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, where, f"must be a table, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(path: Path, where: str, table: dict[str, Any],
+                schema: dict[str, tuple[type, ...]]) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            allowed = ", ".join(sorted(schema))
+            raise ConfigError(path, where, f"unknown key {key!r} (allowed: {allowed})")
+        types = schema[key]
+        # bool is an int in Python; never accept true where a number is meant.
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise ConfigError(path, where, f"key {key!r} must be {wanted}, got {value!r}")
+
+
+def _check_port(path: Path, where: str, key: str, value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ConfigError(path, where, f"key {key!r} must be a port between 1 and 65535, "
+                                       f"got {value}")
+    return value
+
+
+def is_valid_host(host: str) -> bool:
+    """A hostname or an IP literal; nothing a shell or ssh could read as syntax or an option."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOSTNAME_RE.match(host))
+
+
+def _check_host(path: Path, where: str, key: str, value: str) -> str:
+    if not is_valid_host(value):
+        raise ConfigError(path, where, f"key {key!r} must be a host name or IP address, "
+                                       f"got {value!r}")
+    return value
+
+
+def _check_name(path: Path, where: str, key: str, value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ConfigError(path, where, f"key {key!r} must be 1-63 letters, digits, '.', '_' or "
+                                       f"'-' starting with a letter or digit, got {value!r}")
+    return value
+
+
+def _check_positive(path: Path, where: str, key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(path, where, f"key {key!r} must be greater than 0, got {value}")
+
+
+def _ssh_options(path: Path, where: str, table: dict[str, Any], base: SshOptions) -> SshOptions:
+    values = {k: table[k] for k in _SSH_KEYS if k in table}
+    for key in ("connect_timeout", "keepalive_interval", "keepalive_count_max"):
+        if key in values:
+            _check_positive(path, where, key, values[key])
+    if "connect_timeout" in values:
+        values["connect_timeout"] = float(values["connect_timeout"])
+    if "keepalive_interval" in values:
+        values["keepalive_interval"] = float(values["keepalive_interval"])
+    return replace(base, **values)
+
+
+def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> NodeConfig:
+    where = f"nodes[{index}]"
+    raw_name = table.get("name")
+    if isinstance(raw_name, str) and _NAME_RE.match(raw_name):
+        where = f"nodes[{index}] ({raw_name})"
+    _check_keys(path, where, table, _NODE_KEYS)
+    for key in ("name", "host"):
+        if key not in table:
+            raise ConfigError(path, where, f"missing required key {key!r}")
+    name = _check_name(path, where, "name", table["name"])
+    host = _check_host(path, where, "host", table["host"])
+    transport = table.get("transport", "ssh")
+    if transport not in TRANSPORTS:
+        raise ConfigError(path, where, f"key 'transport' must be one of {', '.join(TRANSPORTS)}, "
+                                       f"got {transport!r}")
+    backend = table.get("backend", "llama-rpc")
+    if backend not in BACKENDS:
+        raise ConfigError(path, where, f"key 'backend' must be one of {', '.join(BACKENDS)}, "
+                                       f"got {backend!r}")
+    rpc_host = table.get("rpc_host", "")
+    if rpc_host:
+        _check_host(path, where, "rpc_host", rpc_host)
+    threads = table.get("threads")
+    if threads is not None:
+        _check_positive(path, where, "threads", threads)
+    rpc_server = table.get("rpc_server")
+    if rpc_server is not None and (not rpc_server or "\0" in rpc_server):
+        raise ConfigError(path, where, "key 'rpc_server' must be a non-empty path")
+    return NodeConfig(
+        name=name,
+        host=host,
+        ssh_port=_check_port(path, where, "ssh_port", table.get("ssh_port", 22)),
+        transport=transport,
+        backend=backend,
+        rpc_server=rpc_server,
+        rpc_host=rpc_host,
+        rpc_port=_check_port(path, where, "rpc_port", table.get("rpc_port", DEFAULT_RPC_PORT)),
+        threads=threads,
+        cache=table.get("cache", True),
+        ssh=_ssh_options(path, where, table, ssh),
+    )
+
+
+def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
+    """Validate an already-parsed TOML document; `path` is used in messages and to resolve paths."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(path, "", f"unknown table {key!r} "
+                                        f"(allowed: {', '.join(sorted(_TOP_KEYS))})")
+    cluster = _expect_table(path, "cluster", data.get("cluster", {}))
+    _check_keys(path, "cluster", cluster, _CLUSTER_KEYS)
+    name = _check_name(path, "cluster", "name", cluster.get("name", "default"))
+    state_dir = cluster.get("state_dir", DEFAULT_STATE_DIR)
+    if not state_dir or "\0" in state_dir:
+        raise ConfigError(path, "cluster", "key 'state_dir' must be a non-empty path")
+
+    ssh_table = _expect_table(path, "ssh", data.get("ssh", {}))
+    _check_keys(path, "ssh", ssh_table, _SSH_KEYS)
+    ssh = _ssh_options(path, "ssh", ssh_table, SshOptions())
+
+    model_table = _expect_table(path, "model", data.get("model", {}))
+    _check_keys(path, "model", model_table, _MODEL_KEYS)
+    gguf = model_table.get("gguf")
+    gguf_path = None
+    if gguf is not None:
+        gguf_path = Path(gguf).expanduser()
+        if not gguf_path.is_absolute():
+            gguf_path = (path.parent / gguf_path).resolve()
+    context = model_table.get("context", 4096)
+    _check_positive(path, "model", "context", context)
+    model = ModelConfig(gguf=gguf_path, context=context)
+
+    coord_table = _expect_table(path, "coordinator", data.get("coordinator", {}))
+    _check_keys(path, "coordinator", coord_table, _COORDINATOR_KEYS)
+    extra = coord_table.get("extra_args", [])
+    if not all(isinstance(a, str) for a in extra):
+        raise ConfigError(path, "coordinator", "key 'extra_args' must be a list of strings")
+    coordinator = CoordinatorConfig(
+        binary=coord_table.get("binary"),
+        host=_check_host(path, "coordinator", "host", coord_table.get("host", "127.0.0.1")),
+        port=_check_port(path, "coordinator", "port",
+                         coord_table.get("port", DEFAULT_COORDINATOR_PORT)),
+        extra_args=tuple(extra),
+    )
+
+    raw_nodes = data.get("nodes", [])
+    if not isinstance(raw_nodes, list):
+        raise ConfigError(path, "nodes", "must be an array of tables: write each node as "
+                                         "[[nodes]]")
+    if not raw_nodes:
+        raise ConfigError(path, "nodes", "no nodes: add at least one [[nodes]] table")
+    nodes = []
+    names: dict[str, int] = {}
+    endpoints: dict[tuple[str, int], str] = {}
+    for index, raw in enumerate(raw_nodes):
+        node = _node(path, index, _expect_table(path, f"nodes[{index}]", raw), ssh)
+        if node.name in names:
+            raise ConfigError(path, f"nodes[{index}] ({node.name})",
+                              f"duplicate node name {node.name!r} (also nodes[{names[node.name]}])")
+        names[node.name] = index
+        # Two workers on one host and port would fight for the socket.
+        key = (node.rpc_host or node.host, node.rpc_port)
+        if key in endpoints:
+            raise ConfigError(path, f"nodes[{index}] ({node.name})",
+                              f"duplicate endpoint {node.endpoint}: node {endpoints[key]!r} "
+                              "already uses it; give one of them another rpc_port")
+        endpoints[key] = node.name
+        nodes.append(node)
+    return ClusterConfig(name=name, state_dir=state_dir, model=model, coordinator=coordinator,
+                         nodes=tuple(nodes), ssh=ssh, source=path)
+
+
+def load_config(path: Path | str) -> ClusterConfig:
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(path, "", "file not found; pass -c PATH or set $TORBIZ_CONFIG") from None
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"invalid TOML: {exc}") from None
+    return parse_config(data, path.resolve())

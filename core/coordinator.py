@@ -1,0 +1,111 @@
+"""The llama.cpp coordinator: `llama-server --rpc ...` started detached on this machine."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from . import detached
+from .config import ClusterConfig, NodeConfig
+from .llama_build import COORDINATOR_NAME, find_cached_binary
+from .status import FAILED, READY, STARTING, STOPPED, CoordinatorStatus
+from .transport import LocalTransport
+
+COORDINATOR_DIR = "_coordinator"  # node names start with a letter or digit, so never collide
+
+
+class CoordinatorError(Exception):
+    pass
+
+
+def coordinator_url(config: ClusterConfig) -> str:
+    host = config.coordinator.host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.coordinator.port}"
+
+
+def coordinator_state_dir(config: ClusterConfig) -> str:
+    return f"{config.state_dir.rstrip('/')}/{config.name}/{COORDINATOR_DIR}"
+
+
+def local_transport() -> LocalTransport:
+    return LocalTransport(NodeConfig(name="coordinator", host="127.0.0.1", transport="local"))
+
+
+def find_coordinator_binary(config: ClusterConfig) -> str:
+    configured = config.coordinator.binary
+    if configured:
+        path = Path(configured).expanduser()
+        if not (path.is_file() and path.stat().st_mode & 0o111):
+            raise CoordinatorError(f"coordinator binary {path} is not an executable file: fix "
+                                   "[coordinator] binary in the config")
+        return str(path)
+    found = shutil.which(COORDINATOR_NAME) or find_cached_binary(COORDINATOR_NAME)
+    if not found:
+        raise CoordinatorError("llama-server not found on this machine: run `torbiz-tui "
+                               "build-llama`, or set [coordinator] binary in the config")
+    return str(found)
+
+
+def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str],
+                     extra: Sequence[str] = ()) -> list[str]:
+    if config.model.gguf is None:
+        raise CoordinatorError("no model: set [model] gguf in the config")
+    argv = [
+        binary,
+        "-m", str(config.model.gguf),
+        "-c", str(config.model.context),
+        "--host", config.coordinator.host,
+        "--port", str(config.coordinator.port),
+        "-ngl", "99",
+        "--metrics",
+        "--slots",
+        "-lv", "4",  # device and buffer lines in the log: the layer map comes from them
+    ]
+    if endpoints:
+        argv += ["--rpc", ",".join(endpoints)]
+    argv += list(extra)
+    argv += list(config.coordinator.extra_args)
+    return argv
+
+
+async def health(url: str, timeout: float = 2.0) -> tuple[int | None, str]:
+    """(HTTP status, body) of GET /health, or (None, reason) when nothing answers."""
+    try:
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+            response = await client.get(f"{url}/health")
+            return response.status_code, response.text[:500]
+    except httpx.HTTPError as exc:
+        return None, exc.__class__.__name__
+
+
+async def coordinator_status(config: ClusterConfig) -> CoordinatorStatus:
+    url = coordinator_url(config)
+    proc = await detached.status(local_transport(), coordinator_state_dir(config))
+    if proc.state == "none":
+        return CoordinatorStatus(STOPPED, url)
+    if proc.state == "dead":
+        tail = await detached.log_tail(local_transport(), coordinator_state_dir(config), 30)
+        return CoordinatorStatus(FAILED, url, proc.pid, explain_coordinator_log(tail))
+    code, _ = await health(url)
+    return CoordinatorStatus(READY if code == 200 else STARTING, url, proc.pid)
+
+
+def explain_coordinator_log(lines: list[str]) -> str:
+    text = "\n".join(lines)
+    if "couldn't bind" in text or "Address already in use" in text:
+        return "its HTTP port is already in use: set [coordinator] port"
+    if "failed to load model" in text or "error loading model" in text:
+        hits = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+        return "failed to load the model: " + (hits[0][:200] if hits else "see its log")
+    if "RPC server version mismatch" in text:
+        return "a worker speaks another RPC protocol version: build workers and coordinator " \
+               "from the same llama.cpp"
+    meaningful = [ln for ln in lines if ln.strip() and not ln.startswith("torbiz-start")]
+    return ("exited: " + meaningful[-1][:200]) if meaningful else "exited without a message"

@@ -1,0 +1,268 @@
+"""Run shell scripts on a node: over SSH (asyncssh) or on this machine (the demo's local nodes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from .config import NodeConfig
+from .shell import sh_c
+
+MAX_OUTPUT = 1 << 20  # bytes kept from one command's stdout/stderr
+
+
+class TransportError(Exception):
+    """The node cannot be reached or refused us; the message is a sentence for the operator."""
+
+    def __init__(self, node: str, message: str, *, kind: str = "unreachable") -> None:
+        self.node = node
+        self.kind = kind
+        super().__init__(f"{node}: {message}")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+class Transport:
+    """One node's channel to run POSIX sh scripts; subclasses hold at most one connection."""
+
+    is_local = False
+
+    def __init__(self, node: NodeConfig) -> None:
+        self.node = node
+
+    @property
+    def label(self) -> str:
+        return self.node.name
+
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    async def run(self, script: str, *, timeout: float = 30.0) -> CommandResult:
+        raise NotImplementedError
+
+    def stream_lines(self, script: str) -> AsyncIterator[str]:
+        """Lines of a long-running script's stdout; it ends when the caller stops iterating."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+def _clip(data: bytes | str) -> str:
+    if isinstance(data, bytes):
+        data = data[-MAX_OUTPUT:].decode("utf-8", "replace")
+    return data[-MAX_OUTPUT:]
+
+
+# A script whose stdin closing (the channel or the pipe went away) kills its payload, so a
+# follower never outlives the reader that asked for it.
+def _tied_to_stdin(script: str) -> str:
+    return f"( {script} ) & __p=$!; cat >/dev/null; kill $__p 2>/dev/null; wait $__p 2>/dev/null"
+
+
+class LocalTransport(Transport):
+    is_local = True
+
+    async def connect(self) -> None:
+        return None
+
+    async def run(self, script: str, *, timeout: float = 30.0) -> CommandResult:
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", script,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise TransportError(self.label, f"command timed out after {timeout:g} s",
+                                 kind="timeout") from None
+        return CommandResult(proc.returncode or 0, _clip(out), _clip(err))
+
+    async def stream_lines(self, script: str) -> AsyncIterator[str]:
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", _tied_to_stdin(script),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        try:
+            while True:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                yield line.decode("utf-8", "replace").rstrip("\n")
+        finally:
+            proc.stdin.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5)
+
+
+def _expand(path: str | None) -> str | None:
+    return None if path is None else os.path.expanduser(path)
+
+
+class SshTransport(Transport):
+    """One asyncssh connection per node, many channels over it."""
+
+    def __init__(self, node: NodeConfig) -> None:
+        super().__init__(node)
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def address(self) -> str:
+        return f"{self.node.host}:{self.node.ssh_port}"
+
+    async def connect(self) -> None:
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return
+            self._conn = await self._open()
+
+    async def _open(self) -> asyncssh.SSHClientConnection:
+        opts = self.node.ssh
+        known_hosts = _expand(opts.known_hosts)
+        assert known_hosts is not None
+        if not Path(known_hosts).is_file():
+            raise TransportError(
+                self.label,
+                f"known_hosts file {known_hosts} does not exist; host keys are always verified. "
+                f"Add this node's key after checking its fingerprint: "
+                f"ssh-keyscan -p {self.node.ssh_port} {self.node.host} >> {known_hosts}",
+                kind="host-key",
+            )
+        config_file = _expand(opts.config_file)
+        kwargs: dict[str, object] = {
+            "port": self.node.ssh_port,
+            "known_hosts": known_hosts,
+            "connect_timeout": opts.connect_timeout,
+            "keepalive_interval": opts.keepalive_interval,
+            "keepalive_count_max": opts.keepalive_count_max,
+            "config": [config_file] if config_file and Path(config_file).is_file() else [],
+        }
+        if opts.user:
+            kwargs["username"] = opts.user
+        if opts.identity_file:
+            kwargs["client_keys"] = [_expand(opts.identity_file)]
+        try:
+            return await asyncssh.connect(self.node.host, **kwargs)  # type: ignore[arg-type]
+        except asyncssh.HostKeyNotVerifiable:
+            raise await self._host_key_error(known_hosts) from None
+        except asyncssh.PermissionDenied:
+            user = opts.user or "your login name"
+            raise TransportError(
+                self.label,
+                f"SSH login as {user} to {self.address} was refused: check [ssh] user and "
+                "identity_file, or load the key into ssh-agent",
+                kind="auth",
+            ) from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransportError(
+                self.label,
+                f"no SSH answer from {self.address} within {opts.connect_timeout:g} s: is the "
+                "node up and the ssh_port right?",
+            ) from None
+        except (OSError, asyncssh.Error) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise TransportError(
+                self.label, f"cannot connect to {self.address} ({reason}): is sshd running there?"
+            ) from None
+
+    async def _host_key_error(self, known_hosts: str) -> TransportError:
+        """Tell an unknown host from a changed key; asyncssh reports both the same way."""
+        host, port = self.node.host, self.node.ssh_port
+        pattern = host if port == 22 else f"[{host}]:{port}"
+        fingerprint = "unknown"
+        with contextlib.suppress(Exception):
+            key = await asyncssh.get_server_host_key(
+                host, port, connect_timeout=self.node.ssh.connect_timeout)
+            if key is not None:
+                fingerprint = key.get_fingerprint("sha256")
+        listed = False
+        with contextlib.suppress(Exception):
+            trusted = asyncssh.read_known_hosts(known_hosts).match(host, "", port)
+            listed = bool(trusted[0] or trusted[1])
+        if listed:
+            return TransportError(
+                self.label,
+                f"HOST KEY CHANGED for {pattern}: it now presents {fingerprint}, which does not "
+                f"match {known_hosts}. Someone may be intercepting the connection. If the node "
+                f"was reinstalled, verify the new fingerprint, then run: "
+                f"ssh-keygen -f {known_hosts} -R '{pattern}' and connect once with ssh to "
+                "accept the new key",
+                kind="host-key",
+            )
+        return TransportError(
+            self.label,
+            f"host key of {pattern} ({fingerprint}) is not in {known_hosts}. Verify the "
+            f"fingerprint, then add it: ssh-keyscan -p {port} {host} >> {known_hosts}",
+            kind="host-key",
+        )
+
+    async def _connection(self) -> asyncssh.SSHClientConnection:
+        await self.connect()
+        assert self._conn is not None
+        return self._conn
+
+    async def run(self, script: str, *, timeout: float = 30.0) -> CommandResult:
+        conn = await self._connection()
+        try:
+            result = await asyncio.wait_for(
+                conn.run(sh_c(script), check=False, stdin=asyncssh.DEVNULL), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransportError(self.label, f"command timed out after {timeout:g} s",
+                                 kind="timeout") from None
+        except (OSError, asyncssh.Error) as exc:
+            self._conn = None
+            raise TransportError(self.label, f"SSH connection lost ({exc})") from None
+        status = result.exit_status if result.exit_status is not None else 255
+        return CommandResult(status, _clip(result.stdout or ""), _clip(result.stderr or ""))
+
+    async def stream_lines(self, script: str) -> AsyncIterator[str]:
+        conn = await self._connection()
+        try:
+            proc = await conn.create_process(sh_c(_tied_to_stdin(script)),
+                                             stderr=asyncssh.DEVNULL)
+        except (OSError, asyncssh.Error) as exc:
+            self._conn = None
+            raise TransportError(self.label, f"SSH connection lost ({exc})") from None
+        try:
+            async for line in proc.stdout:
+                yield line.rstrip("\n")
+        except (OSError, asyncssh.Error) as exc:
+            raise TransportError(self.label, f"SSH connection lost ({exc})") from None
+        finally:
+            proc.stdin.write_eof()
+            proc.close()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+            with contextlib.suppress(Exception):
+                await conn.wait_closed()
+
+
+def make_transport(node: NodeConfig) -> Transport:
+    return LocalTransport(node) if node.transport == "local" else SshTransport(node)

@@ -1,0 +1,202 @@
+"""The `torbiz-tui` entry: no subcommand opens the dashboard; subcommands run the core headless."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import core
+from core.cluster import Cluster, ClusterError
+from core.config import ClusterConfig, ConfigError, load_config
+from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
+
+DEMO_CONFIG = Path(core.__file__).resolve().parent / "demo" / "demo.toml"
+
+
+def resolve_config_path(explicit: str | None) -> tuple[Path, bool]:
+    """-c, then $TORBIZ_CONFIG, then ./torbiz.toml, then the built-in demo; (path, is_demo)."""
+    if explicit:
+        return Path(explicit), False
+    env = os.environ.get("TORBIZ_CONFIG")
+    if env:
+        return Path(env), False
+    local = Path("torbiz.toml")
+    if local.is_file():
+        return local, False
+    return DEMO_CONFIG, True
+
+
+def load_cluster_config(explicit: str | None) -> ClusterConfig:
+    path, is_demo = resolve_config_path(explicit)
+    config = load_config(path)
+    if is_demo or path.resolve() == DEMO_CONFIG:
+        from core.demo_model import ensure_demo_model
+
+        assert config.model.gguf is not None
+        if not config.model.gguf.exists():
+            print(f"writing the demo model to {config.model.gguf} ...", file=sys.stderr)
+        ensure_demo_model(config.model.gguf)
+    return config
+
+
+def _print_event(event: Event) -> None:
+    if isinstance(event, Notice):
+        prefix = {"error": "error: ", "warning": "warning: "}.get(event.level, "")
+        print(f"{prefix}{event.text}", file=sys.stderr, flush=True)
+    elif isinstance(event, NodeChanged) and event.status.state == "starting" \
+            and event.status.pid is None:
+        print(f"{event.status.name}: starting worker on {event.status.endpoint}",
+              file=sys.stderr, flush=True)
+
+
+def format_status(status: ClusterStatus) -> str:
+    rows = [("NODE", "HOST", "BACKEND", "STATE", "PID", "ENDPOINT", "ERROR")]
+    for n in status.nodes:
+        rows.append((n.name, n.host, n.backend, n.state, str(n.pid or "-"), n.endpoint,
+                     n.error))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6]
+             for r in rows]
+    c = status.coordinator
+    lines.append("")
+    lines.append(f"coordinator: {c.state}  {c.url}  pid {c.pid or '-'}"
+                 + (f"  {c.error}" if c.error else ""))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+async def _with_cluster(config: ClusterConfig, verbose: bool, action: str) -> int:
+    cluster = Cluster(config)
+    if verbose:
+        cluster.subscribe(_print_event)
+    try:
+        if action == "up":
+            status = await cluster.up()
+            print(f"cluster {config.name} is up: {status.coordinator.url}")
+        elif action == "down":
+            await cluster.down()
+            print(f"cluster {config.name} is down: nothing left running")
+        return 0
+    except ClusterError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 1
+    finally:
+        await cluster.close()
+
+
+async def _status(config: ClusterConfig, as_json: bool) -> int:
+    cluster = Cluster(config)
+    try:
+        status = await cluster.status()
+    finally:
+        await cluster.close()
+    if as_json:
+        print(json.dumps(status.to_json(), indent=2))
+    else:
+        print(format_status(status))
+    healthy = all(n.state == READY for n in status.nodes) and status.coordinator.state == READY
+    return 0 if healthy else 3
+
+
+async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int) -> int:
+    cluster = Cluster(config)
+    try:
+        if node != "coordinator":
+            config.node(node)  # a clear error for an unknown name
+        if follow:
+            source = (cluster.follow_coordinator_log(lines) if node == "coordinator"
+                      else cluster.follow_log(node, lines))
+            async for line in source:
+                print(line, flush=True)
+        else:
+            from core import detached
+            from core.coordinator import coordinator_state_dir, local_transport
+
+            if node == "coordinator":
+                tail = await detached.log_tail(local_transport(),
+                                               coordinator_state_dir(config), lines)
+            else:
+                tail = await detached.log_tail(cluster.transport(node),
+                                               cluster.node_state_dir(config.node(node)), lines)
+            print("\n".join(tail))
+        return 0
+    finally:
+        await cluster.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torbiz-tui",
+        description="Control room for LLM clusters: llama.cpp RPC workers over SSH. "
+                    "With no command, opens the dashboard.")
+    parser.add_argument("-c", "--config", help="cluster file (default: $TORBIZ_CONFIG, "
+                        "./torbiz.toml, then the built-in demo cluster)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="dashboard: hide every action that changes the cluster")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("up", help="start every worker in parallel, then the coordinator")
+    sub.add_parser("down", help="stop the coordinator and every worker")
+    p = sub.add_parser("status", help="state of every node and the coordinator")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("logs", help="a node's worker log (or 'coordinator')")
+    p.add_argument("node")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=100, help="lines of history (100)")
+    p = sub.add_parser("build-llama", help="build rpc-server and llama-server into the cache")
+    p.add_argument("--portable", action="store_true",
+                   help="no -march=native: binaries that run on other nodes' CPUs")
+    p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
+    p.add_argument("path", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    for name in ("up", "down", "status", "logs"):
+        sub.choices[name].add_argument("-c", "--config", dest="sub_config",
+                                       help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config_arg = getattr(args, "sub_config", None) or args.config
+    try:
+        if args.command == "build-llama":
+            from core.llama_build import LlamaBuildError, build_llama
+
+            try:
+                bin_dir = build_llama(portable=args.portable, progress=print)
+            except LlamaBuildError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"binaries in {bin_dir}")
+            return 0
+        if args.command == "make-demo-model":
+            from core.demo_model import write_demo_model
+
+            path = write_demo_model(args.path, seed=args.seed)
+            print(f"wrote {path}")
+            return 0
+        config = load_cluster_config(config_arg)
+        if args.command in ("up", "down"):
+            return asyncio.run(_with_cluster(config, True, args.command))
+        if args.command == "status":
+            return asyncio.run(_status(config, args.json))
+        if args.command == "logs":
+            return asyncio.run(_logs(config, args.node, args.follow, args.lines))
+        from tui.app import run_dashboard
+
+        return run_dashboard(config, read_only=args.read_only)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
