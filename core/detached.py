@@ -34,6 +34,14 @@ alive() {
   fi
   return 0
 }
+# Zombies do not count: an init that reaps slowly must not make a stopped group look alive.
+group_alive() {
+  if command -v ps >/dev/null 2>&1; then
+    ps -eo pgid=,stat= 2>/dev/null | awk -v g="$1" '$1 == g && $2 !~ /^Z/ {f = 1} END {exit !f}'
+  else
+    kill -0 -"$1" 2>/dev/null
+  fi
+}
 """
 
 _SPAWN = r"""
@@ -65,9 +73,12 @@ _STOP = r"""
 if ! alive; then rm -f "$d/pid" "$d/pid.start"; echo "TORBIZ stopped none"; exit 0; fi
 kill -__SIG__ -"$p" 2>/dev/null || kill -__SIG__ "$p" 2>/dev/null
 i=0
-while kill -0 -"$p" 2>/dev/null && [ $i -lt __TICKS__ ]; do sleep 0.1; i=$((i+1)); done
-if kill -0 -"$p" 2>/dev/null; then kill -KILL -"$p" 2>/dev/null; sleep 0.3; fi
-if kill -0 -"$p" 2>/dev/null; then echo "TORBIZ left $p"; exit 4; fi
+while group_alive "$p" && [ $i -lt __TICKS__ ]; do sleep 0.1; i=$((i+1)); done
+if group_alive "$p"; then
+  kill -KILL -"$p" 2>/dev/null
+  i=0; while group_alive "$p" && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done
+fi
+if group_alive "$p"; then echo "TORBIZ left $p"; exit 4; fi
 rm -f "$d/pid" "$d/pid.start"
 echo "TORBIZ stopped $p"
 """

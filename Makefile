@@ -1,0 +1,20 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   set everything up and open the dashboard on the built-in demo cluster
+#   make test   set everything up and run the tests
+.PHONY: setup demo test lint bench
+
+setup:
+	scripts/setup.sh
+
+demo: setup
+	.venv/bin/torbiz-tui -c configs/demo.toml
+
+test: setup
+	.venv/bin/python -m pytest -q -ra
+
+lint: setup
+	.venv/bin/ruff check core tui tests bench
+	.venv/bin/mypy
+
+bench: setup
+	.venv/bin/python bench/bringup.py
