@@ -200,6 +200,8 @@ def _check_positive(path: Path, where: str, key: str, value: float) -> None:
 
 def _ssh_options(path: Path, where: str, table: dict[str, Any], base: SshOptions) -> SshOptions:
     values = {k: table[k] for k in _SSH_KEYS if k in table}
+    if values.get("config_file") == "":
+        values["config_file"] = None  # "" switches ~/.ssh/config off
     for key in ("connect_timeout", "keepalive_interval", "keepalive_count_max"):
         if key in values:
             _check_positive(path, where, key, values[key])

@@ -55,7 +55,7 @@ def find_binary_script(node: NodeConfig) -> str:
     if node.rpc_server:
         word = path_word(node.rpc_server)
         lines.append(f'if [ -x {word} ]; then echo "TORBIZ binary "{word}; exit 0; fi')
-        lines.append(f'echo "TORBIZ error rpc_server "{word}" is not an executable file"; exit 0')
+        lines.append('echo "TORBIZ error notexec"; exit 0')
     for name in RPC_SERVER_NAMES:
         lines.append(f'b=$(command -v {quote(name)} 2>/dev/null) && '
                      f'{{ echo "TORBIZ binary $b"; exit 0; }}')
@@ -93,8 +93,9 @@ async def find_binary(transport: Transport) -> tuple[str | None, str]:
         if line.startswith("TORBIZ binary "):
             return line[len("TORBIZ binary "):], ""
         if line.startswith("TORBIZ error "):
-            detail = line[len("TORBIZ error "):]
-            return None, MISSING_BINARY_HINT if detail == "missing" else detail
+            if line.endswith(" notexec"):
+                return None, f"rpc_server {node.rpc_server!r} is not an executable file there"
+            return None, MISSING_BINARY_HINT
     return None, MISSING_BINARY_HINT
 
 

@@ -1,0 +1,93 @@
+"""Write cluster files for tests: real sshd nodes (tests.sshd_cluster) or local nodes."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def toml_text(cluster: dict[str, Any], nodes: Iterable[dict[str, Any]],
+              **tables: dict[str, Any]) -> str:
+    lines = ["[cluster]"] + [f"{k} = {_value(v)}" for k, v in cluster.items()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_value(v)}" for k, v in table.items()]
+    for node in nodes:
+        lines += ["", "[[nodes]]"] + [f"{k} = {_value(v)}" for k, v in node.items()]
+    return "\n".join(lines) + "\n"
+
+
+def ssh_cluster_file(tmp_path: Path, sshd: Any, model: Path, *, name: str = "t",
+                     node_overrides: dict[str, dict[str, Any]] | None = None,
+                     extra_nodes: Iterable[dict[str, Any]] = ()) -> Path:
+    """A cluster file whose nodes are the sshd harness's nodes, logging in as root."""
+    overrides = node_overrides or {}
+    nodes = []
+    for node in sshd.nodes:
+        entry = {"name": node.name, "host": node.host, "ssh_port": node.port, "threads": 1}
+        entry.update(overrides.get(node.name, {}))
+        nodes.append(entry)
+    nodes.extend(extra_nodes)
+    text = toml_text(
+        {"name": name, "state_dir": str(tmp_path / "state")},
+        nodes,
+        ssh={"user": "root", "identity_file": str(sshd.client_key),
+             "known_hosts": str(sshd.known_hosts), "config_file": "", "connect_timeout": 5},
+        model={"gguf": str(model), "context": 512},
+        coordinator={"host": "127.0.0.1", "port": free_port()},
+    )
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    return path
+
+
+def processes_under(marker: str) -> list[psutil.Process]:
+    """Live (non-zombie) processes whose command line mentions `marker`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def llama_processes_with(markers: Iterable[str]) -> list[psutil.Process]:
+    """rpc-server / llama-server processes whose arguments contain any of `markers`."""
+    wanted = list(markers)
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status", "name"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = proc.info["cmdline"] or []
+            if not cmd or not any(k in Path(cmd[0]).name for k in ("rpc-server", "llama-server")):
+                continue
+            if any(m in " ".join(cmd) for m in wanted):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
