@@ -1,0 +1,131 @@
+"""A tiny real llama model in GGUF: random weights from a fixed seed, a small SentencePiece-style
+vocab with byte fallback, so llama-server loads it and generates tokens (not sensible text)."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from .llama_build import cache_root
+
+DEMO_MODEL_NAME = "torbiz-demo.gguf"
+_SPACE = "\u2581"  # SentencePiece's word boundary
+
+
+def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    T = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [T.BYTE] * 256
+    pieces = [_SPACE] + [c for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [_SPACE + c for c in string.ascii_letters]
+    words = ("the be to of and a in that have it for not on with he as you do at this but his "
+             "by from they we say her she or an will my one all would there their what so up "
+             "out if about who get which go me when make can like time no just him know take "
+             "people into year your good some could them see other than then now look only come "
+             "its over think also back after use two how our work first well way even new want "
+             "because any these give day most us hello world model layer node cluster token")
+    pieces += [_SPACE + w for w in words.split() if len(w) > 1]
+    for piece in pieces:
+        if len(tokens) >= n_vocab:
+            break
+        if piece not in tokens:
+            tokens.append(piece)
+            types.append(T.NORMAL)
+    while len(tokens) < n_vocab:  # pad with inert pieces so the size is exact
+        tokens.append(f"<extra_{len(tokens)}>")
+        types.append(T.UNUSED)
+    # Longer pieces score higher so the tokenizer prefers them over single characters.
+    scores = [0.0 if t != T.NORMAL else float(len(tok)) - 10.0 for tok, t in zip(tokens, types)]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_demo_model(path: Path, *, seed: int = 0, n_layer: int = 8, n_embd: int = 256,
+                     n_head: int = 4, n_head_kv: int = 2, n_ff: int = 512, n_vocab: int = 512,
+                     context: int = 2048, dtype: str = "f16") -> Path:
+    """Write the model; the same arguments always give a byte-identical file."""
+    if n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
+    if dtype not in ("f16", "f32"):
+        raise ValueError("dtype must be f16 or f32")
+    if n_vocab < 300:
+        raise ValueError("n_vocab must be at least 300 (3 control + 256 byte tokens + pieces)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    wtype = np.float16 if dtype == "f16" else np.float32
+    head_dim = n_embd // n_head
+    n_embd_kv = head_dim * n_head_kv
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("torbiz-demo")
+    writer.add_context_length(context)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16"
+                         else gguf.LlamaFileType.ALL_F32)
+    tokens, scores, types = _vocab(n_vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+    def matrix(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(wtype)
+
+    def ones() -> np.ndarray:
+        return np.ones(n_embd, dtype=np.float32)
+
+    writer.add_tensor("token_embd.weight", matrix(n_vocab, n_embd))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", ones())
+        writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", matrix(n_embd_kv, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", matrix(n_embd_kv, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones())
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(n_embd, n_ff))
+    writer.add_tensor("output_norm.weight", ones())
+    writer.add_tensor("output.weight", matrix(n_vocab, n_embd))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def default_demo_model_path() -> Path:
+    return cache_root() / "models" / DEMO_MODEL_NAME
+
+
+def ensure_demo_model(path: Path | None = None) -> Path:
+    """The demo model at `path`, written (atomically) only when missing."""
+    target = Path(path) if path is not None else default_demo_model_path()
+    if target.is_file():
+        return target
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        write_demo_model(partial)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
