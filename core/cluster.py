@@ -140,7 +140,7 @@ class Cluster:
                                     llama_rpc.explain_worker_log(tail))
             return self._status(node, STOPPED)
         except TransportError as exc:
-            return self._status(node, UNREACHABLE, None, str(exc))
+            return self._status(node, UNREACHABLE, None, exc.reason)
 
     async def refresh_nodes(self) -> list[NodeStatus]:
         return await self._gather([n.name for n in self.config.nodes], self.probe_node)
@@ -156,7 +156,7 @@ class Cluster:
             try:
                 status = await self._start_worker(node, timeout)
             except TransportError as exc:
-                status = self._status(node, UNREACHABLE, None, str(exc))
+                status = self._status(node, UNREACHABLE, None, exc.reason)
         if status.state != READY:
             self._notice(f"{name}: {status.error}", "error", name)
         else:
@@ -215,7 +215,7 @@ class Cluster:
             try:
                 result = await detached.stop(self.transport(name), self.node_state_dir(node))
             except TransportError as exc:
-                return self._status(node, UNREACHABLE, None, str(exc))
+                return self._status(node, UNREACHABLE, None, exc.reason)
             if result.error:
                 status = self._status(node, FAILED, result.pid, result.error)
                 self._notice(f"{name}: {result.error}", "error", name)

@@ -23,6 +23,7 @@ class TransportError(Exception):
     def __init__(self, node: str, message: str, *, kind: str = "unreachable") -> None:
         self.node = node
         self.kind = kind
+        self.reason = message
         super().__init__(f"{node}: {message}")
 
 
@@ -195,8 +196,8 @@ class SshTransport(Transport):
         pattern = host if port == 22 else f"[{host}]:{port}"
         fingerprint = "unknown"
         with contextlib.suppress(Exception):
-            key = await asyncssh.get_server_host_key(
-                host, port, connect_timeout=self.node.ssh.connect_timeout)
+            key = await asyncio.wait_for(asyncssh.get_server_host_key(host, port, config=[]),
+                                         self.node.ssh.connect_timeout)
             if key is not None:
                 fingerprint = key.get_fingerprint("sha256")
         listed = False
