@@ -313,12 +313,12 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
                               f"duplicate node name {node.name!r} (also nodes[{names[node.name]}])")
         names[node.name] = index
         # Two workers on one host and port would fight for the socket.
-        key = (node.rpc_host or node.host, node.rpc_port)
-        if key in endpoints:
+        endpoint = (node.rpc_host or node.host, node.rpc_port)
+        if endpoint in endpoints:
             raise ConfigError(path, f"nodes[{index}] ({node.name})",
-                              f"duplicate endpoint {node.endpoint}: node {endpoints[key]!r} "
+                              f"duplicate endpoint {node.endpoint}: node {endpoints[endpoint]!r} "
                               "already uses it; give one of them another rpc_port")
-        endpoints[key] = node.name
+        endpoints[endpoint] = node.name
         nodes.append(node)
     return ClusterConfig(name=name, state_dir=state_dir, model=model, coordinator=coordinator,
                          nodes=tuple(nodes), ssh=ssh, source=path)

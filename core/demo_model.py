@@ -41,7 +41,8 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
         tokens.append(f"<extra_{len(tokens)}>")
         types.append(T.UNUSED)
     # Longer pieces score higher so the tokenizer prefers them over single characters.
-    scores = [0.0 if t != T.NORMAL else float(len(tok)) - 10.0 for tok, t in zip(tokens, types)]
+    scores = [0.0 if t != T.NORMAL else float(len(tok)) - 10.0
+              for tok, t in zip(tokens, types, strict=True)]
     return tokens, scores, [int(t) for t in types]
 
 

@@ -50,7 +50,8 @@ if alive; then echo "TORBIZ running $p"; exit 0; fi
 probe=$(printf '%s' "torbiz-start $(date)" 2>/dev/null)
 ( printf '%s\n' "$probe" >> "$d/log" ) 2>/dev/null || {
   echo "TORBIZ error cannot write $d/log (disk full or read-only?)"; exit 3; }
-command -v setsid >/dev/null 2>&1 || { echo "TORBIZ error setsid not found (install util-linux)"; exit 3; }
+command -v setsid >/dev/null 2>&1 || {
+  echo "TORBIZ error setsid not found (install util-linux)"; exit 3; }
 __CHECK__
 sig=""; env --default-signal=INT,QUIT true 2>/dev/null && sig="env --default-signal=INT,QUIT"
 buf=""; command -v stdbuf >/dev/null 2>&1 && buf="stdbuf -oL -eL"

@@ -7,7 +7,6 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncssh
 
@@ -141,11 +140,12 @@ class SshTransport(Transport):
                 return
             self._conn = await self._open()
 
-    async def _open(self) -> asyncssh.SSHClientConnection:
+    def _connect_options(self) -> tuple[str, dict[str, object]]:
+        """(known_hosts path, asyncssh.connect options); refuses when known_hosts is missing."""
         opts = self.node.ssh
         known_hosts = _expand(opts.known_hosts)
         assert known_hosts is not None
-        if not Path(known_hosts).is_file():
+        if not os.path.isfile(known_hosts):
             raise TransportError(
                 self.label,
                 f"known_hosts file {known_hosts} does not exist; host keys are always verified. "
@@ -160,14 +160,19 @@ class SshTransport(Transport):
             "connect_timeout": opts.connect_timeout,
             "keepalive_interval": opts.keepalive_interval,
             "keepalive_count_max": opts.keepalive_count_max,
-            "config": [config_file] if config_file and Path(config_file).is_file() else [],
+            "config": [config_file] if config_file and os.path.isfile(config_file) else [],
         }
         if opts.user:
             kwargs["username"] = opts.user
         if opts.identity_file:
             kwargs["client_keys"] = [_expand(opts.identity_file)]
+        return known_hosts, kwargs
+
+    async def _open(self) -> asyncssh.SSHClientConnection:
+        opts = self.node.ssh
+        known_hosts, kwargs = self._connect_options()
         try:
-            return await asyncssh.connect(self.node.host, **kwargs)  # type: ignore[arg-type]
+            return await asyncssh.connect(self.node.host, **kwargs)
         except asyncssh.HostKeyNotVerifiable:
             raise await self._host_key_error(known_hosts) from None
         except asyncssh.PermissionDenied:

@@ -124,7 +124,7 @@ class SshdCluster:
             known.append(f"[{host}]:{self.port} {pub}")
             pending.append((name, host, pub, self._spawn(name, host)))
         self.known_hosts.write_text("\n".join(known) + "\n")
-        for name, host, pub, proc in pending:
+        for name, _host, _pub, proc in pending:
             self._procs[name] = proc
         try:
             for name, host, _pub, proc in pending:

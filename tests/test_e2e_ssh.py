@@ -42,7 +42,7 @@ def _binaries() -> None:
 def _endpoint_markers(config_path: Path) -> list[str]:
     config = load_config(config_path)
     marks = [f"-p {n.rpc_port}" for n in config.nodes]
-    return [f"-H {n.rpc_host or n.host} {m}" for n, m in zip(config.nodes, marks)] + [
+    return [f"-H {n.rpc_host or n.host} {m}" for n, m in zip(config.nodes, marks, strict=True)] + [
         f"--port {config.coordinator.port}"]
 
 

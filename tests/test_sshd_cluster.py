@@ -26,7 +26,7 @@ async def test_nodes_answer_with_verified_host_keys(sshd_cluster) -> None:
     cluster = sshd_cluster(count=3)
     outputs = await asyncio.gather(*(_run(cluster, n.host, "echo $SSH_CONNECTION; id -u")
                                      for n in cluster.nodes))
-    for node, out in zip(cluster.nodes, outputs):
+    for node, out in zip(cluster.nodes, outputs, strict=True):
         connection, uid = out.split("\n")[:2]
         assert connection.split()[2] == node.host
         assert uid == "0"

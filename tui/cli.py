@@ -59,7 +59,7 @@ def format_status(status: ClusterStatus) -> str:
         rows.append((n.name, n.host, n.backend, n.state, str(n.pid or "-"), n.endpoint,
                      n.error))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths)) + "  " + r[6]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
              for r in rows]
     c = status.coordinator
     lines.append("")

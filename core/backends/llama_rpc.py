@@ -60,7 +60,8 @@ def find_binary_script(node: NodeConfig) -> str:
         lines.append(f'b=$(command -v {quote(name)} 2>/dev/null) && '
                      f'{{ echo "TORBIZ binary $b"; exit 0; }}')
     for flavour in ("", "-portable"):
-        cached = f"~/.cache/torbiz/llama.cpp-{LLAMA_CPP_PYTHON_VERSION}{flavour}/bin/ggml-rpc-server"
+        version = f"{LLAMA_CPP_PYTHON_VERSION}{flavour}"
+        cached = f"~/.cache/torbiz/llama.cpp-{version}/bin/ggml-rpc-server"
         word = path_word(cached)
         lines.append(f'if [ -x {word} ]; then echo "TORBIZ binary "{word}; exit 0; fi')
     lines.append('echo "TORBIZ error missing"')
