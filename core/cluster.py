@@ -308,11 +308,18 @@ class Cluster:
     async def _wait_coordinator_ready(self, pid: int | None, timeout: float) -> CoordinatorStatus:
         url = coordinator_url(self.config)
         state_dir = coordinator_state_dir(self.config)
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        next_note = started + 5
         while time.monotonic() < deadline:
             code, _ = await health(url, timeout=1.0)
             if code == 200:
                 return self._set_coordinator(CoordinatorStatus(READY, url, pid))
+            if time.monotonic() >= next_note:
+                waited = time.monotonic() - started
+                self._notice(f"coordinator loading the model ({waited:.0f} s, /health says "
+                             f"{code or 'nothing yet'})")
+                next_note += 5
             proc = await detached.status(local_transport(), state_dir)
             if proc.state != "running":
                 tail = await detached.log_tail(local_transport(), state_dir, 40)

@@ -83,6 +83,10 @@ async def _with_cluster(config: ClusterConfig, verbose: bool, action: str) -> in
     except ClusterError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
+        running = [n.name for n in cluster.nodes.values() if n.state == READY]
+        if action == "up" and running:
+            print(f"workers still running: {', '.join(running)} "
+                  "(`torbiz-tui down` stops them)", file=sys.stderr)
         return 1
     finally:
         await cluster.close()

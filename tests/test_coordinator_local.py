@@ -1,0 +1,125 @@
+"""The coordinator and workers on local nodes (the demo's transport): refusing busy workers,
+reattaching from a fresh process, the log commands."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.cluster import Cluster
+from core.config import load_config
+from core.demo_model import ensure_demo_model
+from core.llama_build import find_cached_binary
+
+from .cluster_files import free_port, llama_processes_with, toml_text
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def local_cluster_file(tmp_path: Path) -> Path:
+    if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
+        pytest.skip("llama.cpp binaries not built: run `torbiz-tui build-llama`")
+    model = ensure_demo_model(tmp_path / "demo.gguf")
+    nodes = [{"name": f"w{i}", "host": "127.0.0.1", "transport": "local",
+              "rpc_port": free_port(), "threads": 1} for i in range(2)]
+    path = tmp_path / "local.toml"
+    path.write_text(toml_text({"name": "loc", "state_dir": str(tmp_path / "state")}, nodes,
+                              model={"gguf": str(model), "context": 512},
+                              coordinator={"port": free_port()}))
+    return path
+
+
+def _markers(path: Path) -> list[str]:
+    config = load_config(path)
+    return [f"-p {n.rpc_port}" for n in config.nodes] + [f"--port {config.coordinator.port}"]
+
+
+async def test_refuses_workers_held_by_another_coordinator(local_cluster_file: Path) -> None:
+    config = load_config(local_cluster_file)
+    cluster = Cluster(config)
+    intruder = None
+    try:
+        workers = await cluster.start_workers()
+        assert [w.state for w in workers] == ["ready", "ready"]
+        # Someone starts a llama-server by hand against our first worker.
+        port = free_port()
+        intruder = subprocess.Popen(
+            [str(find_cached_binary("llama-server")), "-m", str(config.model.gguf), "-c", "256",
+             "--host", "127.0.0.1", "--port", str(port), "-ngl", "99",
+             "--rpc", config.nodes[0].endpoint],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                await asyncio.sleep(0.2)
+        status = await cluster.start_coordinator(timeout=30)
+        assert status.state == "failed"
+        assert "worker w0 (" in status.error
+        assert "already serving another coordinator" in status.error
+        assert (await cluster.refresh_coordinator()).state == "stopped"
+    finally:
+        if intruder is not None:
+            intruder.terminate()
+            intruder.wait(10)
+        await cluster.down()
+        await cluster.close()
+    assert llama_processes_with(_markers(local_cluster_file)) == []
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tui.cli", *args], capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+async def test_logs_and_follow_from_fresh_processes(local_cluster_file: Path) -> None:
+    cfg = str(local_cluster_file)
+    try:
+        assert cli("-c", cfg, "up").returncode == 0
+        logs = cli("-c", cfg, "logs", "w1")
+        assert logs.returncode == 0
+        assert "torbiz-start" in logs.stdout
+        assert "Starting RPC server" in logs.stdout or "RPC server" in logs.stdout
+        coordinator_log = cli("-c", cfg, "logs", "coordinator", "-n", "2000").stdout
+        assert "RPC0[" in coordinator_log  # -lv 4 names the workers' buffers
+
+        follower = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tui.cli", "-c", cfg, "logs", "w0", "-f", "-n", "5",
+            stdout=asyncio.subprocess.PIPE)
+        assert follower.stdout is not None
+        first = await asyncio.wait_for(follower.stdout.readline(), 30)
+        assert first.strip()
+        follower.terminate()
+        await asyncio.wait_for(follower.wait(), 10)
+
+        unknown = cli("-c", cfg, "logs", "nope")
+        assert unknown.returncode == 2
+        assert "no node named 'nope'" in unknown.stderr
+    finally:
+        assert cli("-c", cfg, "down").returncode == 0
+    await asyncio.sleep(0.5)
+    # The follower's `tail -F` died with its reader: nothing of ours is left behind.
+    assert llama_processes_with(_markers(local_cluster_file)) == []
+    state = str(local_cluster_file.parent / "state")
+    leftovers = [p for p in _tails() if state in " ".join(p)]
+    assert leftovers == []
+
+
+def _tails() -> list[list[str]]:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and cmd[0].endswith("tail"):
+            found.append(cmd)
+    return found
