@@ -120,6 +120,13 @@ class Cluster:
     def _rpc_address(node: NodeConfig) -> tuple[str, int]:
         return node.rpc_host or node.host, node.rpc_port
 
+    async def _listening(self, node: NodeConfig, proc: detached.ProcessState) -> bool:
+        """The node says whether its worker listens; only a node that cannot tell (no /proc)
+        is probed over the network."""
+        if proc.port != "unknown":
+            return proc.port == "listening"
+        return await llama_rpc.port_open(*self._rpc_address(node))
+
     async def close(self) -> None:
         transports, self._transports = self._transports, {}
         await asyncio.gather(*(t.close() for t in transports.values()), return_exceptions=True)
@@ -130,9 +137,10 @@ class Cluster:
         """Find the node's worker from its pidfile: works from a fresh process."""
         node = self.config.node(name)
         try:
-            proc = await detached.status(self.transport(name), self.node_state_dir(node))
+            proc = await detached.status(self.transport(name), self.node_state_dir(node),
+                                         llama_rpc.listen_address(node))
             if proc.state == "running":
-                ready = await llama_rpc.port_open(*self._rpc_address(node))
+                ready = await self._listening(node, proc)
                 return self._status(node, READY if ready else STARTING, proc.pid)
             if proc.state == "dead":
                 tail = await detached.log_tail(self.transport(name), self.node_state_dir(node))
@@ -169,22 +177,29 @@ class Cluster:
                                 f"backend {node.backend!r} cannot be started by this version yet")
         transport = self.transport(node.name)
         state_dir = self.node_state_dir(node)
-        await transport.connect()
-        proc = await detached.status(transport, state_dir)
+        host, port = self._rpc_address(node)
+        resolve = (llama_rpc.local_resolve_sh(node) if transport.is_local
+                   else llama_rpc.resolve_binary_sh(node))
+        # One round trip: reuse a live worker, or check the port, find the binary, start it
+        # and wait briefly for it to listen.
+        proc = await detached.spawn(transport, state_dir, llama_rpc.rpc_server_args(node),
+                                    env={"LLAMA_CACHE": "cache"}, resolve=resolve,
+                                    listen=llama_rpc.listen_address(node))
+        if proc.state == "taken":
+            return self._status(node, FAILED, None,
+                                f"port {port} on {host} is already in use by a program this "
+                                "cluster did not start: stop it or set another rpc_port")
+        if proc.state == "dead":
+            tail = await detached.log_tail(transport, state_dir)
+            return self._status(node, FAILED, proc.pid, llama_rpc.explain_worker_log(tail))
         if proc.state != "running":
-            host, port = self._rpc_address(node)
-            if await llama_rpc.port_open(host, port):
-                return self._status(node, FAILED, None,
-                                    f"port {port} on {host} is already in use by a program this "
-                                    "cluster did not start: stop it or set another rpc_port")
-            binary, error = await llama_rpc.find_binary(transport)
-            if binary is None:
-                return self._status(node, FAILED, None, error)
-            argv = llama_rpc.rpc_server_argv(binary, node)
-            proc = await detached.spawn(transport, state_dir, argv, env={"LLAMA_CACHE": "cache"})
-            if proc.state != "running":
-                return self._status(node, FAILED, None, proc.error)
-            self._status(node, STARTING, proc.pid)
+            error = proc.error
+            if error in ("missing", "notexec"):
+                error = llama_rpc.explain_resolve_error(node, error)
+            return self._status(node, FAILED, None, error)
+        if await self._listening(node, proc):
+            return self._status(node, READY, proc.pid)
+        self._status(node, STARTING, proc.pid)
         return await self._wait_worker_ready(node, proc.pid, timeout)
 
     async def _wait_worker_ready(self, node: NodeConfig, pid: int | None,
@@ -193,21 +208,18 @@ class Cluster:
         transport = self.transport(node.name)
         state_dir = self.node_state_dir(node)
         deadline = time.monotonic() + timeout
-        checks = 0
         while time.monotonic() < deadline:
-            if await llama_rpc.port_open(*self._rpc_address(node), timeout=0.5):
+            proc = await detached.status(transport, state_dir, llama_rpc.listen_address(node))
+            if proc.state != "running":
+                tail = await detached.log_tail(transport, state_dir)
+                return self._status(node, FAILED, pid, llama_rpc.explain_worker_log(tail))
+            if await self._listening(node, proc):
                 return self._status(node, READY, pid)
-            checks += 1
-            if checks % 4 == 0:
-                proc = await detached.status(transport, state_dir)
-                if proc.state != "running":
-                    tail = await detached.log_tail(transport, state_dir)
-                    return self._status(node, FAILED, pid, llama_rpc.explain_worker_log(tail))
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)
         host, port = self._rpc_address(node)
         return self._status(node, FAILED, pid,
-                            f"worker runs (pid {pid}) but {host}:{port} refused connections from "
-                            f"this machine for {timeout:g} s: check rpc_host and firewalls")
+                            f"worker runs (pid {pid}) but does not listen on {host}:{port} after "
+                            f"{timeout:g} s; see `torbiz-tui logs {node.name}`")
 
     async def stop_node(self, name: str) -> NodeStatus:
         node = self.config.node(name)
@@ -269,12 +281,7 @@ class Cluster:
                                    f"in {config.source}")
         binary = find_coordinator_binary(config)
         workers = self._rpc_nodes()
-        statuses = await self._gather([n.name for n in workers], self.probe_node)
-        not_ready = [s for s in statuses if s.state != READY]
-        if not_ready:
-            raise ClusterError([f"worker {s.name} is {s.state}" + (f": {s.error}" if s.error
-                                                                  else "") for s in not_ready])
-        await self._refuse_busy_workers(workers)
+        await self._check_workers_answer(workers)
         if await llama_rpc.port_open(config.coordinator.host if config.coordinator.host not in
                                      ("0.0.0.0", "::") else "127.0.0.1", config.coordinator.port):
             raise CoordinatorError(f"port {config.coordinator.port} is already in use on this "
@@ -287,8 +294,9 @@ class Cluster:
         self._notice(f"coordinator starting (pid {proc.pid}) with {len(workers)} workers")
         return await self._wait_coordinator_ready(proc.pid, timeout)
 
-    async def _refuse_busy_workers(self, workers: list[NodeConfig]) -> None:
-        """A worker serves one client; a second coordinator would hang without a word."""
+    async def _check_workers_answer(self, workers: list[NodeConfig]) -> None:
+        """Every worker must answer an RPC HELLO now. One that is serving another client never
+        answers: a second coordinator would hang on it without a word."""
 
         async def probe(node: NodeConfig) -> str:
             try:
@@ -299,6 +307,9 @@ class Cluster:
                     return (f"worker {node.name} ({node.endpoint}) is already serving another "
                             "coordinator; a worker serves one client at a time, so a second one "
                             "would hang. Stop the other coordinator first")
+                if str(exc).startswith("cannot connect"):
+                    return (f"worker {node.name} is not running ({node.endpoint} refuses "
+                            "connections): start it first")
                 return f"worker {node.name} ({node.endpoint}) did not answer the RPC HELLO: {exc}"
 
         problems = [p for p in await asyncio.gather(*(probe(n) for n in workers)) if p]

@@ -7,6 +7,8 @@ transport runs them. The scripts print one `TORBIZ <word> ...` line that says wh
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,30 +44,58 @@ group_alive() {
     kill -0 -"$1" 2>/dev/null
   fi
 }
+# Does a socket listen on TCP port $port at one of the /proc/net/tcp addresses in $addrs
+# (empty: any address)? Asked on the node itself: a probe connection from outside would sit
+# in a busy worker's one-slot backlog. 0 yes, 1 no, 2 cannot tell (no /proc).
+port=__PORT__
+addrs=__ADDRS__
+listening() {
+  [ -r /proc/net/tcp ] || return 2
+  cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v h="$(printf '%04X' "$port")" \
+    -v want=" $addrs " '$4 == "0A" { split($2, a, ":")
+      if (a[2] == h && (want == "  " || index(want, " " a[1] " "))) f = 1 }
+      END { exit !f }'
+}
+zombie() { [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" = Z ]; }
+# "listening", "closed" or "unknown" for $port.
+port_state() {
+  [ -n "$port" ] || { echo unknown; return; }
+  listening
+  case $? in 0) echo listening;; 1) echo closed;; *) echo unknown;; esac
+}
 """
 
 _SPAWN = r"""
 mkdir -p "$d" 2>/dev/null || { echo "TORBIZ error cannot create $d"; exit 3; }
-if alive; then echo "TORBIZ running $p"; exit 0; fi
+if alive; then echo "TORBIZ running $p $(port_state)"; exit 0; fi
+if [ "$(port_state)" = listening ]; then echo "TORBIZ taken"; exit 0; fi
 probe=$(printf '%s' "torbiz-start $(date)" 2>/dev/null)
 ( printf '%s\n' "$probe" >> "$d/log" ) 2>/dev/null || {
   echo "TORBIZ error cannot write $d/log (disk full or read-only?)"; exit 3; }
 command -v setsid >/dev/null 2>&1 || {
   echo "TORBIZ error setsid not found (install util-linux)"; exit 3; }
-__CHECK__
+__RESOLVE__
 sig=""; env --default-signal=INT,QUIT true 2>/dev/null && sig="env --default-signal=INT,QUIT"
 buf=""; command -v stdbuf >/dev/null 2>&1 && buf="stdbuf -oL -eL"
 cd "$d" || exit 3
-__ENV__ setsid $sig $buf __ARGV__ >> "$d/log" 2>&1 < /dev/null &
+__ENV__ setsid $sig $buf __PROGRAM__ __ARGV__ >> "$d/log" 2>&1 < /dev/null &
 p=$!
 { echo "$p" > "$d/pid.tmp" && mv "$d/pid.tmp" "$d/pid"; } 2>/dev/null || {
   kill -KILL -$p 2>/dev/null; echo "TORBIZ error cannot write $d/pid (disk full?)"; exit 3; }
 if command -v ps >/dev/null 2>&1; then ps -o lstart= -p "$p" > "$d/pid.start" 2>/dev/null; fi
-echo "TORBIZ started $p"
+# Wait briefly in this same round trip for the port, or for an early death.
+i=0
+while [ $i -lt __WAITTICKS__ ]; do
+  if ! kill -0 "$p" 2>/dev/null || zombie "$p"; then echo "TORBIZ died $p"; exit 0; fi
+  s=$(port_state)
+  [ "$s" = closed ] || { echo "TORBIZ started $p $s"; exit 0; }
+  sleep 0.05; i=$((i+1))
+done
+echo "TORBIZ started $p closed"
 """
 
 _STATUS = r"""
-if alive; then echo "TORBIZ running $p"
+if alive; then echo "TORBIZ running $p $(port_state)"
 elif [ -s "$d/pid" ]; then echo "TORBIZ dead $(cat "$d/pid" | tr -cd 0-9)"
 else echo "TORBIZ none"; fi
 """
@@ -87,18 +117,27 @@ echo "TORBIZ stopped $p"
 
 @dataclass(frozen=True)
 class ProcessState:
-    """What the pidfile says: `running`, `dead` (it existed and is gone) or `none`."""
+    """What the pidfile says: `running`, `dead` (it existed and is gone), `none`, or `taken`
+    (nothing of ours runs but another program listens on the port). `port` is `listening`,
+    `closed` or `unknown` (no port given, or the node cannot tell)."""
 
     state: str
     pid: int | None = None
     error: str = ""
+    port: str = "unknown"
+
+
+def _running(rest: str) -> ProcessState:
+    pid, _, port = rest.partition(" ")
+    return ProcessState("running", _pid(pid), "", port.strip() or "unknown")
 
 
 def _script(template: str, state_dir: str, **subs: str) -> str:
-    text = _PRELUDE.replace("__DIR__", path_word(state_dir)) + template
-    for key, value in subs.items():
-        text = text.replace(f"__{key}__", value)
-    return text
+    # One pass: text substituted in is never scanned again, whatever it contains.
+    subs["DIR"] = path_word(state_dir)
+    for key, value in _listen_subs(None).items():
+        subs.setdefault(key, value)
+    return re.sub(r"__([A-Z]+)__", lambda m: subs[m.group(1)], _PRELUDE + template)
 
 
 def _answer(transport: Transport, stdout: str, stderr: str) -> tuple[str, str]:
@@ -115,29 +154,61 @@ def _pid(text: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+Listen = tuple[str, int]  # (IPv4 bind address, port) a process is expected to listen on
+
+
+def _proc_net_addresses(bind: str) -> list[str]:
+    """How /proc/net/tcp{,6} spells the addresses that conflict with binding `bind`: the
+    address itself (either byte order: the kernel prints host order) and the wildcards."""
+    if bind in ("0.0.0.0", ""):
+        return []  # any listener on the port conflicts
+    raw = ipaddress.IPv4Address(bind).packed
+    little = raw[::-1].hex().upper()
+    return sorted({raw.hex().upper(), little, "00000000", "0" * 32})
+
+
+def _listen_subs(listen: Listen | None) -> dict[str, str]:
+    if listen is None:
+        return {"PORT": '""', "ADDRS": '""'}
+    bind, port = listen
+    return {"PORT": str(int(port)), "ADDRS": quote(" ".join(_proc_net_addresses(bind)))}
+
+
 def spawn_script(state_dir: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                 check: str = ":") -> str:
+                 resolve: str | None = None, listen: Listen | None = None,
+                 wait: float = 2.0) -> str:
     env_words = " ".join(quote(f"{k}={v}") for k, v in (env or {}).items())
     return _script(_SPAWN, state_dir, ARGV=quote_argv(argv),
-                   ENV=f"env {env_words}" if env_words else "", CHECK=check)
+                   ENV=f"env {env_words}" if env_words else "",
+                   RESOLVE=resolve or ":", PROGRAM='"$bin"' if resolve else "",
+                   WAITTICKS=str(max(1, int(wait * 20))), **_listen_subs(listen))
 
 
 async def spawn(transport: Transport, state_dir: str, argv: Sequence[str],
-                env: Mapping[str, str] | None = None, check: str = ":") -> ProcessState:
-    """Start argv detached unless the pidfile names a live copy; `check` is sh run first
-    (it may print `TORBIZ error ...` and exit to refuse)."""
-    result = await transport.run(spawn_script(state_dir, argv, env, check))
+                env: Mapping[str, str] | None = None, resolve: str | None = None,
+                listen: Listen | None = None) -> ProcessState:
+    """Start argv detached unless the pidfile names a live copy, in one round trip.
+
+    With `resolve`, sh code that sets $bin on the node (or prints `TORBIZ error WORD` and
+    exits), the program is "$bin" and argv holds only its arguments. With `listen`, refuses
+    (`taken`) when another program listens there, and waits up to 2 s for it to listen."""
+    result = await transport.run(spawn_script(state_dir, argv, env, resolve, listen))
     word, rest = _answer(transport, result.stdout, result.stderr)
     if word in ("started", "running"):
-        return ProcessState("running", _pid(rest))
+        return _running(rest)
+    if word == "died":
+        return ProcessState("dead", _pid(rest))
+    if word == "taken":
+        return ProcessState("taken")
     return ProcessState("none", None, rest or "could not start")
 
 
-async def status(transport: Transport, state_dir: str) -> ProcessState:
-    result = await transport.run(_script(_STATUS, state_dir))
+async def status(transport: Transport, state_dir: str,
+                 listen: Listen | None = None) -> ProcessState:
+    result = await transport.run(_script(_STATUS, state_dir, **_listen_subs(listen)))
     word, rest = _answer(transport, result.stdout, result.stderr)
     if word == "running":
-        return ProcessState("running", _pid(rest))
+        return _running(rest)
     if word == "dead":
         return ProcessState("dead", _pid(rest))
     return ProcessState("none")

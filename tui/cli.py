@@ -45,6 +45,8 @@ def load_cluster_config(explicit: str | None) -> ClusterConfig:
 
 def _print_event(event: Event) -> None:
     if isinstance(event, Notice):
+        if event.level == "error":
+            return  # the command's own error lines say it once
         prefix = {"error": "error: ", "warning": "warning: "}.get(event.level, "")
         print(f"{prefix}{event.text}", file=sys.stderr, flush=True)
     elif isinstance(event, NodeChanged) and event.status.state == "starting" \

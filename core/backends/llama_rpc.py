@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import shutil
 import socket
 import struct
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from ..config import NodeConfig
 from ..llama_build import LLAMA_CPP_PYTHON_VERSION, RPC_SERVER_NAMES, find_cached_binary
 from ..shell import path_word, quote
-from ..transport import Transport
 
 RPC_CMD_HELLO = 14
 RPC_CONN_CAPS_SIZE = 24
@@ -40,31 +40,34 @@ def bind_address(node: NodeConfig) -> str:
     return "0.0.0.0"
 
 
-def rpc_server_argv(binary: str, node: NodeConfig) -> list[str]:
-    argv = [binary, "-H", bind_address(node), "-p", str(node.rpc_port)]
+def listen_address(node: NodeConfig) -> tuple[str, int]:
+    return bind_address(node), node.rpc_port
+
+
+def rpc_server_args(node: NodeConfig) -> list[str]:
+    """The worker's arguments after the program name."""
+    args = ["-H", bind_address(node), "-p", str(node.rpc_port)]
     if node.cache:
-        argv.append("-c")
+        args.append("-c")
     if node.threads:
-        argv += ["-t", str(node.threads)]
-    return argv
+        args += ["-t", str(node.threads)]
+    return args
 
 
-def find_binary_script(node: NodeConfig) -> str:
-    """sh that prints `TORBIZ binary PATH` or `TORBIZ error ...`: configured path, PATH, cache."""
-    lines = []
+def resolve_binary_sh(node: NodeConfig) -> str:
+    """sh that sets $bin to the worker binary (configured path, PATH, cache) or prints
+    `TORBIZ error notexec|missing` and exits."""
     if node.rpc_server:
         word = path_word(node.rpc_server)
-        lines.append(f'if [ -x {word} ]; then echo "TORBIZ binary "{word}; exit 0; fi')
-        lines.append('echo "TORBIZ error notexec"; exit 0')
+        return f'bin={word}; [ -x "$bin" ] || {{ echo "TORBIZ error notexec"; exit 0; }}'
+    lines = ["bin="]
     for name in RPC_SERVER_NAMES:
-        lines.append(f'b=$(command -v {quote(name)} 2>/dev/null) && '
-                     f'{{ echo "TORBIZ binary $b"; exit 0; }}')
+        lines.append(f'[ -n "$bin" ] || bin=$(command -v {quote(name)} 2>/dev/null)')
     for flavour in ("", "-portable"):
         version = f"{LLAMA_CPP_PYTHON_VERSION}{flavour}"
-        cached = f"~/.cache/torbiz/llama.cpp-{version}/bin/ggml-rpc-server"
-        word = path_word(cached)
-        lines.append(f'if [ -x {word} ]; then echo "TORBIZ binary "{word}; exit 0; fi')
-    lines.append('echo "TORBIZ error missing"')
+        word = path_word(f"~/.cache/torbiz/llama.cpp-{version}/bin/ggml-rpc-server")
+        lines.append(f'[ -n "$bin" ] || {{ [ -x {word} ] && bin={word}; }}')
+    lines.append('[ -n "$bin" ] || { echo "TORBIZ error missing"; exit 0; }')
     return "\n".join(lines)
 
 
@@ -75,29 +78,21 @@ MISSING_BINARY_HINT = (
 )
 
 
-async def find_binary(transport: Transport) -> tuple[str | None, str]:
-    """(path, error) of the worker binary on the node."""
-    node = transport.node
-    if transport.is_local and not node.rpc_server:
-        import shutil
+def local_resolve_sh(node: NodeConfig) -> str:
+    """For local nodes: resolve here, where $TORBIZ_CACHE is known, and hand sh the result."""
+    if node.rpc_server:
+        return resolve_binary_sh(node)
+    found = next((shutil.which(n) for n in RPC_SERVER_NAMES if shutil.which(n)), None)
+    path = found or find_cached_binary("ggml-rpc-server")
+    if path is None:
+        return 'echo "TORBIZ error missing"; exit 0'
+    return f"bin={quote(str(path))}"
 
-        for name in RPC_SERVER_NAMES:
-            found = shutil.which(name)
-            if found:
-                return found, ""
-        cached = find_cached_binary("ggml-rpc-server")
-        if cached:
-            return str(cached), ""
-        return None, MISSING_BINARY_HINT
-    result = await transport.run(find_binary_script(node))
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith("TORBIZ binary "):
-            return line[len("TORBIZ binary "):], ""
-        if line.startswith("TORBIZ error "):
-            if line.endswith(" notexec"):
-                return None, f"rpc_server {node.rpc_server!r} is not an executable file there"
-            return None, MISSING_BINARY_HINT
-    return None, MISSING_BINARY_HINT
+
+def explain_resolve_error(node: NodeConfig, word: str) -> str:
+    if word == "notexec":
+        return f"rpc_server {node.rpc_server!r} is not an executable file there"
+    return MISSING_BINARY_HINT
 
 
 def _rst_close(writer: asyncio.StreamWriter) -> None:
