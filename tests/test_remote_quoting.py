@@ -1,0 +1,56 @@
+"""Names, paths and arguments reach the node as data: a canary file proves nothing ran."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core import detached
+from core.config import NodeConfig
+from core.shell import path_word, quote_argv
+from core.transport import LocalTransport, SshTransport
+
+HOSTILE = ["; touch {c}", "$(touch {c})", "`touch {c}`", "'; touch {c}; '", '"; touch {c}; "',
+           "a\ntouch {c}", "ünï çødé {c}", "__ARGV__ __RESOLVE__ {c}", "-rf {c}"]
+
+
+def test_quote_argv_and_path_word_are_inert_in_sh(tmp_path: Path) -> None:
+    import subprocess
+
+    canary = tmp_path / "canary"
+    words = [w.format(c=canary) for w in HOSTILE]
+    out = subprocess.run(["sh", "-c", "printf '%s\\n' " + quote_argv(words)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "".join(w + "\n" for w in words)
+    assert path_word("~/x y;z") == "\"$HOME\"/'x y;z'"
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize("transport_kind", ["local", "ssh"])
+async def test_hostile_state_dir_and_argv_are_data(tmp_path: Path, transport_kind: str,
+                                                   sshd_cluster) -> None:
+    canary = tmp_path / "canary"
+    if transport_kind == "local":
+        transport = LocalTransport(NodeConfig(name="n", host="127.0.0.1", transport="local"))
+    else:
+        sshd = sshd_cluster(count=1)
+        node = sshd.nodes[0]
+        from core.config import SshOptions
+
+        transport = SshTransport(NodeConfig(
+            name="n", host=node.host, ssh_port=node.port,
+            ssh=SshOptions(user="root", identity_file=str(sshd.client_key),
+                           known_hosts=str(sshd.known_hosts), config_file=None)))
+    try:
+        for template in HOSTILE:
+            word = template.format(c=canary)
+            state_dir = str(tmp_path / "state" / word.replace("/", "_"))
+            started = await detached.spawn(transport, state_dir, ["printf", "%s\\n", word])
+            assert started.state in ("running", "dead"), started
+            lines = await detached.log_tail(transport, state_dir)
+            assert word.split("\n")[-1] in lines[-1]
+            await detached.stop(transport, state_dir)
+        assert not canary.exists()
+    finally:
+        await transport.close()
