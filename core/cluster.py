@@ -136,6 +136,8 @@ class Cluster:
     async def probe_node(self, name: str) -> NodeStatus:
         """Find the node's worker from its pidfile: works from a fresh process."""
         node = self.config.node(name)
+        if self._locks[name].locked():
+            return self.nodes[name]  # a start or stop is under way: it will say how it ended
         try:
             proc = await detached.status(self.transport(name), self.node_state_dir(node),
                                          llama_rpc.listen_address(node))
@@ -146,6 +148,9 @@ class Cluster:
                 tail = await detached.log_tail(self.transport(name), self.node_state_dir(node))
                 return self._status(node, FAILED, proc.pid,
                                     llama_rpc.explain_worker_log(tail))
+            previous = self.nodes[name]
+            if previous.state == FAILED and previous.pid is None:
+                return previous  # a start that failed before spawning keeps its reason
             return self._status(node, STOPPED)
         except TransportError as exc:
             return self._status(node, UNREACHABLE, None, exc.reason)
@@ -227,6 +232,7 @@ class Cluster:
             try:
                 result = await detached.stop(self.transport(name), self.node_state_dir(node))
             except TransportError as exc:
+                self._notice(f"{name}: cannot stop: {exc.reason}", "error", name)
                 return self._status(node, UNREACHABLE, None, exc.reason)
             if result.error:
                 status = self._status(node, FAILED, result.pid, result.error)
@@ -251,7 +257,13 @@ class Cluster:
     # ---- coordinator -----------------------------------------------------------------------
 
     async def refresh_coordinator(self) -> CoordinatorStatus:
-        return self._set_coordinator(await coordinator_status(self.config))
+        if self._coordinator_lock.locked():
+            return self.coordinator
+        status = await coordinator_status(self.config)
+        if status.state == STOPPED and self.coordinator.state == FAILED \
+                and self.coordinator.pid is None:
+            return self.coordinator  # a start refused before launch keeps its reason
+        return self._set_coordinator(status)
 
     def _rpc_nodes(self) -> list[NodeConfig]:
         return [n for n in self.config.nodes if n.backend == "llama-rpc"]
@@ -273,7 +285,7 @@ class Cluster:
     async def _start_coordinator(self, timeout: float) -> CoordinatorStatus:
         config = self.config
         url = coordinator_url(config)
-        current = await self.refresh_coordinator()
+        current = self._set_coordinator(await coordinator_status(config))
         if current.state in (READY, STARTING):
             return await self._wait_coordinator_ready(current.pid, timeout)
         if config.model.gguf is None or not config.model.gguf.is_file():
@@ -346,6 +358,7 @@ class Cluster:
             result = await detached.stop(local_transport(), coordinator_state_dir(self.config))
             url = coordinator_url(self.config)
             if result.error:
+                self._notice(f"coordinator: {result.error}", "error")
                 return self._set_coordinator(CoordinatorStatus(FAILED, url, result.pid,
                                                                result.error))
             if result.pid:

@@ -14,6 +14,7 @@ import pytest
 
 from core.cluster import Cluster
 from core.config import load_config
+from core.coordinator import coordinator_status
 from core.demo_model import ensure_demo_model
 from core.llama_build import find_cached_binary
 
@@ -66,7 +67,9 @@ async def test_refuses_workers_held_by_another_coordinator(local_cluster_file: P
         assert status.state == "failed"
         assert "worker w0 (" in status.error
         assert "already serving another coordinator" in status.error
-        assert (await cluster.refresh_coordinator()).state == "stopped"
+        # Nothing was launched, and the reason stays on screen until the next start or stop.
+        assert (await coordinator_status(config)).state == "stopped"
+        assert (await cluster.refresh_coordinator()).error == status.error
     finally:
         if intruder is not None:
             intruder.terminate()
