@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 
@@ -91,3 +94,17 @@ def llama_processes_with(markers: Iterable[str]) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until a llama-server we started by hand answers /health with 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"llama-server for {url} exited while loading"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url}/health did not answer 200 within {timeout:g} s")

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from core.cluster import Cluster
@@ -18,7 +16,7 @@ from core.coordinator import coordinator_status
 from core.demo_model import ensure_demo_model
 from core.llama_build import find_cached_binary
 
-from .cluster_files import free_port, llama_processes_with, toml_text
+from .cluster_files import free_port, llama_processes_with, toml_text, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +54,7 @@ async def test_refuses_workers_held_by_another_coordinator(local_cluster_file: P
              "--host", "127.0.0.1", "--port", str(port), "-ngl", "99",
              "--rpc", config.nodes[0].endpoint],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                await asyncio.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", intruder)
         status = await cluster.start_coordinator(timeout=30)
         assert status.state == "failed"
         assert "worker w0 (" in status.error

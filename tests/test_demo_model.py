@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import gguf
@@ -13,7 +12,7 @@ import pytest
 from core.demo_model import ensure_demo_model, write_demo_model
 from core.llama_build import find_cached_binary
 
-from .cluster_files import free_port
+from .cluster_files import free_port, wait_healthy
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
@@ -54,15 +53,7 @@ def test_llama_server_loads_it_and_generates(tmp_path: Path) -> None:
                             stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "llama-server exited while loading the demo model"
-            time.sleep(0.2)
+        wait_healthy(url, proc)
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 8})
         assert reply.status_code == 200, reply.text
