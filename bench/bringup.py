@@ -22,8 +22,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.cluster import Cluster  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.demo_model import ensure_demo_model  # noqa: E402
+from core.transport import make_transport  # noqa: E402
 from tests.cluster_files import ssh_cluster_file  # noqa: E402
 from tests.sshd_cluster import SshdCluster  # noqa: E402
+
+
+async def session_floor(config_path: Path) -> float:
+    """Seconds for one SSH connection per node plus one trivial command on each, all in
+    parallel: the part of `up` that no orchestration can remove on this machine."""
+    config = load_config(config_path)
+    transports = [make_transport(n) for n in config.nodes]
+    try:
+        started = time.monotonic()
+        await asyncio.gather(*(t.run("true") for t in transports))
+        return time.monotonic() - started
+    finally:
+        await asyncio.gather(*(t.close() for t in transports))
 
 
 async def bring_up(config_path: Path, parallel: bool) -> tuple[float, float]:
@@ -55,6 +69,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
+    floors: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="torbiz-bench-") as tmp:
         root = Path(tmp)
         model = ensure_demo_model(root / "demo.gguf")
@@ -62,6 +77,10 @@ def main() -> int:
             sshd = SshdCluster(root / f"sshd{size}", size, first_octet=11 + 20 * index)
             sshd.start()
             try:
+                (root / f"floor{size}").mkdir()
+                floor_cfg = ssh_cluster_file(root / f"floor{size}", sshd, model)
+                floors[size] = statistics.median(
+                    asyncio.run(session_floor(floor_cfg)) for _ in range(args.repeat + 1))
                 for mode in ("parallel", "sequential"):
                     workers, total = [], []
                     for attempt in range(args.repeat):
@@ -77,9 +96,16 @@ def main() -> int:
                 sshd.stop()
     base = next(r for r in rows if r[0] == sizes[0] and r[1] == "parallel")
     print(f"{'nodes':>5}  {'mode':<10}  {'workers ready':>13}  {'up (healthy)':>12}  "
-          f"{'vs 1 node':>9}")
+          f"{'vs 1 node':>9}  {'ssh floor':>9}")
     for size, mode, w, t in rows:
-        print(f"{size:>5}  {mode:<10}  {w:>11.2f} s  {t:>10.2f} s  {t / base[3]:>8.2f}x")
+        print(f"{size:>5}  {mode:<10}  {w:>11.2f} s  {t:>10.2f} s  {t / base[3]:>8.2f}x  "
+              f"{floors[size]:>7.2f} s")
+    first = sizes[0]
+    print("\nssh floor: one connection and one `true` per node, all in parallel, on this "
+          "machine's cores")
+    for size in sizes:
+        print(f"  {size} nodes: {floors[size]:.2f} s = {floors[size] / floors[first]:.2f}x "
+              f"the floor of {first} node")
     largest = max(sizes)
     par = next(r for r in rows if r[0] == largest and r[1] == "parallel")
     seq = next(r for r in rows if r[0] == largest and r[1] == "sequential")
