@@ -6,11 +6,14 @@ Both the headless commands and the dashboard drive this object; it never prints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
-from . import detached
+from . import detached, tunnel
 from .backends import llama_rpc
 from .config import ClusterConfig, NodeConfig
 from .coordinator import (
@@ -45,6 +48,19 @@ EventSink = Callable[[Event], None]
 
 WORKER_READY_TIMEOUT = 30.0
 COORDINATOR_READY_TIMEOUT = 600.0
+
+
+def tunnel_state_dir(config: ClusterConfig, node: NodeConfig) -> str:
+    # "_" cannot start a node name, so this never collides with a node's directory.
+    return f"{config.state_dir.rstrip('/')}/{config.name}/_tunnel.{node.name}"
+
+
+def _local_path(path: str) -> Path:
+    return Path(path).expanduser()
+
+
+async def _ready(value: str) -> str:
+    return value
 
 
 class ClusterError(Exception):
@@ -293,12 +309,13 @@ class Cluster:
                                    f"in {config.source}")
         binary = find_coordinator_binary(config)
         workers = self._rpc_nodes()
-        await self._check_workers_answer(workers)
+        endpoints = await self._coordinator_endpoints(workers)
+        await self._check_workers_answer(workers, endpoints)
         if await llama_rpc.port_open(config.coordinator.host if config.coordinator.host not in
                                      ("0.0.0.0", "::") else "127.0.0.1", config.coordinator.port):
             raise CoordinatorError(f"port {config.coordinator.port} is already in use on this "
                                    "machine: stop that program or set [coordinator] port")
-        argv = coordinator_argv(config, binary, [n.endpoint for n in workers])
+        argv = coordinator_argv(config, binary, endpoints)
         proc = await detached.spawn(local_transport(), coordinator_state_dir(config), argv)
         if proc.state != "running":
             raise CoordinatorError(proc.error)
@@ -306,13 +323,53 @@ class Cluster:
         self._notice(f"coordinator starting (pid {proc.pid}) with {len(workers)} workers")
         return await self._wait_coordinator_ready(proc.pid, timeout)
 
-    async def _check_workers_answer(self, workers: list[NodeConfig]) -> None:
+    async def _coordinator_endpoints(self, workers: list[NodeConfig]) -> list[str]:
+        """Where the coordinator reaches each worker: its endpoint, or for rpc_bind = "loopback"
+        the local end of an SSH tunnel (started here, detached, when not running yet)."""
+        results = await asyncio.gather(*(self._tunnel_endpoint(n) if n.rpc_bind == "loopback"
+                                         else _ready(n.endpoint) for n in workers),
+                                       return_exceptions=True)
+        problems = [f"{n.name}: {r}" for n, r in zip(workers, results, strict=True)
+                    if isinstance(r, BaseException)]
+        if problems:
+            raise ClusterError(problems)
+        return [str(r) for r in results]
+
+    async def _tunnel_endpoint(self, node: NodeConfig) -> str:
+        if self.config.source is None:
+            raise CoordinatorError("an SSH tunnel needs the cluster file on disk")
+        state_dir = tunnel_state_dir(self.config, node)
+        port_file = _local_path(state_dir) / tunnel.PORT_FILE
+        argv = [sys.executable, "-m", "core.tunnel", "--config", str(self.config.source),
+                "--node", node.name, "--port-file", str(port_file)]
+        proc = await detached.spawn(local_transport(), state_dir, argv)
+        if proc.state != "running":
+            raise CoordinatorError(f"cannot start the SSH tunnel: {proc.error}")
+        deadline = time.monotonic() + node.ssh.connect_timeout + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                return f"127.0.0.1:{int(port_file.read_text())}"
+            if (await detached.status(local_transport(), state_dir)).state != "running":
+                break
+            await asyncio.sleep(0.1)
+        tail = await detached.log_tail(local_transport(), state_dir, 5)
+        await detached.stop(local_transport(), state_dir)
+        raise CoordinatorError("the SSH tunnel did not open: " + (tail[-1] if tail else "no log"))
+
+    async def _stop_tunnels(self) -> None:
+        await asyncio.gather(*(detached.stop(local_transport(), tunnel_state_dir(self.config, n))
+                               for n in self._rpc_nodes() if n.rpc_bind == "loopback"))
+
+    async def _check_workers_answer(self, workers: list[NodeConfig],
+                                    endpoints: list[str]) -> None:
         """Every worker must answer an RPC HELLO now. One that is serving another client never
         answers: a second coordinator would hang on it without a word."""
+        where = dict(zip((n.name for n in workers), endpoints, strict=True))
 
         async def probe(node: NodeConfig) -> str:
+            host, _, port = where[node.name].rpartition(":")
             try:
-                await llama_rpc.hello(*self._rpc_address(node))
+                await llama_rpc.hello(host.strip("[]"), int(port))
                 return ""
             except llama_rpc.HelloError as exc:
                 if str(exc) == "busy":
@@ -363,6 +420,7 @@ class Cluster:
                                                                result.error))
             if result.pid:
                 self._notice("coordinator stopped")
+            await self._stop_tunnels()
             return self._set_coordinator(CoordinatorStatus(STOPPED, url))
 
     async def follow_coordinator_log(self, lines: int = 200) -> AsyncIterator[str]:

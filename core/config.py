@@ -75,6 +75,7 @@ class NodeConfig:
     rpc_server: str | None = None
     rpc_host: str = ""
     rpc_port: int = DEFAULT_RPC_PORT
+    rpc_bind: str = "auto"  # "auto" | "loopback" | "any" | an IPv4 address
     threads: int | None = None
     cache: bool = True
     ssh: SshOptions = field(default_factory=SshOptions)
@@ -134,6 +135,7 @@ _NODE_KEYS: dict[str, tuple[type, ...]] = {
     "rpc_server": (str,),
     "rpc_host": (str,),
     "rpc_port": (int,),
+    "rpc_bind": (str,),
     "threads": (int,),
     "cache": (bool,),
     **_SSH_KEYS,
@@ -234,6 +236,16 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
     rpc_host = table.get("rpc_host", "")
     if rpc_host:
         _check_host(path, where, "rpc_host", rpc_host)
+    rpc_bind = table.get("rpc_bind", "auto")
+    if rpc_bind not in ("auto", "loopback", "any"):
+        try:
+            ipaddress.IPv4Address(rpc_bind)
+        except ValueError:
+            raise ConfigError(path, where, "key 'rpc_bind' must be auto, loopback, any or an "
+                                           f"IPv4 address, got {rpc_bind!r}") from None
+    if rpc_bind == "loopback" and transport == "local":
+        raise ConfigError(path, where, "rpc_bind = loopback tunnels over SSH: it needs "
+                                       "transport = ssh (a local worker is on loopback already)")
     threads = table.get("threads")
     if threads is not None:
         _check_positive(path, where, "threads", threads)
@@ -249,6 +261,7 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
         rpc_server=rpc_server,
         rpc_host=rpc_host,
         rpc_port=_check_port(path, where, "rpc_port", table.get("rpc_port", DEFAULT_RPC_PORT)),
+        rpc_bind=rpc_bind,
         threads=threads,
         cache=table.get("cache", True),
         ssh=_ssh_options(path, where, table, ssh),

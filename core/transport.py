@@ -226,6 +226,13 @@ class SshTransport(Transport):
             kind="host-key",
         )
 
+    @property
+    def connection(self) -> asyncssh.SSHClientConnection:
+        """The open connection (after connect()), for port forwards."""
+        if self._conn is None:
+            raise TransportError(self.label, "not connected")
+        return self._conn
+
     async def _connection(self) -> asyncssh.SSHClientConnection:
         await self.connect()
         assert self._conn is not None

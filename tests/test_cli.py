@@ -31,6 +31,6 @@ def test_broken_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"error: {bad}: [nodes[0] (a)]: unknown key 'port' (allowed: backend, cache, "
         "config_file, connect_timeout, host, identity_file, keepalive_count_max, "
-        "keepalive_interval, known_hosts, name, rpc_host, rpc_port, rpc_server, ssh_port, "
+        "keepalive_interval, known_hosts, name, rpc_bind, rpc_host, rpc_port, rpc_server, ssh_port, "
         "threads, transport, user)"]
     assert "Traceback" not in result.stderr

@@ -31,6 +31,12 @@ class RpcVersion:
 
 def bind_address(node: NodeConfig) -> str:
     """rpc-server binds with inet_addr(): it needs an IPv4 literal."""
+    if node.rpc_bind == "loopback":
+        return "127.0.0.1"
+    if node.rpc_bind == "any":
+        return "0.0.0.0"
+    if node.rpc_bind != "auto":
+        return node.rpc_bind
     host = node.rpc_host or node.host
     try:
         if isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address):
