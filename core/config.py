@@ -66,6 +66,14 @@ class CoordinatorConfig:
 
 
 @dataclass(frozen=True)
+class PlanConfig:
+    policy: str = "pack"  # "pack": fewest nodes, fastest first; "spread": every node
+    reserve_gb: float | None = None  # kept free on every node; None: the planner's default
+    cache_type: str = "f16"  # KV cache type (llama-server --cache-type-k/-v)
+    coordinator_layers: bool = True  # may the coordinator's own CPU hold layers (pack)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     name: str
     host: str
@@ -78,6 +86,9 @@ class NodeConfig:
     rpc_bind: str = "auto"  # "auto" | "loopback" | "any" | an IPv4 address
     threads: int | None = None
     cache: bool = True
+    reserve_gb: float | None = None  # overrides [plan] reserve_gb
+    max_memory_gb: float | None = None  # never plan more than this here
+    weight: float = 1.0  # relative speed: higher gets layers first (pack) or more (spread)
     ssh: SshOptions = field(default_factory=SshOptions)
 
     @property
@@ -97,6 +108,7 @@ class ClusterConfig:
     coordinator: CoordinatorConfig
     nodes: tuple[NodeConfig, ...]
     ssh: SshOptions = field(default_factory=SshOptions)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     source: Path | None = None
 
     def node(self, name: str) -> NodeConfig:
@@ -138,9 +150,20 @@ _NODE_KEYS: dict[str, tuple[type, ...]] = {
     "rpc_bind": (str,),
     "threads": (int,),
     "cache": (bool,),
+    "reserve_gb": (int, float),
+    "max_memory_gb": (int, float),
+    "weight": (int, float),
     **_SSH_KEYS,
 }
-_TOP_KEYS = {"cluster", "ssh", "model", "coordinator", "nodes"}
+_PLAN_KEYS: dict[str, tuple[type, ...]] = {
+    "policy": (str,),
+    "reserve_gb": (int, float),
+    "cache_type": (str,),
+    "coordinator_layers": (bool,),
+}
+POLICIES = ("pack", "spread")
+CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
+_TOP_KEYS = {"cluster", "ssh", "model", "coordinator", "plan", "nodes"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list"}
 
@@ -214,6 +237,27 @@ def _ssh_options(path: Path, where: str, table: dict[str, Any], base: SshOptions
     return replace(base, **values)
 
 
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
+    _check_keys(path, "plan", table, _PLAN_KEYS)
+    policy = table.get("policy", "pack")
+    if policy not in POLICIES:
+        raise ConfigError(path, "plan", f"key 'policy' must be one of {', '.join(POLICIES)}, "
+                                        f"got {policy!r}")
+    cache_type = table.get("cache_type", "f16")
+    if cache_type not in CACHE_TYPES:
+        raise ConfigError(path, "plan", f"key 'cache_type' must be one of "
+                                        f"{', '.join(CACHE_TYPES)}, got {cache_type!r}")
+    reserve = table.get("reserve_gb")
+    if reserve is not None and reserve < 0:
+        raise ConfigError(path, "plan", f"key 'reserve_gb' must be 0 or more, got {reserve}")
+    return PlanConfig(policy=policy, reserve_gb=_float_or_none(reserve), cache_type=cache_type,
+                      coordinator_layers=table.get("coordinator_layers", True))
+
+
 def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> NodeConfig:
     where = f"nodes[{index}]"
     raw_name = table.get("name")
@@ -249,6 +293,12 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
     threads = table.get("threads")
     if threads is not None:
         _check_positive(path, where, "threads", threads)
+    for key in ("max_memory_gb", "weight"):
+        if key in table:
+            _check_positive(path, where, key, table[key])
+    if table.get("reserve_gb", 0) < 0:
+        raise ConfigError(path, where, f"key 'reserve_gb' must be 0 or more, got "
+                                       f"{table['reserve_gb']}")
     rpc_server = table.get("rpc_server")
     if rpc_server is not None and (not rpc_server or "\0" in rpc_server):
         raise ConfigError(path, where, "key 'rpc_server' must be a non-empty path")
@@ -264,6 +314,9 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
         rpc_bind=rpc_bind,
         threads=threads,
         cache=table.get("cache", True),
+        reserve_gb=_float_or_none(table.get("reserve_gb")),
+        max_memory_gb=_float_or_none(table.get("max_memory_gb")),
+        weight=float(table.get("weight", 1.0)),
         ssh=_ssh_options(path, where, table, ssh),
     )
 
@@ -310,6 +363,8 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
         extra_args=tuple(extra),
     )
 
+    plan = _plan(path, _expect_table(path, "plan", data.get("plan", {})))
+
     raw_nodes = data.get("nodes", [])
     if not isinstance(raw_nodes, list):
         raise ConfigError(path, "nodes", "must be an array of tables: write each node as "
@@ -334,7 +389,7 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
         endpoints[endpoint] = node.name
         nodes.append(node)
     return ClusterConfig(name=name, state_dir=state_dir, model=model, coordinator=coordinator,
-                         nodes=tuple(nodes), ssh=ssh, source=path)
+                         nodes=tuple(nodes), ssh=ssh, plan=plan, source=path)
 
 
 def load_config(path: Path | str) -> ClusterConfig:

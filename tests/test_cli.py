@@ -28,9 +28,8 @@ def test_broken_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "tui.cli", "-c", str(bad), "status"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"error: {bad}: [nodes[0] (a)]: unknown key 'port' (allowed: backend, cache, "
-        "config_file, connect_timeout, host, identity_file, keepalive_count_max, "
-        "keepalive_interval, known_hosts, name, rpc_bind, rpc_host, rpc_port, rpc_server, ssh_port, "
-        "threads, transport, user)"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"error: {bad}: [nodes[0] (a)]: unknown key 'port' (allowed: ")
+    assert "ssh_port" in lines[0]
     assert "Traceback" not in result.stderr
