@@ -94,7 +94,8 @@ class Cluster:
         for sink in list(self._sinks):
             sink(event)
 
-    def _notice(self, text: str, level: str = "info", node: str | None = None) -> None:
+    def notice(self, text: str, level: str = "info", node: str | None = None) -> None:
+        """Tell every subscriber something for the operator's event log."""
         self._emit(Notice(text, level, node))
 
     def _set_node(self, status: NodeStatus) -> NodeStatus:
@@ -187,9 +188,9 @@ class Cluster:
             except TransportError as exc:
                 status = self._status(node, UNREACHABLE, None, exc.reason)
         if status.state != READY:
-            self._notice(f"{name}: {status.error}", "error", name)
+            self.notice(f"{name}: {status.error}", "error", name)
         else:
-            self._notice(f"{name}: worker ready on {node.endpoint} (pid {status.pid})", node=name)
+            self.notice(f"{name}: worker ready on {node.endpoint} (pid {status.pid})", node=name)
         return status
 
     async def _start_worker(self, node: NodeConfig, timeout: float) -> NodeStatus:
@@ -248,13 +249,13 @@ class Cluster:
             try:
                 result = await detached.stop(self.transport(name), self.node_state_dir(node))
             except TransportError as exc:
-                self._notice(f"{name}: cannot stop: {exc.reason}", "error", name)
+                self.notice(f"{name}: cannot stop: {exc.reason}", "error", name)
                 return self._status(node, UNREACHABLE, None, exc.reason)
             if result.error:
                 status = self._status(node, FAILED, result.pid, result.error)
-                self._notice(f"{name}: {result.error}", "error", name)
+                self.notice(f"{name}: {result.error}", "error", name)
                 return status
-        self._notice(f"{name}: worker stopped", node=name)
+        self.notice(f"{name}: worker stopped", node=name)
         return self._status(node, STOPPED)
 
     async def start_workers(self, names: Iterable[str] | None = None) -> list[NodeStatus]:
@@ -293,9 +294,9 @@ class Cluster:
                 status = self._set_coordinator(
                     CoordinatorStatus(FAILED, coordinator_url(self.config), None, str(exc)))
         if status.state == READY:
-            self._notice(f"coordinator ready at {status.url} (pid {status.pid})")
+            self.notice(f"coordinator ready at {status.url} (pid {status.pid})")
         else:
-            self._notice(f"coordinator: {status.error}", "error")
+            self.notice(f"coordinator: {status.error}", "error")
         return status
 
     async def _start_coordinator(self, timeout: float) -> CoordinatorStatus:
@@ -320,7 +321,7 @@ class Cluster:
         if proc.state != "running":
             raise CoordinatorError(proc.error)
         self._set_coordinator(CoordinatorStatus(STARTING, url, proc.pid))
-        self._notice(f"coordinator starting (pid {proc.pid}) with {len(workers)} workers")
+        self.notice(f"coordinator starting (pid {proc.pid}) with {len(workers)} workers")
         return await self._wait_coordinator_ready(proc.pid, timeout)
 
     async def _coordinator_endpoints(self, workers: list[NodeConfig]) -> list[str]:
@@ -397,7 +398,7 @@ class Cluster:
                 return self._set_coordinator(CoordinatorStatus(READY, url, pid))
             if time.monotonic() >= next_note:
                 waited = time.monotonic() - started
-                self._notice(f"coordinator loading the model ({waited:.0f} s, /health says "
+                self.notice(f"coordinator loading the model ({waited:.0f} s, /health says "
                              f"{code or 'nothing yet'})")
                 next_note += 5
             proc = await detached.status(local_transport(), state_dir)
@@ -415,11 +416,11 @@ class Cluster:
             result = await detached.stop(local_transport(), coordinator_state_dir(self.config))
             url = coordinator_url(self.config)
             if result.error:
-                self._notice(f"coordinator: {result.error}", "error")
+                self.notice(f"coordinator: {result.error}", "error")
                 return self._set_coordinator(CoordinatorStatus(FAILED, url, result.pid,
                                                                result.error))
             if result.pid:
-                self._notice("coordinator stopped")
+                self.notice("coordinator stopped")
             await self._stop_tunnels()
             return self._set_coordinator(CoordinatorStatus(STOPPED, url))
 

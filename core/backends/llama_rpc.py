@@ -160,5 +160,9 @@ def explain_worker_log(lines: list[str]) -> str:
         return "its port is already in use (rpc-server said: Failed to create server socket)"
     if "unknown argument" in text:
         return "this rpc-server does not accept our arguments (too old?): " + lines[-1][:160]
-    meaningful = [ln for ln in lines if ln.strip() and not ln.startswith("torbiz-start")]
-    return ("exited: " + meaningful[-1][:200]) if meaningful else "exited without a message"
+    meaningful = [ln.strip() for ln in lines
+                  if ln.strip() and not ln.startswith("torbiz-start")]
+    if not meaningful:
+        return "the worker process is gone and its log says nothing"
+    return f"the worker process is gone (killed, or crashed); its log's last line: " \
+           f"{meaningful[-1][:200]!r}"
