@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import sys
 from dataclasses import dataclass, field, replace
@@ -218,9 +219,20 @@ def _check_name(path: Path, where: str, key: str, value: str) -> str:
     return value
 
 
-def _check_positive(path: Path, where: str, key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(path, where, f"key {key!r} must be greater than 0, got {value}")
+# Upper bounds that no real cluster reaches; they keep absurd numbers out of command lines.
+_LIMITS = {"threads": 4096, "context": 1 << 24, "keepalive_count_max": 1000,
+           "connect_timeout": 3600, "keepalive_interval": 3600, "max_memory_gb": 1 << 20,
+           "reserve_gb": 1 << 20, "weight": 1e6}
+
+
+def _check_positive(path: Path, where: str, key: str, value: float, *,
+                    allow_zero: bool = False) -> None:
+    limit = _LIMITS.get(key, float("inf"))
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and low_ok and value <= limit):
+        bound = "0 or more" if allow_zero else "greater than 0"
+        raise ConfigError(path, where, f"key {key!r} must be a number {bound} and at most "
+                                       f"{limit:g}, got {value}")
 
 
 def _ssh_options(path: Path, where: str, table: dict[str, Any], base: SshOptions) -> SshOptions:
@@ -252,8 +264,8 @@ def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
         raise ConfigError(path, "plan", f"key 'cache_type' must be one of "
                                         f"{', '.join(CACHE_TYPES)}, got {cache_type!r}")
     reserve = table.get("reserve_gb")
-    if reserve is not None and reserve < 0:
-        raise ConfigError(path, "plan", f"key 'reserve_gb' must be 0 or more, got {reserve}")
+    if reserve is not None:
+        _check_positive(path, "plan", "reserve_gb", reserve, allow_zero=True)
     return PlanConfig(policy=policy, reserve_gb=_float_or_none(reserve), cache_type=cache_type,
                       coordinator_layers=table.get("coordinator_layers", True))
 
@@ -296,9 +308,8 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
     for key in ("max_memory_gb", "weight"):
         if key in table:
             _check_positive(path, where, key, table[key])
-    if table.get("reserve_gb", 0) < 0:
-        raise ConfigError(path, where, f"key 'reserve_gb' must be 0 or more, got "
-                                       f"{table['reserve_gb']}")
+    if "reserve_gb" in table:
+        _check_positive(path, where, "reserve_gb", table["reserve_gb"], allow_zero=True)
     rpc_server = table.get("rpc_server")
     if rpc_server is not None and (not rpc_server or "\0" in rpc_server):
         raise ConfigError(path, where, "key 'rpc_server' must be a non-empty path")
