@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -23,11 +24,8 @@ def full_disk(tmp_path: Path):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
         (mount / "state" / "c" / "w0").mkdir(parents=True)
-        with open(mount / "filler", "wb") as out:
-            try:
-                out.write(b"\0" * (1 << 20))
-            except OSError:
-                pass
+        with open(mount / "filler", "wb") as out, contextlib.suppress(OSError):
+            out.write(b"\0" * (1 << 20))
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
