@@ -14,27 +14,35 @@ from .llama_build import cache_root
 
 DEMO_MODEL_NAME = "torbiz-demo.gguf"
 _SPACE = "\u2581"  # SentencePiece's word boundary
+_WORDS = ("the to of and in it is for on with you this that what how hello world model layer "
+          "node nodes cluster token tokens worker server run be as at by from we an or if not "
+          "all can one will my your have do go get make know take see come think look want "
+          "give use find tell ask work call try need feel say time people year way day thing "
+          "man woman life child")
 
 
 def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """<unk> <s> </s>, the 256 byte tokens (so any text tokenizes), then single characters and
+    whole words. llama.cpp's SPM tokenizer only merges two adjacent pieces when the joined text
+    is itself a token, so each word comes with all its prefixes (" t", " th", " the")."""
     T = gguf.TokenType
     tokens = ["<unk>", "<s>", "</s>"]
     types = [T.UNKNOWN, T.CONTROL, T.CONTROL]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [T.BYTE] * 256
-    pieces = [_SPACE] + [c for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces = [_SPACE, *string.ascii_letters, *string.digits, *string.punctuation]
     pieces += [_SPACE + c for c in string.ascii_letters]
-    words = ("the be to of and a in that have it for not on with he as you do at this but his "
-             "by from they we say her she or an will my one all would there their what so up "
-             "out if about who get which go me when make can like time no just him know take "
-             "people into year your good some could them see other than then now look only come "
-             "its over think also back after use two how our work first well way even new want "
-             "because any these give day most us hello world model layer node cluster token")
-    pieces += [_SPACE + w for w in words.split() if len(w) > 1]
+    for word in _WORDS.split():
+        pieces += [_SPACE + word[:n] for n in range(2, len(word) + 1)]
+    # Larger vocabularies: letter pairs, printable (a sampled UNUSED token renders as nothing).
+    pairs = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
+    pieces += [_SPACE + pair for pair in pairs] + pairs
+    seen = set(tokens)
     for piece in pieces:
         if len(tokens) >= n_vocab:
             break
-        if piece not in tokens:
+        if piece not in seen:
+            seen.add(piece)
             tokens.append(piece)
             types.append(T.NORMAL)
     while len(tokens) < n_vocab:  # pad with inert pieces so the size is exact

@@ -3,6 +3,7 @@ llama-cpp-python sdist, once, into ~/.cache/torbiz/llama.cpp-<version>/bin."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -82,8 +83,10 @@ def safe_extract_vendor(archive: Path, dest: Path) -> None:
             if marker not in name or not (member.isfile() or member.isdir()):
                 continue
             rel = name.split(marker, 1)[1]
-            if not rel:
+            if not rel.strip("/"):
                 continue
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise LlamaBuildError(f"refusing unsafe path {name!r} in {archive.name}")
             target = dest / rel
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,15 @@ def safe_extract_vendor(archive: Path, dest: Path) -> None:
             with source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out)
             target.chmod(0o755 if member.mode & 0o111 else 0o644)
+
+
+_HINTS = {
+    "download": "check that pip can reach PyPI from this machine (proxy, network) and retry",
+    "configure": "read the cmake error below, fix the toolchain, delete the build/ directory "
+                 "next to the log and run build-llama again",
+    "build": "read the compiler error below (a killed compiler usually means the machine ran "
+             "out of memory: free some and retry) and run build-llama again",
+}
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -125,23 +137,50 @@ def _run_logged(args: list[str], log: Path, step: str, progress: Progress) -> No
                 if pct != last_pct and now - last_time >= 1.0:
                     progress(f"building llama.cpp {LLAMA_CPP_PYTHON_VERSION}: {pct}% (log: {log})")
                     last_pct, last_time = pct, now
-        if proc.wait() != 0:
-            raise LlamaBuildError(f"llama.cpp {step} failed (exit {proc.returncode}); last "
-                                  f"lines:\n{_tail(log)}\nfull log: {log}")
+        returncode = proc.wait()
+    if returncode != 0:  # after the log is closed, so its tail has the compiler's last words
+        raise LlamaBuildError(f"llama.cpp {step} failed (exit {returncode}): {_HINTS[step]}; "
+                              f"full log: {log}. Its last lines:\n{_tail(log)}")
 
 
 def build_llama(portable: bool = False, progress: Progress = print,
                 jobs: int | None = None) -> Path:
     root = build_root(portable)
     bin_dir = root / "bin"
-    if (bin_dir / STAMP).is_file() and all((bin_dir / t).is_file() for t in TARGETS):
+    if _is_built(bin_dir):
         progress(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} already built in {bin_dir}")
         return bin_dir
-    for tool in ("cmake", "c++"):
-        if shutil.which(tool) is None:
-            raise LlamaBuildError(f"{tool} not found: install a toolchain "
-                                  "(apt-get install cmake g++) and run build-llama again")
+    _check_toolchain()
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"another build of llama.cpp is running in {root}; waiting for it ...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_built(bin_dir):
+            progress(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} already built in {bin_dir}")
+            return bin_dir
+        return _build_locked(root, portable, progress, jobs)
+
+
+def _is_built(bin_dir: Path) -> bool:
+    return (bin_dir / STAMP).is_file() and all((bin_dir / t).is_file() for t in TARGETS)
+
+
+def _check_toolchain() -> None:
+    compilers = [c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c]
+    missing = [name for name, found in (
+        ("cmake", shutil.which("cmake")),
+        ("a C++ compiler", any(shutil.which(c) for c in compilers))) if not found]
+    if missing:
+        raise LlamaBuildError(f"cannot build llama.cpp: {' and '.join(missing)} not found; "
+                              "install them (apt-get install cmake g++) and run build-llama "
+                              "again")
+
+
+def _build_locked(root: Path, portable: bool, progress: Progress, jobs: int | None) -> Path:
+    bin_dir = root / "bin"
     log = root / "build.log"
     src = root / "src"
     if not (src / "CMakeLists.txt").is_file():
@@ -151,7 +190,7 @@ def build_llama(portable: bool = False, progress: Progress = print,
             _run_logged([sys.executable, "-m", "pip", "download", "--no-binary", ":all:",
                          "--no-deps", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
                          "-d", tmp], log, "download", progress)
-            archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            archives = sorted(Path(tmp).glob("*.tar.gz"))
             if not archives:
                 raise LlamaBuildError(f"pip download produced no sdist; see {log}")
             partial = root / "src.partial"
@@ -170,8 +209,11 @@ def build_llama(portable: bool = False, progress: Progress = print,
         built = build / "bin" / target
         if not built.is_file():
             raise LlamaBuildError(f"the build finished but {built} is missing; see {log}")
-        shutil.copy2(built, bin_dir / target)
-        (bin_dir / target).chmod(0o755)
+        # copy then rename: never write into a binary a worker may be running (ETXTBSY)
+        partial = bin_dir / f".{target}.partial"
+        shutil.copy2(built, partial)
+        partial.chmod(0o755)
+        partial.replace(bin_dir / target)
     flags = " ".join(cmake_configure_args(Path("src"), Path("build"), portable)[5:])
     (bin_dir / STAMP).write_text(f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}\n{flags}\n")
     progress(f"llama.cpp {LLAMA_CPP_PYTHON_VERSION} built: {bin_dir}")

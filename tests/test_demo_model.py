@@ -9,7 +9,7 @@ import gguf
 import httpx
 import pytest
 
-from core.demo_model import ensure_demo_model, write_demo_model
+from core.demo_model import _vocab, ensure_demo_model, write_demo_model
 from core.llama_build import find_cached_binary
 
 from .cluster_files import free_port, wait_healthy
@@ -41,23 +41,44 @@ def test_ensure_writes_once(tmp_path: Path) -> None:
     assert not list(path.parent.glob(".*partial"))
 
 
+def test_vocab_has_every_prefix_of_its_words() -> None:
+    """llama.cpp's SPM tokenizer merges pairs only into existing tokens: a word whose prefixes
+    are missing would never become one token."""
+    tokens = set(_vocab(512)[0])
+    for piece in tokens:
+        if piece.startswith("\u2581") and len(piece) > 2 and piece.isprintable():
+            assert piece[:-1] in tokens, piece
+
+
 @pytest.mark.integration
-def test_llama_server_loads_it_and_generates(tmp_path: Path) -> None:
+def test_llama_server_loads_it_tokenizes_words_and_generates(tmp_path: Path) -> None:
     binary = find_cached_binary("llama-server")
     if binary is None:
         pytest.skip("llama-server not built: run `torbiz-tui build-llama`")
     model = ensure_demo_model(tmp_path / "demo.gguf")
     port = free_port()
-    proc = subprocess.Popen([str(binary), "-m", str(model), "-c", "512", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(binary), "-m", str(model), "-c", "512", "--host",
+                                 "127.0.0.1", "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
+        pieces = httpx.post(f"{url}/tokenize", timeout=30, json={
+            "content": "hello world", "with_pieces": True}).json()["tokens"]
+        assert [t["piece"] for t in pieces] == [" hello", " world"]
         reply = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 8})
+            "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 8,
+            "seed": 7})
         assert reply.status_code == 200, reply.text
-        assert reply.json()["usage"]["completion_tokens"] == 8
+        body = reply.json()
+        # > 0, not == 8: a random model may sample </s> early.
+        assert 0 < body["usage"]["completion_tokens"] <= 8, body
+        assert body["choices"][0]["message"]["content"], body
+    except BaseException:
+        print(log.read_text(errors="replace")[-3000:])
+        raise
     finally:
         proc.terminate()
         try:
