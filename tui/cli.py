@@ -108,6 +108,25 @@ async def _status(config: ClusterConfig, as_json: bool) -> int:
     return 0 if healthy else 3
 
 
+async def _watch(config: ClusterConfig, interval: float) -> int:
+    """Print every fault the supervisor notices, one line each, until interrupted."""
+    from core.supervisor import Supervisor
+
+    cluster = Cluster(config)
+    supervisor = Supervisor(cluster, interval=interval)
+    try:
+        first = await cluster.status()
+        print(f"watching cluster {config.name}: "
+              f"{sum(n.state == READY for n in first.nodes)}/{len(first.nodes)} workers ready, "
+              f"coordinator {first.coordinator.state}", flush=True)
+        while True:
+            for found in await supervisor.check_once():
+                print(f"{found.part}: {found.state}: {found.reason}", flush=True)
+            await asyncio.sleep(interval)
+    finally:
+        await cluster.close()
+
+
 async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int) -> int:
     cluster = Cluster(config)
     try:
@@ -148,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the coordinator and every worker")
     p = sub.add_parser("status", help="state of every node and the coordinator")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("watch", help="print every fault as it is noticed (dead worker, lost "
+                       "SSH, coordinator exit) until interrupted")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between checks (1)")
     p = sub.add_parser("logs", help="a node's worker log (or 'coordinator')")
     p.add_argument("node")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -158,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    for name in ("up", "down", "status", "logs"):
+    for name in ("up", "down", "status", "logs", "watch"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
     return parser
@@ -189,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_with_cluster(config, True, args.command))
         if args.command == "status":
             return asyncio.run(_status(config, args.json))
+        if args.command == "watch":
+            return asyncio.run(_watch(config, args.interval))
         if args.command == "logs":
             return asyncio.run(_logs(config, args.node, args.follow, args.lines))
         from tui.app import run_dashboard
