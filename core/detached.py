@@ -47,28 +47,43 @@ group_alive() {
 # Does a socket listen on TCP port $port at one of the /proc/net/tcp addresses in $addrs
 # (empty: any address)? Asked on the node itself: a probe connection from outside would sit
 # in a busy worker's one-slot backlog. 0 yes, 1 no, 2 cannot tell (no /proc).
+# Shell builtins only: these run in a polling loop on nodes that may be busy loading.
 port=__PORT__
+hexport=__HEXPORT__
 addrs=__ADDRS__
 listening() {
   [ -r /proc/net/tcp ] || return 2
-  cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v h="$(printf '%04X' "$port")" \
-    -v want=" $addrs " '$4 == "0A" { split($2, a, ":")
-      if (a[2] == h && (want == "  " || index(want, " " a[1] " "))) f = 1 }
-      END { exit !f }'
+  for f in /proc/net/tcp /proc/net/tcp6; do
+    [ -r "$f" ] || continue
+    while read -r _ la _ st _; do
+      [ "$st" = 0A ] || continue
+      case $la in *:"$hexport") ;; *) continue;; esac
+      [ -z "$addrs" ] && return 0
+      case " $addrs " in *" ${la%:*} "*) return 0;; esac
+    done < "$f"
+  done
+  return 1
 }
-zombie() { [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" = Z ]; }
-# "listening", "closed" or "unknown" for $port.
+zombie() {
+  if [ -r "/proc/$1/stat" ]; then
+    read -r _ _ st _ < "/proc/$1/stat" 2>/dev/null && [ "$st" = Z ]
+  else
+    [ "$(ps -o stat= -p "$1" 2>/dev/null | cut -c1)" = Z ]
+  fi
+}
+# Sets $pstate to "listening", "closed" or "unknown" for $port.
 port_state() {
-  [ -n "$port" ] || { echo unknown; return; }
+  if [ -z "$port" ]; then pstate=unknown; return; fi
   listening
-  case $? in 0) echo listening;; 1) echo closed;; *) echo unknown;; esac
+  case $? in 0) pstate=listening;; 1) pstate=closed;; *) pstate=unknown;; esac
 }
 """
 
 _SPAWN = r"""
 mkdir -p "$d" 2>/dev/null || { echo "TORBIZ error cannot create $d"; exit 3; }
-if alive; then echo "TORBIZ running $p $(port_state)"; exit 0; fi
-if [ "$(port_state)" = listening ]; then echo "TORBIZ taken"; exit 0; fi
+if alive; then port_state; echo "TORBIZ running $p $pstate"; exit 0; fi
+port_state
+if [ "$pstate" = listening ]; then echo "TORBIZ taken"; exit 0; fi
 probe=$(printf '%s' "torbiz-start $(date)" 2>/dev/null)
 ( printf '%s\n' "$probe" >> "$d/log" ) 2>/dev/null || {
   echo "TORBIZ error cannot write $d/log (disk full or read-only?)"; exit 3; }
@@ -87,15 +102,15 @@ if command -v ps >/dev/null 2>&1; then ps -o lstart= -p "$p" > "$d/pid.start" 2>
 i=0
 while [ $i -lt __WAITTICKS__ ]; do
   if ! kill -0 "$p" 2>/dev/null || zombie "$p"; then echo "TORBIZ died $p"; exit 0; fi
-  s=$(port_state)
-  [ "$s" = closed ] || { echo "TORBIZ started $p $s"; exit 0; }
+  port_state
+  [ "$pstate" = closed ] || { echo "TORBIZ started $p $pstate"; exit 0; }
   sleep 0.05; i=$((i+1))
 done
 echo "TORBIZ started $p closed"
 """
 
 _STATUS = r"""
-if alive; then echo "TORBIZ running $p $(port_state)"
+if alive; then port_state; echo "TORBIZ running $p $pstate"
 elif [ -s "$d/pid" ]; then echo "TORBIZ dead $(cat "$d/pid" | tr -cd 0-9)"
 else echo "TORBIZ none"; fi
 """
@@ -169,9 +184,10 @@ def _proc_net_addresses(bind: str) -> list[str]:
 
 def _listen_subs(listen: Listen | None) -> dict[str, str]:
     if listen is None:
-        return {"PORT": '""', "ADDRS": '""'}
+        return {"PORT": '""', "HEXPORT": '""', "ADDRS": '""'}
     bind, port = listen
-    return {"PORT": str(int(port)), "ADDRS": quote(" ".join(_proc_net_addresses(bind)))}
+    return {"PORT": str(int(port)), "HEXPORT": f"{int(port):04X}",
+            "ADDRS": quote(" ".join(_proc_net_addresses(bind)))}
 
 
 def spawn_script(state_dir: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
