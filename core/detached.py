@@ -47,22 +47,18 @@ group_alive() {
 # Does a socket listen on TCP port $port at one of the /proc/net/tcp addresses in $addrs
 # (empty: any address)? Asked on the node itself: a probe connection from outside would sit
 # in a busy worker's one-slot backlog. 0 yes, 1 no, 2 cannot tell (no /proc).
-# Shell builtins only: these run in a polling loop on nodes that may be busy loading.
+# One fork per check: these run in a polling loop. (A sh `read` loop would be slower:
+# dash reads /proc one byte per syscall, and busy hosts list thousands of sockets.)
 port=__PORT__
 hexport=__HEXPORT__
 addrs=__ADDRS__
 listening() {
   [ -r /proc/net/tcp ] || return 2
-  for f in /proc/net/tcp /proc/net/tcp6; do
-    [ -r "$f" ] || continue
-    while read -r _ la _ st _; do
-      [ "$st" = 0A ] || continue
-      case $la in *:"$hexport") ;; *) continue;; esac
-      [ -z "$addrs" ] && return 0
-      case " $addrs " in *" ${la%:*} "*) return 0;; esac
-    done < "$f"
-  done
-  return 1
+  tables=/proc/net/tcp
+  [ -r /proc/net/tcp6 ] && tables="$tables /proc/net/tcp6"
+  awk -v h="$hexport" -v want=" $addrs " '$4 == "0A" { n = split($2, a, ":")
+      if (a[n] == h && (want == "  " || index(want, " " a[1] " "))) f = 1 }
+      END { exit !f }' $tables 2>/dev/null
 }
 zombie() {
   if [ -r "/proc/$1/stat" ]; then
@@ -104,7 +100,7 @@ while [ $i -lt __WAITTICKS__ ]; do
   if ! kill -0 "$p" 2>/dev/null || zombie "$p"; then echo "TORBIZ died $p"; exit 0; fi
   port_state
   [ "$pstate" = closed ] || { echo "TORBIZ started $p $pstate"; exit 0; }
-  sleep 0.05; i=$((i+1))
+  sleep 0.02; i=$((i+1))
 done
 echo "TORBIZ started $p closed"
 """
@@ -197,7 +193,7 @@ def spawn_script(state_dir: str, argv: Sequence[str], env: Mapping[str, str] | N
     return _script(_SPAWN, state_dir, ARGV=quote_argv(argv),
                    ENV=f"env {env_words}" if env_words else "",
                    RESOLVE=resolve or ":", PROGRAM='"$bin"' if resolve else "",
-                   WAITTICKS=str(max(1, int(wait * 20))), **_listen_subs(listen))
+                   WAITTICKS=str(max(1, int(wait * 50))), **_listen_subs(listen))
 
 
 async def spawn(transport: Transport, state_dir: str, argv: Sequence[str],
