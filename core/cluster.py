@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import detached, tunnel
 from .backends import llama_rpc
@@ -27,6 +29,7 @@ from .coordinator import (
     health,
     local_transport,
 )
+from .load_log import LoadReport, parse_load_log
 from .status import (
     FAILED,
     READY,
@@ -37,10 +40,12 @@ from .status import (
     CoordinatorChanged,
     CoordinatorStatus,
     Event,
+    LayerShare,
     NodeChanged,
     NodeStatus,
     Notice,
 )
+from .throughput import ThroughputMonitor, ThroughputSample
 from .transport import Transport, TransportError, make_transport
 
 T = TypeVar("T")
@@ -55,8 +60,38 @@ def tunnel_state_dir(config: ClusterConfig, node: NodeConfig) -> str:
     return f"{config.state_dir.rstrip('/')}/{config.name}/_tunnel.{node.name}"
 
 
+PLACEMENT_FILE = "placement.json"  # beside the coordinator's pidfile: which worker is where
+
+
 def _local_path(path: str) -> Path:
     return Path(path).expanduser()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(data, indent=1))
+    partial.replace(path)
+
+
+def _parse_coordinator_log(path: Path, max_bytes: int = 64 << 20) -> LoadReport:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - max_bytes))
+            data = log.read()
+    except OSError:
+        return LoadReport()
+    start = data.rfind(b"torbiz-start")
+    return parse_load_log(data[max(0, start):].splitlines())
 
 
 async def _ready(value: str) -> str:
@@ -84,6 +119,7 @@ class Cluster:
             for n in config.nodes
         }
         self.coordinator = CoordinatorStatus(STOPPED, coordinator_url(config))
+        self._throughput: ThroughputMonitor | None = None
 
     # ---- events ----------------------------------------------------------------------------
 
@@ -145,6 +181,9 @@ class Cluster:
         return await llama_rpc.port_open(*self._rpc_address(node))
 
     async def close(self) -> None:
+        if self._throughput is not None:
+            await self._throughput.aclose()
+            self._throughput = None
         transports, self._transports = self._transports, {}
         await asyncio.gather(*(t.close() for t in transports.values()), return_exceptions=True)
 
@@ -175,9 +214,51 @@ class Cluster:
     async def refresh_nodes(self) -> list[NodeStatus]:
         return await self._gather([n.name for n in self.config.nodes], self.probe_node)
 
-    async def status(self) -> ClusterStatus:
+    async def status(self, *, detail: bool = False) -> ClusterStatus:
+        """Nodes and coordinator; with detail, also the layer shares and a throughput sample."""
         nodes, coordinator = await asyncio.gather(self.refresh_nodes(), self.refresh_coordinator())
-        return ClusterStatus(self.config.name, tuple(nodes), coordinator)
+        if not detail or coordinator.state == STOPPED:
+            return ClusterStatus(self.config.name, tuple(nodes), coordinator)
+        layers, sample = await asyncio.gather(self.layer_shares(), self.poll_throughput())
+        return ClusterStatus(self.config.name, tuple(nodes), coordinator, layers,
+                             asdict(sample) if sample is not None else None)
+
+    # ---- what the coordinator really did -----------------------------------------------------
+
+    def _placement_file(self) -> Path:
+        return _local_path(coordinator_state_dir(self.config)) / PLACEMENT_FILE
+
+    def _coordinator_log(self) -> Path:
+        return _local_path(coordinator_state_dir(self.config)) / detached.LOG_NAME
+
+    async def load_report(self) -> LoadReport:
+        """The coordinator's latest load, parsed from its own log file (read from the last
+        start, not a tail: request lines would push the load block out of any tail)."""
+        return await asyncio.to_thread(_parse_coordinator_log, self._coordinator_log())
+
+    async def layer_shares(self) -> tuple[LayerShare, ...]:
+        placement, report = await asyncio.gather(
+            asyncio.to_thread(_read_json, self._placement_file()), self.load_report())
+        endpoints: dict[str, str] = placement.get("endpoints", {}) if placement else {}
+        planned: dict[str, list[int]] = placement.get("plan", {}) if placement else {}
+        shares = []
+        for node in self._rpc_nodes():
+            endpoint = endpoints.get(node.name, node.endpoint)
+            device = report.device(endpoint)
+            span = planned.get(node.name)
+            first, count = (span[0], span[1]) if span else (None, None)
+            shares.append(LayerShare(
+                node.name, endpoint, first, count,
+                device.layers if device else None,
+                device.model_bytes if device else 0,
+                device.kv_bytes if device else 0,
+                device.compute_bytes if device else 0))
+        return tuple(shares)
+
+    async def poll_throughput(self) -> ThroughputSample | None:
+        if self._throughput is None:
+            self._throughput = ThroughputMonitor(coordinator_url(self.config))
+        return await self._throughput.poll()
 
     async def start_node(self, name: str, *, timeout: float = WORKER_READY_TIMEOUT) -> NodeStatus:
         node = self.config.node(name)
@@ -317,6 +398,9 @@ class Cluster:
             raise CoordinatorError(f"port {config.coordinator.port} is already in use on this "
                                    "machine: stop that program or set [coordinator] port")
         argv = coordinator_argv(config, binary, endpoints)
+        await asyncio.to_thread(_write_json, self._placement_file(), {
+            "endpoints": dict(zip((n.name for n in workers), endpoints, strict=True)),
+            "plan": {}})
         proc = await detached.spawn(local_transport(), coordinator_state_dir(config), argv)
         if proc.state != "running":
             raise CoordinatorError(proc.error)

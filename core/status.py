@@ -33,16 +33,34 @@ class CoordinatorStatus:
 
 
 @dataclass(frozen=True)
+class LayerShare:
+    """One worker's part of the model: what the plan gave it and what llama-server loaded."""
+
+    node: str
+    endpoint: str  # as the coordinator reaches it (a tunnel's local end for rpc_bind=loopback)
+    planned_first: int | None = None
+    planned_layers: int | None = None
+    layers: int | None = None  # actual, from the coordinator's load log
+    model_bytes: int = 0
+    kv_bytes: int = 0
+    compute_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class ClusterStatus:
     name: str
     nodes: tuple[NodeStatus, ...]
     coordinator: CoordinatorStatus
+    layers: tuple[LayerShare, ...] = ()
+    throughput: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "cluster": self.name,
             "nodes": [asdict(n) for n in self.nodes],
             "coordinator": asdict(self.coordinator),
+            "layers": [asdict(share) for share in self.layers],
+            "throughput": self.throughput,
         }
 
 

@@ -74,6 +74,13 @@ def test_up_generate_status_down(tmp_path: Path, sshd_cluster, demo_model: Path)
             f"{node.host}:50052" for node in sshd.nodes}
         assert data["coordinator"]["state"] == "ready"
         assert data["coordinator"]["url"] == url
+        # What llama-server really loaded, per worker, from its own log: every block placed.
+        layers = {share["node"]: share for share in data["layers"]}
+        assert set(layers) == {"node1", "node2", "node3"}
+        assert sum(share["layers"] for share in layers.values()) == 8  # the demo model's blocks
+        assert all(share["model_bytes"] > 0 and share["kv_bytes"] > 0
+                   for share in layers.values())
+        assert data["throughput"]["decoded_total"] >= reply.json()["usage"]["completion_tokens"]
 
         # The workers really run on the nodes, detached: each log lives in its state dir.
         for node in sshd.nodes:

@@ -97,7 +97,7 @@ async def _with_cluster(config: ClusterConfig, verbose: bool, action: str) -> in
 async def _status(config: ClusterConfig, as_json: bool) -> int:
     cluster = Cluster(config)
     try:
-        status = await cluster.status()
+        status = await cluster.status(detail=as_json)
     finally:
         await cluster.close()
     if as_json:
