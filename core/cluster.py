@@ -10,7 +10,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +58,18 @@ COORDINATOR_READY_TIMEOUT = 600.0
 def tunnel_state_dir(config: ClusterConfig, node: NodeConfig) -> str:
     # "_" cannot start a node name, so this never collides with a node's directory.
     return f"{config.state_dir.rstrip('/')}/{config.name}/_tunnel.{node.name}"
+
+
+Span = tuple[str, int, int]  # (node, first block, number of blocks)
+
+
+def _check_spans(spans: Sequence[Span]) -> None:
+    expected = spans[0][1] if spans else 0
+    for name, first, count in spans:
+        if first != expected or count < 0:
+            raise CoordinatorError(f"the plan's ranges are not contiguous at {name} "
+                                   f"(block {first}, expected {expected})")
+        expected += count
 
 
 PLACEMENT_FILE = "placement.json"  # beside the coordinator's pidfile: which worker is where
@@ -366,11 +378,13 @@ class Cluster:
     def _rpc_nodes(self) -> list[NodeConfig]:
         return [n for n in self.config.nodes if n.backend == "llama-rpc"]
 
-    async def start_coordinator(self, *,
-                                timeout: float = COORDINATOR_READY_TIMEOUT) -> CoordinatorStatus:
+    async def start_coordinator(self, *, timeout: float = COORDINATOR_READY_TIMEOUT,
+                                spans: Sequence[Span] | None = None) -> CoordinatorStatus:
+        """Launch llama-server over the ready workers. `spans` (node, first block, blocks), in
+        --rpc order and contiguous, place exactly that; nodes not named are left out."""
         async with self._coordinator_lock:
             try:
-                status = await self._start_coordinator(timeout)
+                status = await self._start_coordinator(timeout, spans)
             except (CoordinatorError, ClusterError) as exc:
                 status = self._set_coordinator(
                     CoordinatorStatus(FAILED, coordinator_url(self.config), None, str(exc)))
@@ -380,7 +394,8 @@ class Cluster:
             self.notice(f"coordinator: {status.error}", "error")
         return status
 
-    async def _start_coordinator(self, timeout: float) -> CoordinatorStatus:
+    async def _start_coordinator(self, timeout: float,
+                                 spans: Sequence[Span] | None) -> CoordinatorStatus:
         config = self.config
         url = coordinator_url(config)
         current = self._set_coordinator(await coordinator_status(config))
@@ -390,17 +405,22 @@ class Cluster:
             raise CoordinatorError(f"model file {config.model.gguf} not found: fix [model] gguf "
                                    f"in {config.source}")
         binary = find_coordinator_binary(config)
-        workers = self._rpc_nodes()
+        if spans is None:
+            workers, layers = self._rpc_nodes(), None
+        else:
+            _check_spans(spans)
+            workers = [config.node(name) for name, _, count in spans if count > 0]
+            layers = [count for _, _, count in spans if count > 0]
         endpoints = await self._coordinator_endpoints(workers)
         await self._check_workers_answer(workers, endpoints)
         if await llama_rpc.port_open(config.coordinator.host if config.coordinator.host not in
                                      ("0.0.0.0", "::") else "127.0.0.1", config.coordinator.port):
             raise CoordinatorError(f"port {config.coordinator.port} is already in use on this "
                                    "machine: stop that program or set [coordinator] port")
-        argv = coordinator_argv(config, binary, endpoints)
+        argv = coordinator_argv(config, binary, endpoints, layers=layers)
         await asyncio.to_thread(_write_json, self._placement_file(), {
             "endpoints": dict(zip((n.name for n in workers), endpoints, strict=True)),
-            "plan": {}})
+            "plan": {name: [first, count] for name, first, count in spans or ()}})
         proc = await detached.spawn(local_transport(), coordinator_state_dir(config), argv)
         if proc.state != "running":
             raise CoordinatorError(proc.error)

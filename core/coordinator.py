@@ -11,6 +11,7 @@ import httpx
 from . import detached
 from .config import ClusterConfig, NodeConfig
 from .llama_build import COORDINATOR_NAME, find_cached_binary
+from .load_log import tensor_split_for
 from .status import FAILED, READY, STARTING, STOPPED, CoordinatorStatus
 from .transport import LocalTransport
 
@@ -54,7 +55,11 @@ def find_coordinator_binary(config: ClusterConfig) -> str:
 
 
 def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str],
-                     extra: Sequence[str] = ()) -> list[str]:
+                     extra: Sequence[str] = (), layers: Sequence[int] | None = None) -> list[str]:
+    """llama-server's command line. With `layers` (blocks per endpoint, in order), it places
+    exactly those: -ngl/-ts from tensor_split_for and --fit off; blocks left over stay on this
+    machine's CPU (the first ones). Without, llama.cpp splits by the free memory workers
+    report (-ngl 99)."""
     if config.model.gguf is None:
         raise CoordinatorError("no model: set [model] gguf in the config")
     argv = [
@@ -63,7 +68,7 @@ def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str
         "-c", str(config.model.context),
         "--host", config.coordinator.host,
         "--port", str(config.coordinator.port),
-        "-ngl", "99",
+        *placement_args(layers),
         "--metrics",
         "--slots",
         "-lv", "4",  # device and buffer lines in the log: the layer map comes from them
@@ -73,6 +78,13 @@ def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str
     argv += list(extra)
     argv += list(config.coordinator.extra_args)
     return argv
+
+
+def placement_args(layers: Sequence[int] | None) -> list[str]:
+    if layers is None:
+        return ["-ngl", "99"]
+    ngl, split = tensor_split_for(layers)
+    return ["-ngl", str(ngl), "-ts", ",".join(str(w) for w in split), "--fit", "off"]
 
 
 async def health(url: str, timeout: float = 2.0) -> tuple[int | None, str]:

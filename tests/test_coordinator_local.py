@@ -118,3 +118,38 @@ def _tails() -> list[list[str]]:
         if cmd and cmd[0].endswith("tail"):
             found.append(cmd)
     return found
+
+
+async def test_spans_place_exactly_the_planned_blocks(tmp_path: Path) -> None:
+    if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
+        pytest.skip("llama.cpp binaries not built: run `torbiz-tui build-llama`")
+    model = ensure_demo_model(tmp_path / "demo.gguf")  # 8 blocks
+    nodes = [{"name": f"w{i}", "host": "127.0.0.1", "transport": "local",
+              "rpc_port": free_port(), "threads": 1} for i in range(3)]
+    path = tmp_path / "spans.toml"
+    path.write_text(toml_text({"name": "sp", "state_dir": str(tmp_path / "state")}, nodes,
+                              model={"gguf": str(model), "context": 512},
+                              coordinator={"port": free_port()}))
+    cluster = Cluster(load_config(path))
+    try:
+        await cluster.start_workers()
+        # Blocks 0-1 stay on this machine's CPU, w0 holds 2, w1 holds 3-7, w2 is left out.
+        status = await cluster.start_coordinator(spans=[("w0", 2, 1), ("w1", 3, 5)])
+        assert status.state == "ready", status.error
+        shares = {s.node: s for s in await cluster.layer_shares()}
+        assert (shares["w0"].planned_first, shares["w0"].planned_layers) == (2, 1)
+        assert shares["w0"].layers == 1 and shares["w1"].layers == 5
+        assert shares["w2"].layers is None and shares["w2"].model_bytes == 0
+    finally:
+        await cluster.down()
+        await cluster.close()
+    assert llama_processes_with(_markers(path)) == []
+
+
+def test_gapped_spans_are_refused() -> None:
+    from core.cluster import _check_spans
+    from core.coordinator import CoordinatorError
+
+    _check_spans([("a", 0, 3), ("b", 3, 5)])
+    with pytest.raises(CoordinatorError, match="not contiguous at b"):
+        _check_spans([("a", 0, 2), ("b", 3, 5)])
