@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .shell import path_word, quote, quote_argv
 from .transport import Transport, TransportError
@@ -106,9 +106,10 @@ echo "TORBIZ started $p closed"
 """
 
 _STATUS = r"""
-if alive; then port_state; echo "TORBIZ running $p $pstate"
-elif [ -s "$d/pid" ]; then echo "TORBIZ dead $(cat "$d/pid" | tr -cd 0-9)"
-else echo "TORBIZ none"; fi
+port_state
+if alive; then echo "TORBIZ running $p $pstate"
+elif [ -s "$d/pid" ]; then echo "TORBIZ dead $(cat "$d/pid" | tr -cd 0-9) $pstate"
+else echo "TORBIZ none - $pstate"; fi
 """
 
 _STOP = r"""
@@ -222,8 +223,8 @@ async def status(transport: Transport, state_dir: str,
     if word == "running":
         return _running(rest)
     if word == "dead":
-        return ProcessState("dead", _pid(rest))
-    return ProcessState("none")
+        return replace(_running(rest), state="dead")
+    return replace(_running(rest), state="none", pid=None)
 
 
 async def stop(transport: Transport, state_dir: str, *, signal: str = "TERM",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -87,12 +88,13 @@ class LocalTransport(Transport):
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # on timeout the whole group goes, not just sh
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except asyncio.TimeoutError:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise TransportError(self.label, f"command timed out after {timeout:g} s",
                                  kind="timeout") from None
@@ -242,7 +244,8 @@ class SshTransport(Transport):
         conn = await self._connection()
         try:
             result = await asyncio.wait_for(
-                conn.run(sh_c(script), check=False, stdin=asyncssh.DEVNULL), timeout)
+                conn.run(sh_c(script), check=False, stdin=asyncssh.DEVNULL,
+                         encoding="utf-8", errors="replace"), timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise TransportError(self.label, f"command timed out after {timeout:g} s",
                                  kind="timeout") from None
@@ -256,7 +259,8 @@ class SshTransport(Transport):
         conn = await self._connection()
         try:
             proc = await conn.create_process(sh_c(_tied_to_stdin(script)),
-                                             stderr=asyncssh.DEVNULL)
+                                             stderr=asyncssh.DEVNULL, encoding="utf-8",
+                                             errors="replace")
         except (OSError, asyncssh.Error) as exc:
             self._conn = None
             raise TransportError(self.label, f"SSH connection lost ({exc})") from None

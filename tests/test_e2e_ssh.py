@@ -109,7 +109,16 @@ def test_unreachable_node_is_named_and_others_unharmed(tmp_path: Path, sshd_clus
     cfg = ssh_cluster_file(tmp_path, sshd, demo_model, extra_nodes=[dead])
     markers = _endpoint_markers(cfg)
     try:
+        # The preflight refuses: one line names the node and the reason, nothing starts.
         up = cli("-c", str(cfg), "up")
+        assert up.returncode == 1
+        errors = [ln for ln in up.stderr.splitlines() if ln.startswith("error: ")]
+        assert errors == [ln for ln in errors if "ghost" in ln]
+        assert any("cannot connect to 127.0.0.99:2222" in ln for ln in errors)
+        assert "nothing was started" in up.stderr
+        assert llama_processes_with(markers) == []
+        # Forced, the reachable nodes start and the dead one is named again.
+        up = cli("-c", str(cfg), "up", "--force")
         assert up.returncode == 1
         errors = [ln for ln in up.stderr.splitlines() if ln.startswith("error: ")]
         assert any("ghost" in ln and "cannot connect to 127.0.0.99:2222" in ln for ln in errors)
@@ -169,7 +178,14 @@ def test_missing_binary_and_taken_port(tmp_path: Path, sshd_cluster, demo_model:
     squatter.bind((n3.host, 50052))
     squatter.listen(1)
     try:
-        up = cli("-c", str(cfg), "up")
+        preflight = cli("-c", str(cfg), "up")
+        assert preflight.returncode == 1
+        assert "error: node1: rpc_server '/nonexistent/rpc-server' is not an executable" \
+            in preflight.stderr
+        assert "error: node3: port 50052 is taken by a program this cluster did not start" \
+            in preflight.stderr
+        assert llama_processes_with(markers) == []
+        up = cli("-c", str(cfg), "up", "--force")
         assert up.returncode == 1
         errors = "\n".join(ln for ln in up.stderr.splitlines() if ln.startswith("error: "))
         assert "node1: rpc_server '/nonexistent/rpc-server' is not an executable file" in errors

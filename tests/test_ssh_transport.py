@@ -68,3 +68,29 @@ async def test_missing_known_hosts_file_is_refused_before_connecting(tmp_path: P
         await transport.run("true")
     assert info.value.kind == "host-key"
     assert "does not exist; host keys are always verified" in info.value.reason
+
+
+async def test_invalid_utf8_output_is_kept_with_replacement(tmp_path: Path,
+                                                            sshd_cluster) -> None:
+    sshd = sshd_cluster(count=1)
+    node = sshd.nodes[0]
+    transport = SshTransport(NodeConfig(
+        name="n", host=node.host, ssh_port=node.port,
+        ssh=SshOptions(user="root", identity_file=str(sshd.client_key),
+                       known_hosts=str(sshd.known_hosts), config_file=None)))
+    try:
+        result = await transport.run(r"printf 'a\377\376b\n'; echo after")
+    finally:
+        await transport.close()
+    assert result.ok
+    assert result.stdout.splitlines() == ["a\ufffd\ufffdb", "after"]
+
+
+async def test_local_timeout_kills_the_whole_command() -> None:
+    from core.transport import LocalTransport
+
+    transport = LocalTransport(NodeConfig(name="l", host="127.0.0.1", transport="local"))
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="timed out"):
+        await transport.run("sleep 30 & sleep 30; wait", timeout=1)
+    assert time.monotonic() - started < 5

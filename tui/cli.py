@@ -12,6 +12,7 @@ from pathlib import Path
 import core
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, ConfigError, load_config
+from core.doctor import DoctorReport, run_doctor
 from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
 
 DEMO_CONFIG = Path(core.__file__).resolve().parent / "demo" / "demo.toml"
@@ -70,11 +71,41 @@ def format_status(status: ClusterStatus) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-async def _with_cluster(config: ClusterConfig, verbose: bool, action: str) -> int:
+def format_doctor(report: DoctorReport) -> str:
+    marks = {"ok": "ok  ", "warning": "WARN", "failed": "FAIL"}
+    lines = [f"{marks[c.level]}  {c.part:<14} {c.name:<8} {c.message}" for c in report.checks]
+    failed = len(report.failed)
+    lines.append("")
+    lines.append("all checks passed" if not failed else
+                 f"{failed} check{'s' if failed > 1 else ''} failed: fix them, or "
+                 "`up --force` to start anyway")
+    return "\n".join(lines)
+
+
+async def _doctor(config: ClusterConfig, as_json: bool) -> int:
+    cluster = Cluster(config)
+    try:
+        report = await run_doctor(cluster)
+    finally:
+        await cluster.close()
+    print(json.dumps(report.to_json(), indent=2) if as_json else format_doctor(report))
+    return 1 if report.failed else 0
+
+
+async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
+                        force: bool = False) -> int:
     cluster = Cluster(config)
     if verbose:
         cluster.subscribe(_print_event)
     try:
+        if action == "up" and not force:
+            report = await run_doctor(cluster)
+            if report.failed:
+                for check in report.failed:
+                    print(f"error: {check.part}: {check.message}", file=sys.stderr)
+                print("preflight failed: nothing was started (`up --force` skips it)",
+                      file=sys.stderr)
+                return 1
         if action == "up":
             status = await cluster.up()
             print(f"cluster {config.name} is up: {status.coordinator.url}")
@@ -163,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--read-only", action="store_true",
                         help="dashboard: hide every action that changes the cluster")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("up", help="start every worker in parallel, then the coordinator")
+    p = sub.add_parser("up", help="preflight, then every worker in parallel, then the "
+                       "coordinator")
+    p.add_argument("--force", action="store_true", help="start even if the preflight fails")
+    p = sub.add_parser("doctor", help="preflight every node: SSH and host key, worker binary, "
+                       "clock, port, bind address; coordinator binary and model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("down", help="stop the coordinator and every worker")
     p = sub.add_parser("status", help="state of every node and the coordinator")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -180,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    for name in ("up", "down", "status", "logs", "watch"):
+    for name in ("up", "down", "status", "logs", "watch", "doctor"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
     return parser
@@ -208,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_cluster_config(config_arg)
         if args.command in ("up", "down"):
-            return asyncio.run(_with_cluster(config, True, args.command))
+            return asyncio.run(_with_cluster(config, True, args.command,
+                                             getattr(args, "force", False)))
+        if args.command == "doctor":
+            return asyncio.run(_doctor(config, args.json))
         if args.command == "status":
             return asyncio.run(_status(config, args.json))
         if args.command == "watch":
