@@ -15,11 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
+
 from . import detached, tunnel
 from .backends import llama_rpc
 from .config import ClusterConfig, NodeConfig
 from .coordinator import (
     CoordinatorError,
+    auth_headers,
+    coordinator_api_key,
     coordinator_argv,
     coordinator_state_dir,
     coordinator_status,
@@ -132,6 +136,7 @@ class Cluster:
         }
         self.coordinator = CoordinatorStatus(STOPPED, coordinator_url(config))
         self._throughput: ThroughputMonitor | None = None
+        self._http: httpx.AsyncClient | None = None
 
     # ---- events ----------------------------------------------------------------------------
 
@@ -196,6 +201,9 @@ class Cluster:
         if self._throughput is not None:
             await self._throughput.aclose()
             self._throughput = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         transports, self._transports = self._transports, {}
         await asyncio.gather(*(t.close() for t in transports.values()), return_exceptions=True)
 
@@ -269,7 +277,9 @@ class Cluster:
 
     async def poll_throughput(self) -> ThroughputSample | None:
         if self._throughput is None:
-            self._throughput = ThroughputMonitor(coordinator_url(self.config))
+            self._http = httpx.AsyncClient(timeout=5.0, trust_env=False,
+                                           headers=auth_headers(self.config))
+            self._throughput = ThroughputMonitor(coordinator_url(self.config), client=self._http)
         return await self._throughput.poll()
 
     async def start_node(self, name: str, *, timeout: float = WORKER_READY_TIMEOUT) -> NodeStatus:
@@ -405,6 +415,7 @@ class Cluster:
             raise CoordinatorError(f"model file {config.model.gguf} not found: fix [model] gguf "
                                    f"in {config.source}")
         binary = find_coordinator_binary(config)
+        key = coordinator_api_key(config)
         if spans is None:
             workers, layers = self._rpc_nodes(), None
         else:
@@ -421,7 +432,9 @@ class Cluster:
         await asyncio.to_thread(_write_json, self._placement_file(), {
             "endpoints": dict(zip((n.name for n in workers), endpoints, strict=True)),
             "plan": {name: [first, count] for name, first, count in spans or ()}})
-        proc = await detached.spawn(local_transport(), coordinator_state_dir(config), argv)
+        # The key travels in the environment (LLAMA_API_KEY), never on a command line.
+        proc = await detached.spawn(local_transport({"LLAMA_API_KEY": key} if key else None),
+                                    coordinator_state_dir(config), argv)
         if proc.state != "running":
             raise CoordinatorError(proc.error)
         self._set_coordinator(CoordinatorStatus(STARTING, url, proc.pid))

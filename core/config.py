@@ -64,6 +64,7 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_COORDINATOR_PORT
     extra_args: tuple[str, ...] = ()
+    api_key_env: str = "TORBIZ_API_KEY"  # the key itself never lives in the config file
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ _COORDINATOR_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,),
     "port": (int,),
     "extra_args": (list,),
+    "api_key_env": (str,),
 }
 _NODE_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,),
@@ -247,6 +249,13 @@ def _ssh_options(path: Path, where: str, table: dict[str, Any], base: SshOptions
     if "keepalive_interval" in values:
         values["keepalive_interval"] = float(values["keepalive_interval"])
     return replace(base, **values)
+
+
+def _check_env_name(path: Path, name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", name):
+        raise ConfigError(path, "coordinator", "key 'api_key_env' must name an environment "
+                                               f"variable (letters, digits, _), got {name!r}")
+    return name
 
 
 def _float_or_none(value: float | None) -> float | None:
@@ -372,6 +381,7 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
         port=_check_port(path, "coordinator", "port",
                          coord_table.get("port", DEFAULT_COORDINATOR_PORT)),
         extra_args=tuple(extra),
+        api_key_env=_check_env_name(path, coord_table.get("api_key_env", "TORBIZ_API_KEY")),
     )
 
     plan = _plan(path, _expect_table(path, "plan", data.get("plan", {})))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +37,33 @@ def coordinator_state_dir(config: ClusterConfig) -> str:
     return f"{config.state_dir.rstrip('/')}/{config.name}/{COORDINATOR_DIR}"
 
 
-def local_transport() -> LocalTransport:
-    return LocalTransport(NodeConfig(name="coordinator", host="127.0.0.1", transport="local"))
+def local_transport(env: dict[str, str] | None = None) -> LocalTransport:
+    return LocalTransport(NodeConfig(name="coordinator", host="127.0.0.1", transport="local"),
+                          env)
+
+
+def listens_on_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def coordinator_api_key(config: ClusterConfig) -> str | None:
+    """The API key from the environment; required when the API leaves this machine."""
+    name = config.coordinator.api_key_env
+    key = os.environ.get(name) or None
+    if key is None and not listens_on_loopback(config.coordinator.host):
+        raise CoordinatorError(
+            f"the coordinator would listen on {config.coordinator.host} with no API key: "
+            f"export {name}=<a long random secret> before starting it (never put the key in "
+            "the config file), or set [coordinator] host = \"127.0.0.1\"")
+    return key
+
+
+def auth_headers(config: ClusterConfig) -> dict[str, str]:
+    key = os.environ.get(config.coordinator.api_key_env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def find_coordinator_binary(config: ClusterConfig) -> str:

@@ -10,7 +10,7 @@ from . import detached
 from .backends import llama_rpc
 from .cluster import Cluster
 from .config import NodeConfig
-from .coordinator import CoordinatorError, find_coordinator_binary
+from .coordinator import CoordinatorError, coordinator_api_key, find_coordinator_binary
 from .probe import NodeProbe, probe_node
 from .transport import TransportError
 
@@ -108,6 +108,13 @@ async def run_doctor(cluster: Cluster) -> DoctorReport:
         checks.append(Check("coordinator", "binary", OK, find_coordinator_binary(config)))
     except CoordinatorError as exc:
         checks.append(Check("coordinator", "binary", FAIL, str(exc)))
+    try:
+        key = coordinator_api_key(config)
+        checks.append(Check("coordinator", "api-key", OK,
+                            f"API key from ${config.coordinator.api_key_env}" if key else
+                            f"no API key; the API listens on {config.coordinator.host} only"))
+    except CoordinatorError as exc:
+        checks.append(Check("coordinator", "api-key", FAIL, str(exc)))
     if config.model.gguf is None or not config.model.gguf.is_file():
         checks.append(Check("coordinator", "model", FAIL,
                             f"model file {config.model.gguf} not found: fix [model] gguf"))

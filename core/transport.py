@@ -79,6 +79,12 @@ def _tied_to_stdin(script: str) -> str:
 class LocalTransport(Transport):
     is_local = True
 
+    def __init__(self, node: NodeConfig, env: dict[str, str] | None = None) -> None:
+        super().__init__(node)
+        # Extra environment for every command; secrets go here, never into script text
+        # (which `ps` shows).
+        self.env = dict(env or {})
+
     async def connect(self) -> None:
         return None
 
@@ -89,6 +95,7 @@ class LocalTransport(Transport):
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # on timeout the whole group goes, not just sh
+            env={**os.environ, **self.env} if self.env else None,
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
