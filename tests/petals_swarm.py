@@ -467,11 +467,16 @@ class PetalsSwarm:
 
     # helpers run inside the namespace with the venv's python
     def run_py(self, code: str, *args: str, timeout: float = 300,
-               what: str = "petals script") -> dict:
-        env = {**os.environ, **PETALS_ENV}
-        proc = subprocess.run(self.ns.argv([str(self.python), "-c", code, *args]),
-                              capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=self.workdir, stdin=subprocess.DEVNULL)
+               what: str = "petals script", env: dict[str, str] | None = None) -> dict:
+        full_env = {**os.environ, **PETALS_ENV, **(env or {})}
+        try:
+            proc = subprocess.run(self.ns.argv([str(self.python), "-c", code, *args]),
+                                  capture_output=True, text=True, timeout=timeout, env=full_env,
+                                  cwd=self.workdir, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+            tail = "\n".join(err.splitlines()[-20:])
+            raise RuntimeError(f"{what}: no answer in {timeout:.0f} s:\n{tail}") from None
         return _json_answer(proc, what)
 
     def write_tiny_llama(self, *, num_layers: int = 4, hidden_size: int = 64,
@@ -556,10 +561,13 @@ class PetalsSwarm:
             raise TimeoutError(f"blocks not ONLINE within {timeout:.0f} s: {answer}\n{tails}")
         return answer
 
-    def generate(self, prompt: Sequence[int], max_new_tokens: int) -> dict:
+    def generate(self, prompt: Sequence[int], max_new_tokens: int,
+                 max_retries: int = 3) -> dict:
         if self.model_dir is None:
             raise RuntimeError("write_tiny_llama() first")
         return self.run_py(_GENERATE, str(self.model_dir),
                            json.dumps([s.maddr for s in self.servers]), self.dht_prefix,
-                           json.dumps(list(prompt)), str(max_new_tokens), timeout=300,
-                           what="generation through the swarm")
+                           json.dumps(list(prompt)), str(max_new_tokens), timeout=180,
+                           what="generation through the swarm",
+                           # fail with Petals' own error instead of retrying forever
+                           env={"PETALS_MAX_RETRIES": str(max_retries)})
