@@ -133,7 +133,7 @@ if [ -n "$HM_WHEEL" ] && [ -f "$HM_WHEEL.torbiz-ok" ]; then
 else
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/torbiz-petals-build.XXXXXX")
   trap 'rm -rf "$WORK"' EXIT
-  pipstep "step 4/7: downloading the hivemind $HIVEMIND_VERSION sdist and the $P2PD_DONOR_VERSION wheel (for its p2pd)" \
+  pipstep "step 4/7: downloading the hivemind $HIVEMIND_VERSION sdist (setup.py runs with setuptools<81)" \
     download --no-deps --no-build-isolation --no-binary hivemind -d "$WORK/dl" \
     "hivemind==$HIVEMIND_VERSION"
   pipstep "step 4/7: downloading the hivemind $P2PD_DONOR_VERSION x86-64 wheel (donor of p2pd)" \

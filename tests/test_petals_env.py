@@ -105,6 +105,14 @@ def test_private_swarm_online_listed_generates_and_leaves_nothing(tmp_path: Path
 
         # Stop: SIGINT to each main pid; the group is killed only if something stays.
         groups = {s.name: [p.pid for p in s.tree()] for s in (a, b)}
+        for server in (a, b):
+            pss = 0
+            for proc in server.tree():
+                try:
+                    pss += proc.memory_full_info().pss
+                except psutil.Error:
+                    continue
+            timings[f"pss_{server.name}_mib"] = pss / 2**20
         assert all(len(pids) > 2 for pids in groups.values()), groups  # main, p2pd, handlers...
         for server in (b, a):
             report = server.stop()
