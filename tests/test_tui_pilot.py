@@ -20,7 +20,7 @@ from core.config import ClusterConfig, load_config
 from core.demo_model import ensure_demo_model
 from core.llama_build import find_cached_binary
 from core.status import READY, STOPPED, NodeStatus
-from tui.app import ConfirmScreen, TorbizApp, make_app
+from tui.app import ConfirmScreen, QuitScreen, TorbizApp, make_app
 from tui.widgets.coordinator_bar import CoordinatorBar
 from tui.widgets.log_pane import MAX_LINES, LogPane
 from tui.widgets.node_table import NodeTable
@@ -103,7 +103,7 @@ async def wait_until(pilot: Pilot[Any], predicate: Callable[[], bool], what: str
 
 
 def table(app: TorbizApp) -> NodeTable:
-    return app.query_one(NodeTable)
+    return app.main.query_one(NodeTable)
 
 
 def refreshed(app: TorbizApp) -> Callable[[], bool]:
@@ -112,8 +112,12 @@ def refreshed(app: TorbizApp) -> Callable[[], bool]:
                        for n in app.config.nodes)
 
 
+def pane(app: TorbizApp) -> LogPane:
+    return app.main.query_one(LogPane)
+
+
 def coordinator_state(app: TorbizApp) -> str:
-    return app.query_one(CoordinatorBar).status.state
+    return app.main.query_one(CoordinatorBar).status.state
 
 
 def footer_actions(app: TorbizApp) -> set[str]:
@@ -122,7 +126,7 @@ def footer_actions(app: TorbizApp) -> set[str]:
 
 
 def log_text(app: TorbizApp) -> str:
-    return "\n".join(strip.text for strip in app.query_one(LogPane).lines)
+    return "\n".join(app.main.query_one(LogPane).plain_lines())
 
 
 def worker_pids(config: ClusterConfig, name: str) -> list[int]:
@@ -136,7 +140,7 @@ async def test_start_then_stop_the_selected_node(local_cluster: ClusterConfig) -
         await wait_until(pilot, refreshed(app), "the first refresh")
         assert table(app).selected == "alpha"
         assert table(app).state_of("alpha") == STOPPED
-        assert app.query_one(CoordinatorBar).status.state == STOPPED
+        assert app.main.query_one(CoordinatorBar).status.state == STOPPED
         await wait_until(pilot, lambda: {"start_node", "stop_node", "start_coordinator", "up",
                                          "down", "quit"} <= footer_actions(app), "the footer")
 
@@ -149,7 +153,7 @@ async def test_start_then_stop_the_selected_node(local_cluster: ClusterConfig) -
         # The real worker's own log streams into the pane.
         await wait_until(pilot, lambda: "Starting RPC server" in log_text(app),
                          "the worker's banner in the log pane")
-        assert app.query_one(LogPane).source == "alpha"
+        assert app.main.query_one(LogPane).source == "alpha"
 
         await pilot.press("x")
         await pilot.pause()
@@ -196,9 +200,9 @@ async def test_selection_switches_the_log_stream(local_cluster: ClusterConfig) -
         await wait_until(pilot, lambda: "Starting RPC server" in log_text(app), "alpha's log")
 
         await pilot.press("j")
-        await wait_until(pilot, lambda: app.query_one(LogPane).source == "beta", "beta selected")
+        await wait_until(pilot, lambda: pane(app).source == "beta", "beta selected")
         assert table(app).selected == "beta"
-        assert "beta" in str(app.query_one(LogPane).border_title)
+        assert "beta" in str(app.main.query_one(LogPane).border_title)
         assert "Starting RPC server" not in log_text(app)  # alpha's lines went with it
         await pilot.pause(1.0)
         running = [w for w in app.workers
@@ -212,7 +216,7 @@ async def test_selection_switches_the_log_stream(local_cluster: ClusterConfig) -
                          "beta's banner")
 
         await pilot.press("k")
-        await wait_until(pilot, lambda: app.query_one(LogPane).source == "alpha", "alpha again")
+        await wait_until(pilot, lambda: pane(app).source == "alpha", "alpha again")
         await wait_until(pilot, lambda: "Starting RPC server" in log_text(app), "alpha's log")
 
 
@@ -252,6 +256,11 @@ async def test_quit_leaves_the_worker_running_and_a_new_dashboard_reattaches(
         await wait_until(pilot, lambda: table(app).state_of("alpha") == READY, "alpha ready")
         pid = app.cluster.nodes["alpha"].pid
         await pilot.press("q")
+        await pilot.pause()
+        assert isinstance(app.screen, QuitScreen)
+        await pilot.press("enter")  # the default: leave it running
+        await wait_until(pilot, lambda: not app.is_running, "the dashboard closed")
+    assert app.return_code == 0
     assert worker_pids(local_cluster, "alpha") == [pid]
 
     again = make_app(local_cluster)
@@ -267,7 +276,7 @@ async def test_remote_text_is_inert_and_the_log_is_bounded(local_cluster: Cluste
     app = make_app(local_cluster)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, refreshed(app), "the first refresh")
-        await wait_until(pilot, lambda: app.query_one(LogPane).source == "alpha", "alpha's log")
+        await wait_until(pilot, lambda: pane(app).source == "alpha", "alpha's log")
         lines = [f"line {i}" for i in range(MAX_LINES + 1_000)] + [hostile]
         app.post_message(TorbizApp.LogLines("alpha", lines))
         app.post_message(TorbizApp.LogLines("beta", ["not the selected node"]))
@@ -276,10 +285,10 @@ async def test_remote_text_is_inert_and_the_log_is_bounded(local_cluster: Cluste
             status.name, status.host, status.backend, "failed", None, status.endpoint, hostile)))
         await wait_until(pilot, lambda: table(app).state_of("alpha") == "failed", "the event")
 
-        pane = app.query_one(LogPane)
-        assert len(pane.lines) == MAX_LINES
+        pane = app.main.query_one(LogPane)
+        assert pane.line_count == MAX_LINES
         inert = "[bold red]boom[/] [@click=app.quit]x[/] over"
-        assert pane.lines[-1].text == inert
+        assert pane.plain_lines()[-1] == inert
         assert "not the selected node" not in log_text(app)
         cell = table(app).get_cell("alpha", "error")
         assert cell.plain == inert

@@ -6,18 +6,17 @@ Workers await the core and post a message; widgets change only in message handle
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-from rich.text import Text
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import App
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, Header, Label
+from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
 from core.cluster import Cluster, ClusterError
@@ -35,68 +34,76 @@ from core.status import (
     Notice,
 )
 
+from .commands import DashboardCommands
+from .log_stream import follow_forever
+from .screens.dialogs import ConfirmScreen, QuitScreen
+from .screens.help import HelpScreen, HelpSection
+from .screens.logs import LogSource, LogsScreen
+from .screens.main import MainScreen
 from .text import sanitize
 from .widgets.coordinator_bar import CoordinatorBar
-from .widgets.log_pane import LogPane
+from .widgets.load_progress import LoadProgress
+from .widgets.log_pane import MAX_LINES, LogPane
+from .widgets.node_filter import NodeFilter
 from .widgets.node_table import PROBING, STOPPING, NodeTable
+from .widgets.status_line import StatusLine
 
 REFRESH_INTERVAL = 2.0  # seconds between the end of one refresh and the start of the next
 REFRESH_MAX_BACKOFF = 30.0
 PROBE_PARALLEL = 16  # as the Cluster's own fan-out
-LOG_HISTORY = 200  # lines of a log shown when its stream opens
-LOG_QUEUE = 2_000  # lines read ahead of the screen; the stream waits when it is full
-LOG_BATCH = 500  # most lines in one message
-LOG_COALESCE = 0.05  # seconds: at most 20 log redraws a second
+LOG_HISTORY = 200  # lines of a log shown in the pane when its stream opens
 
-CHANGES_CLUSTER = frozenset(
-    {"start_node", "stop_node", "start_coordinator", "stop_coordinator", "up", "down"})
+CHANGES_CLUSTER = frozenset({"start_node", "stop_node", "restart_node", "start_coordinator",
+                             "stop_coordinator", "up", "down"})
+NEEDS_NODE = frozenset({"start_node", "stop_node", "restart_node", "logs"})
 COORDINATOR = "coordinator"  # busy key for a coordinator action
 WHOLE_CLUSTER = "*"  # busy key for up/down
+# The core says this every 5 s while llama-server loads; the progress row shows it instead.
+LOADING = re.compile(r"^coordinator loading the model \((?P<seconds>\d+) s")
 
 
-class ConfirmScreen(ModalScreen[bool]):
-    """Asks before anything that stops work; `n`, escape and enter on No all say no."""
+@dataclass(frozen=True)
+class PaletteCommand:
+    title: str
+    help: str
+    run: Callable[[], object]
 
-    BINDINGS = [
-        Binding("y", "answer(True)", "Yes"),
-        Binding("n,escape", "answer(False)", "No"),
-    ]
 
-    def __init__(self, question: str) -> None:
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="dialog"):
-            yield Label(Text(self.question), id="question")
-            with Horizontal(id="buttons"):
-                yield Button("Yes (y)", id="yes", variant="error")
-                yield Button("No (n)", id="no", variant="primary")
-
-    def on_mount(self) -> None:
-        self.query_one("#no", Button).focus()
-
-    @on(Button.Pressed)
-    def _pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
-
-    def action_answer(self, answer: bool) -> None:
-        self.dismiss(answer)
+def _clock() -> str:
+    return time.strftime("%H:%M:%S")
 
 
 class TorbizApp(App[int]):
     CSS_PATH = "app.tcss"
+    COMMANDS = App.COMMANDS | {DashboardCommands}
+    COMMAND_PALETTE_BINDING = "colon"  # the footer shows it at its right end
     BINDINGS = [
-        Binding("j", "move(1)", "Next node", show=False),
-        Binding("k", "move(-1)", "Previous node", show=False),
-        Binding("s", "start_node", "Start node"),
-        Binding("x", "stop_node", "Stop node"),
+        Binding("j", "move(1)", "Next node", show=False, tooltip="Select the next node"),
+        Binding("k", "move(-1)", "Previous node", show=False,
+                tooltip="Select the previous node"),
+        Binding("s", "start_node", "Start", tooltip="Start the selected node's worker"),
+        Binding("x", "stop_node", "Stop", tooltip="Stop the selected node's worker (asks first)"),
+        Binding("r", "restart_node", "Restart",
+                tooltip="Restart the selected node's worker (asks first while the coordinator "
+                        "uses it)"),
+        Binding("l,enter", "logs", "Logs",
+                tooltip="The selected node's log, full screen"),
+        Binding("e", "event_log", "Events", tooltip="The dashboard's event log, full screen"),
         # One key, two actions: check_action shows the one that fits the coordinator's state.
-        Binding("c", "start_coordinator", "Start coordinator"),
-        Binding("c", "stop_coordinator", "Stop coordinator"),
-        Binding("u", "up", "Cluster up"),
-        Binding("d", "down", "Cluster down"),
-        Binding("q", "quit", "Quit"),
+        Binding("c", "start_coordinator", "Start coord.",
+                tooltip="Start the coordinator (llama-server) over the ready workers"),
+        Binding("c", "stop_coordinator", "Stop coord.",
+                tooltip="Stop the coordinator (asks first)"),
+        Binding("u", "up", "Up", tooltip="Bring the whole cluster up: workers, then coordinator"),
+        Binding("d", "down", "Down", tooltip="Take the whole cluster down (asks first)"),
+        Binding("slash", "filter", "Filter", tooltip="Filter the nodes by name, host, state, "
+                                                     "error ..."),
+        Binding("question_mark", "help", "Help", tooltip="This help: every key and command"),
+        Binding("q", "quit", "Quit",
+                tooltip="Quit; asks whether to leave the cluster running (the default) or "
+                        "stop it"),
+        Binding("colon,ctrl+p", "command_palette", "Commands", show=False,
+                tooltip="The command palette: every action, jump to node NAME, logs"),
     ]
 
     # ---- messages: what the Cluster and the workers tell the screen ------------------------
@@ -105,9 +112,17 @@ class TorbizApp(App[int]):
     class NodeUpdated(Message):
         status: NodeStatus
 
+        def can_replace(self, message: Message) -> bool:
+            """A newer state of a node replaces one not drawn yet: one redraw, not many."""
+            return isinstance(message, TorbizApp.NodeUpdated) \
+                and message.status.name == self.status.name
+
     @dataclass
     class CoordinatorUpdated(Message):
         status: CoordinatorStatus
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, TorbizApp.CoordinatorUpdated)
 
     @dataclass
     class NoticeReceived(Message):
@@ -135,34 +150,52 @@ class TorbizApp(App[int]):
         source: str
         text: str
 
+    @dataclass
+    class StoppedForQuit(Message):
+        """The operator chose "stop the cluster" when quitting, and it stopped."""
+
     # ---- life cycle -------------------------------------------------------------------------
 
-    def __init__(self, config: ClusterConfig, read_only: bool = False) -> None:
+    def __init__(self, config: ClusterConfig, read_only: bool = False, *, live: bool = True,
+                 log_lines: int = MAX_LINES, clock: Callable[[], str] = _clock) -> None:
+        """`live` False: no polling and no log streams, only the messages posted to the app
+        are shown (snapshots, the benchmark)."""
         super().__init__()
         self.config = config
         self.read_only = read_only
+        self.live = live
+        self.log_lines = log_lines
+        self.clock = clock
         self.cluster = Cluster(config)
         self.cluster.subscribe(self._on_cluster_event)
+        self.event_log: deque[str] = deque(maxlen=log_lines)
         self._busy: dict[Worker[None], str] = {}
         self._recent_errors: deque[str] = deque(maxlen=64)
         self._stale = False
+        self._main: MainScreen | None = None
         self.title = f"torbiz · {config.name}"
         self.sub_title = self._mode()
 
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield NodeTable()
-        yield CoordinatorBar()
-        yield LogPane()
-        yield Footer()
+    def get_default_screen(self) -> Screen[None]:
+        self._main = MainScreen(self.log_lines)
+        return self._main
 
-    def on_mount(self) -> None:
-        table = self.query_one(NodeTable)
+    @property
+    def main(self) -> MainScreen:
+        """The dashboard screen, wherever the screen stack is (its widgets live on)."""
+        assert self._main is not None
+        return self._main
+
+    @on(MainScreen.Ready)
+    def _main_ready(self) -> None:
+        table = self.main.query_one(NodeTable)
         for status in self.cluster.nodes.values():
             table.show_node(replace(status, state=PROBING))
-        self.query_one(CoordinatorBar).status = replace(self.cluster.coordinator, state=PROBING)
+        self.main.query_one(CoordinatorBar).status = replace(self.cluster.coordinator,
+                                                             state=PROBING)
         table.focus()
-        self.poll()
+        if self.live:
+            self.poll()
 
     async def on_unmount(self) -> None:
         # The cluster keeps running: only our connections to it close.
@@ -218,52 +251,9 @@ class TorbizApp(App[int]):
     @work(exclusive=True, group="log", exit_on_error=False)
     async def follow_log(self, name: str) -> None:
         """Stream `name`'s log into the pane; replaced (cancelled) when the selection changes."""
-        backoff = REFRESH_INTERVAL
-        history = LOG_HISTORY
-        while True:
-            try:
-                await self._stream_log(name, history)
-                reason = "the log stream ended"
-            except Exception as exc:  # shown to the operator, then retried
-                reason = f"the log stream failed: {exc}"
-            self.post_message(self.LogNote(name, f"-- {reason}; retrying in {backoff:g} s --"))
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, REFRESH_MAX_BACKOFF)
-            history = 0  # the lines already shown stay; only new ones come
-
-    async def _stream_log(self, name: str, history: int) -> None:
-        """Read lines ahead into a bounded queue; post them in batches, not one per line."""
-        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue(LOG_QUEUE)
-
-        async def pump() -> None:
-            try:
-                async for line in self.cluster.follow_log(name, history):
-                    await queue.put(line)
-            except Exception as exc:  # handed to the reader below
-                await queue.put(exc)
-            else:
-                await queue.put(None)
-
-        reader = asyncio.create_task(pump())
-        try:
-            while True:
-                batch: list[str] = []
-                item = await queue.get()
-                while isinstance(item, str):
-                    batch.append(item)
-                    if queue.empty() or len(batch) >= LOG_BATCH:
-                        break
-                    item = queue.get_nowait()
-                if batch:
-                    self.post_message(self.LogLines(name, batch))
-                if isinstance(item, BaseException):
-                    raise item
-                if item is None:
-                    return
-                await asyncio.sleep(LOG_COALESCE)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+        await follow_forever(lambda history: self.cluster.follow_log(name, history), LOG_HISTORY,
+                             lambda lines: self.post_message(self.LogLines(name, lines)),
+                             lambda note: self.post_message(self.LogNote(name, note)))
 
     # Actions are never exclusive: cancelling a start half-way would leave a half-started node.
     # While one runs, check_action greys its key out instead.
@@ -274,6 +264,12 @@ class TorbizApp(App[int]):
     @work(group="node-action", exit_on_error=False)
     async def stop_node(self, name: str) -> None:
         await self.cluster.stop_node(name)
+
+    @work(group="node-action", exit_on_error=False)
+    async def restart_node(self, name: str) -> None:
+        stopped = await self.cluster.stop_node(name)
+        if stopped.state == STOPPED:  # a stop that failed said why; starting would hide it
+            await self.cluster.start_node(name)
 
     @work(group="coordinator-action", exit_on_error=False)
     async def start_coordinator(self) -> None:
@@ -297,25 +293,58 @@ class TorbizApp(App[int]):
         except ClusterError as exc:
             self.post_message(self.ActionProblems(exc.problems))
 
+    @work(group="cluster-action", exit_on_error=False)
+    async def stop_then_quit(self) -> None:
+        try:
+            await self.cluster.down()
+        except ClusterError as exc:  # the dashboard stays, showing what is still running
+            self.post_message(self.ActionProblems(exc.problems))
+            return
+        self.post_message(self.StoppedForQuit())
+
     # ---- message handlers: the only place widgets change ------------------------------------
 
     def _shutting_down(self) -> bool:
         """Messages still queued when the app shuts down find the widgets already gone."""
-        return not self.is_running
+        return not self.is_running or self._main is None or not self._main.is_mounted
+
+    def _record(self, level: str, text: str) -> None:
+        """One line of the event log; open event-log screens get it at once."""
+        line = f"{self.clock()} {level:<7} {sanitize(text)}"
+        self.event_log.append(line)
+        for screen in self.screen_stack:
+            if isinstance(screen, LogsScreen):
+                screen.add_event(line)
+
+    def _tell(self, text: str, severity: str = "error") -> None:
+        """A notification that also goes to the event log."""
+        self._record(severity, text)
+        timeout = {"error": 15, "warning": 8}.get(severity, 4)
+        self.notify(sanitize(text), severity=severity,  # type: ignore[arg-type]
+                    timeout=timeout, markup=False)
 
     @on(NodeUpdated)
     def _node_updated(self, message: NodeUpdated) -> None:
         if self._shutting_down():
             return
-        self.query_one(NodeTable).show_node(message.status)
-        self.refresh_bindings()
+        self.main.query_one(NodeTable).show_node(message.status)
+        if message.status.name == self._selected():  # only its keys depend on it
+            self.refresh_bindings()
 
     @on(CoordinatorUpdated)
     def _coordinator_updated(self, message: CoordinatorUpdated) -> None:
         if self._shutting_down():
             return
-        self.query_one(CoordinatorBar).status = message.status
+        self.main.query_one(CoordinatorBar).status = message.status
+        self._show_loading(message.status.state)
         self.refresh_bindings()
+
+    def _show_loading(self, state: str) -> None:
+        progress = self.main.query_one(LoadProgress)
+        if state == STARTING:
+            progress.start()
+        else:
+            progress.stop()
 
     @on(NoticeReceived)
     def _notice(self, message: NoticeReceived) -> None:
@@ -323,9 +352,19 @@ class TorbizApp(App[int]):
             return
         notice = message.notice
         text = sanitize(notice.text)
+        self._record(notice.level, notice.text)
         if notice.node is not None:  # kept next to the node's log, after the toast is gone
-            stamp = time.strftime("%H:%M:%S")
-            self.query_one(LogPane).add_note(notice.node, f"-- {stamp} {notice.level}: {text} --")
+            self.main.query_one(LogPane).add_note(
+                notice.node, f"-- {self.clock()} {notice.level}: {text} --")
+        loading = LOADING.match(text)
+        if loading and notice.level == "info":
+            progress = self.main.query_one(LoadProgress)
+            progress.start()
+            progress.show_detail(f"loading the model · {loading['seconds']} s")
+            fraction = notice.extra.get("load_progress")
+            if isinstance(fraction, (int, float)):
+                progress.show_fraction(float(fraction))
+            return  # shown in the progress row; a toast every 5 s would only be noise
         if notice.level == "error":
             self._recent_errors.append(notice.text)
             self.notify(text, severity="error", timeout=15, markup=False)
@@ -340,29 +379,34 @@ class TorbizApp(App[int]):
             return
         for problem in message.problems:
             if problem not in self._recent_errors:  # the Cluster may have said it already
-                self.notify(sanitize(problem), severity="error", timeout=15, markup=False)
+                self._tell(problem)
+
+    @on(StoppedForQuit)
+    def _stopped_for_quit(self) -> None:
+        self.exit(0)
 
     @on(Refreshed)
     def _refreshed(self, message: Refreshed) -> None:
         if self._shutting_down():
             return
         # Nodes whose state did not change sent no event: show what the Cluster now knows.
-        table = self.query_one(NodeTable)
+        table = self.main.query_one(NodeTable)
         busy = set(self._busy.values())
         for status in self.cluster.nodes.values():
             if table.state_of(status.name) == PROBING and status.name not in busy:
                 table.show_node(status)
-        bar = self.query_one(CoordinatorBar)
+        bar = self.main.query_one(CoordinatorBar)
         if bar.status.state == PROBING and COORDINATOR not in busy:
             bar.status = self.cluster.coordinator
+            self._show_loading(bar.status.state)
         if message.error:
             self.sub_title = " · ".join(filter(None, [self._mode(), "stale"]))
             if not self._stale:
-                self.notify(f"refresh failed, retrying: {sanitize(message.error)}",
-                            severity="warning", markup=False)
+                self._tell(f"refresh failed, retrying: {message.error}", "warning")
         else:
             self.sub_title = self._mode()
         self._stale = bool(message.error)
+        self.main.query_one(StatusLine).show_stale(self._stale)
         self.refresh_bindings()
 
     @on(NodeTable.NodeSelected)
@@ -370,24 +414,49 @@ class TorbizApp(App[int]):
         if self._shutting_down():
             return
         node = self.config.node(message.name)
-        pane = self.query_one(LogPane)
+        pane = self.main.query_one(LogPane)
         pane.follow(node.name, f"log · {node.name} · {node.endpoint}")
-        pane.add_note(node.name, f"-- {node.name}: the worker log's last {LOG_HISTORY} lines, "
-                                 "then new lines as they come --")
-        self.follow_log(node.name)
+        if self.live:
+            pane.add_note(node.name, f"-- {node.name}: the worker log's last {LOG_HISTORY} "
+                                     "lines, then new lines as they come --")
+            self.follow_log(node.name)
         self.refresh_bindings()
+
+    @on(NodeTable.NodeOpened)
+    def _node_opened(self, message: NodeTable.NodeOpened) -> None:
+        self._open_logs(LogSource("node", message.name))
+
+    @on(NodeTable.CountsChanged)
+    def _counts_changed(self, message: NodeTable.CountsChanged) -> None:
+        if self._shutting_down():
+            return
+        self.main.query_one(StatusLine).show_counts(message.counts, message.shown,
+                                                    message.total)
+
+    @on(NodeFilter.FilterChanged)
+    def _filter_changed(self, message: NodeFilter.FilterChanged) -> None:
+        self.main.query_one(NodeTable).set_filter(message.text)
+        self.main.query_one(StatusLine).show_filter(message.text)
+        self.refresh_bindings()
+
+    @on(NodeFilter.FilterDone)
+    def _filter_done(self) -> None:
+        node_filter = self.main.query_one(NodeFilter)
+        if not node_filter.value:
+            node_filter.close()
+        self.main.query_one(NodeTable).focus()
 
     @on(LogLines)
     def _log_lines(self, message: LogLines) -> None:
         if self._shutting_down():
             return
-        self.query_one(LogPane).add_lines(message.source, message.lines)
+        self.main.query_one(LogPane).add_lines(message.source, message.lines)
 
     @on(LogNote)
     def _log_note(self, message: LogNote) -> None:
         if self._shutting_down():
             return
-        self.query_one(LogPane).add_note(message.source, message.text)
+        self.main.query_one(LogPane).add_note(message.source, message.text)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if self._shutting_down():
@@ -395,18 +464,16 @@ class TorbizApp(App[int]):
         if event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
             return
         if event.state == WorkerState.ERROR:
-            error = event.worker.error
-            self.notify(sanitize(f"{event.worker.name} failed: {error}"), severity="error",
-                        timeout=15, markup=False)
+            self._tell(f"{event.worker.name} failed: {event.worker.error}")
         key = self._busy.pop(event.worker, None)
         if key is None:
             return
         # Our own "stopping" goes; what the Cluster knows now stays (it may not have changed).
-        table = self.query_one(NodeTable)
+        table = self.main.query_one(NodeTable)
         for status in self.cluster.nodes.values():
             if key in (status.name, WHOLE_CLUSTER) and table.state_of(status.name) == STOPPING:
                 table.show_node(status)
-        bar = self.query_one(CoordinatorBar)
+        bar = self.main.query_one(CoordinatorBar)
         if key in (COORDINATOR, WHOLE_CLUSTER) and bar.status.state == STOPPING:
             bar.status = self.cluster.coordinator
         self.refresh_bindings()
@@ -414,10 +481,12 @@ class TorbizApp(App[int]):
     # ---- actions --------------------------------------------------------------------------
 
     def _selected(self) -> str | None:
-        return self.query_one(NodeTable).selected
+        if self._main is None or not self._main.is_mounted:
+            return None
+        return self.main.query_one(NodeTable).selected
 
     def _shown_state(self, name: str) -> str | None:
-        return self.query_one(NodeTable).state_of(name)
+        return self.main.query_one(NodeTable).state_of(name)
 
     def _mark_busy(self, worker: Worker[None], key: str) -> None:
         self._busy[worker] = key
@@ -425,12 +494,14 @@ class TorbizApp(App[int]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """False hides a key (read-only mode), None greys it out (makes no sense right now)."""
-        if action not in CHANGES_CLUSTER or self._shutting_down():
+        if self._shutting_down():
             return True
-        if self.read_only:
+        if action in CHANGES_CLUSTER and self.read_only:
             return False
+        if action not in CHANGES_CLUSTER | NEEDS_NODE:
+            return True
         busy = set(self._busy.values())
-        coordinator = self.query_one(CoordinatorBar).status.state
+        coordinator = self.main.query_one(CoordinatorBar).status.state
         if action in ("start_coordinator", "stop_coordinator"):
             stopped = coordinator in (STOPPED, FAILED)
             if (action == "start_coordinator") != stopped and coordinator != PROBING:
@@ -440,25 +511,29 @@ class TorbizApp(App[int]):
         if action in ("up", "down"):
             return None if busy else True
         name = self._selected()
-        if name is None or busy & {name, WHOLE_CLUSTER}:
+        if name is None:
+            return None
+        if action == "logs":
+            return True
+        if busy & {name, WHOLE_CLUSTER}:
             return None
         state = self._shown_state(name)
         if action == "start_node":
             return None if state in (READY, STARTING, PROBING) else True
-        return None if state in (STOPPED, PROBING) else True
+        return None if state in (STOPPED, PROBING) else True  # stop, restart
 
     def _show_stopping(self, key: str) -> None:
         """The core reports only a stop's outcome; say at once that one is under way."""
-        table = self.query_one(NodeTable)
+        table = self.main.query_one(NodeTable)
         for status in self.cluster.nodes.values():
             if key in (status.name, WHOLE_CLUSTER) and status.state != STOPPED:
                 table.show_node(replace(status, state=STOPPING))
-        bar = self.query_one(CoordinatorBar)
+        bar = self.main.query_one(CoordinatorBar)
         if key in (COORDINATOR, WHOLE_CLUSTER) and bar.status.state != STOPPED:
             bar.status = replace(bar.status, state=STOPPING)
 
     def action_move(self, step: int) -> None:
-        table = self.query_one(NodeTable)
+        table = self.main.query_one(NodeTable)
         if step > 0:
             table.action_cursor_down()
         else:
@@ -483,6 +558,26 @@ class TorbizApp(App[int]):
         self.push_screen(ConfirmScreen(f"Stop the worker on {name} ({node.endpoint})?"),
                          answered)
 
+    def action_restart_node(self) -> None:
+        name = self._selected()
+        if name is None:
+            return
+
+        def restart() -> None:
+            self._mark_busy(self.restart_node(name), name)
+            self._show_stopping(name)
+
+        coordinator = self.main.query_one(CoordinatorBar).status
+        if coordinator.state not in (READY, STARTING):
+            restart()
+            return
+        node = self.config.node(name)
+        self.push_screen(ConfirmScreen(
+            f"Restart the worker on {name} ({node.endpoint})? The coordinator "
+            f"({coordinator.url}) uses it and aborts on its next request once the worker "
+            "goes away: restart the coordinator afterwards."),
+            lambda yes: restart() if yes else None)
+
     def action_start_coordinator(self) -> None:
         self._mark_busy(self.start_coordinator(), COORDINATOR)
 
@@ -492,7 +587,7 @@ class TorbizApp(App[int]):
                 self._mark_busy(self.stop_coordinator(), COORDINATOR)
                 self._show_stopping(COORDINATOR)
 
-        url = self.query_one(CoordinatorBar).status.url
+        url = self.main.query_one(CoordinatorBar).status.url
         self.push_screen(ConfirmScreen(f"Stop the coordinator ({url})? Requests in flight "
                                        "are cut off."), answered)
 
@@ -508,15 +603,160 @@ class TorbizApp(App[int]):
         self.push_screen(ConfirmScreen(f"Take cluster {self.config.name} down: the coordinator "
                                        f"and all {len(self.config.nodes)} workers?"), answered)
 
+    def _open_logs(self, source: LogSource) -> None:
+        if isinstance(self.screen, LogsScreen):
+            self.screen.show_source(source)
+            return
+        self.push_screen(LogsScreen(source, self._selected(), self.log_lines))
 
-def make_app(config: ClusterConfig, read_only: bool = False) -> TorbizApp:
-    """The one way to build the dashboard: the CLI and the tests share it."""
-    return TorbizApp(config, read_only=read_only)
+    def action_logs(self) -> None:
+        name = self._selected()
+        if name is not None:
+            self._open_logs(LogSource("node", name))
+
+    def action_event_log(self) -> None:
+        self._open_logs(LogSource("events"))
+
+    def action_coordinator_log(self) -> None:
+        self._open_logs(LogSource("coordinator"))
+
+    def action_filter(self) -> None:
+        self.main.query_one(NodeFilter).open()
+
+    def clear_filter(self) -> None:
+        node_filter = self.main.query_one(NodeFilter)
+        node_filter.value = ""
+        node_filter.close()
+        self.main.query_one(NodeTable).set_filter("")
+        self.main.query_one(StatusLine).show_filter("")
+
+    def jump_to(self, name: str) -> None:
+        """Select `name` in the table, clearing a filter that hides it."""
+        table = self.main.query_one(NodeTable)
+        if not table.select(name):
+            self.clear_filter()
+            table.select(name)
+        table.focus()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(f"torbiz · {self.config.name} · keys and commands",
+                                    self.help_sections()))
+
+    async def action_quit(self) -> None:
+        """Ask whether to leave the cluster running (the default) or stop it; nothing to ask
+        when nothing runs, or in read-only mode."""
+        running = self._running_summary()
+        if self.read_only or not running:
+            self.exit(0)
+            return
+
+        def answered(choice: str | None) -> None:
+            if choice == "leave":
+                self.exit(0)
+            elif choice == "stop":
+                self._mark_busy(self.stop_then_quit(), WHOLE_CLUSTER)
+                self._show_stopping(WHOLE_CLUSTER)
+
+        self.push_screen(QuitScreen(self.config.name, running), answered)
+
+    def _running_summary(self) -> str:
+        """What may still run, in words; "" when everything is known to be stopped."""
+        table = self.main.query_one(NodeTable)
+        live = [n.name for n in self.config.nodes if table.state_of(n.name) != STOPPED]
+        coordinator = self.main.query_one(CoordinatorBar).status.state
+        parts = []
+        if live:
+            parts.append(f"{len(live)} of {len(self.config.nodes)} workers not stopped")
+        if coordinator != STOPPED:
+            parts.append(f"coordinator {coordinator}")
+        return ", ".join(parts)
+
+    # ---- palette and help -------------------------------------------------------------------
+
+    def _bindings_by_action(self) -> dict[str, tuple[list[str], Binding]]:
+        """Every key of every App binding, grouped by action, in BINDINGS order."""
+        grouped: dict[str, tuple[list[str], Binding]] = {}
+        for binding in self.BINDINGS:
+            assert isinstance(binding, Binding)
+            keys = [self.get_key_display(Binding(k.strip(), binding.action))
+                    for k in binding.key.split(",")]
+            if binding.action in grouped:
+                grouped[binding.action][0].extend(k for k in keys
+                                                  if k not in grouped[binding.action][0])
+            else:
+                grouped[binding.action] = (keys, binding)
+        return grouped
+
+    def palette_commands(self) -> list[PaletteCommand]:
+        """What the palette offers now: the actions that make sense (read-only mode hides the
+        ones that change the cluster), the logs, and a jump to every node."""
+        commands: list[PaletteCommand] = []
+        for action, (keys, binding) in self._bindings_by_action().items():
+            name = action.partition("(")[0]
+            if name in ("command_palette", "move") or self.check_action(name, ()) is not True:
+                continue
+            commands.append(PaletteCommand(
+                binding.tooltip or binding.description, f"key: {' / '.join(keys)}",
+                lambda action=action: self.run_action(action)))  # type: ignore[misc]
+        commands.append(PaletteCommand("The coordinator's log, full screen",
+                                       "also key 2 on the logs screen",
+                                       self.action_coordinator_log))
+        if self.main.query_one(NodeTable).filter_text:
+            commands.append(PaletteCommand("Clear the node filter", "", self.clear_filter))
+        for node in self.config.nodes:
+            name = node.name
+            commands.append(PaletteCommand(f"Jump to node {name}",
+                                           f"{node.endpoint} · {self._shown_state(name)}",
+                                           lambda name=name: self.jump_to(name)))  # type: ignore[misc]
+        return commands
+
+    def help_sections(self) -> list[HelpSection]:
+        main: list[tuple[str, str]] = [("↑ / ↓", "Select a node; its log streams in the pane")]
+        for action, (keys, binding) in self._bindings_by_action().items():
+            if self.read_only and action in CHANGES_CLUSTER:
+                continue
+            main.append((" / ".join(keys), binding.tooltip or binding.description))
+        if self.read_only:
+            main.append(("", "Read-only mode: the keys that change the cluster are hidden"))
+
+        def rows(bindings: Iterable[object]) -> list[tuple[str, str]]:
+            found = []
+            for binding in bindings:
+                assert isinstance(binding, Binding)
+                keys = [self.get_key_display(Binding(k.strip(), binding.action))
+                        for k in binding.key.split(",")]
+                found.append((" / ".join(keys), binding.tooltip or binding.description))
+            return found
+
+        logs = rows(LogsScreen.BINDINGS) + [
+            ("↑ ↓ pgup pgdn home", "Scroll; scrolling up stops following"),
+            ("end", "Back to the newest line, following again"),
+        ]
+        node_filter = [("type", "Filter as you type"),
+                       ("enter", "Keep the filter, back to the table")] + rows(NodeFilter.BINDINGS)
+        palette = [(": then type", "Every action above that makes sense now, plus:")] + [
+            ("", "Jump to node NAME"), ("", "The coordinator's log, full screen"),
+            ("", "Clear the node filter"), ("", "Theme, screenshot, keys (Textual's own)")]
+        questions = [("y / n", "Confirm or refuse a stop (escape is no)"),
+                     ("l / s / esc", "Quit: leave the cluster running (enter) / stop it first "
+                                     "/ stay")]
+        return [("Dashboard", main), ("Filter (/)", node_filter), ("Logs screen (l, e)", logs),
+                ("Command palette (:)", palette), ("Questions", questions),
+                ("Headless", [("torbiz-tui --help", "up, down, status, logs, watch, doctor: the "
+                                                    "same actions for scripts")])]
 
 
-def run_dashboard(config: ClusterConfig, read_only: bool = False) -> int:
-    make_app(config, read_only=read_only).run()
+def make_app(config: ClusterConfig, read_only: bool = False, *, live: bool = True,
+             log_lines: int = MAX_LINES, clock: Callable[[], str] = _clock) -> TorbizApp:
+    """The one way to build the dashboard: the CLI, the web server and the tests share it."""
+    return TorbizApp(config, read_only=read_only, live=live, log_lines=log_lines, clock=clock)
+
+
+def run_dashboard(config: ClusterConfig, read_only: bool = False,
+                  log_lines: int = MAX_LINES) -> int:
+    make_app(config, read_only=read_only, log_lines=log_lines).run()
     return 0
 
 
-__all__ = ["ConfirmScreen", "TorbizApp", "make_app", "run_dashboard"]
+__all__ = ["ConfirmScreen", "PaletteCommand", "QuitScreen", "TorbizApp", "make_app",
+           "run_dashboard"]

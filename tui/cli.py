@@ -184,6 +184,13 @@ async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int) -> i
         await cluster.close()
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torbiz-tui",
@@ -193,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "./torbiz.toml, then the built-in demo cluster)")
     parser.add_argument("--read-only", action="store_true",
                         help="dashboard: hide every action that changes the cluster")
+    parser.add_argument("--log-lines", type=_positive_int, default=5_000, metavar="N",
+                        help="dashboard: lines kept per log pane (5000)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("up", help="preflight, then every worker in parallel, then the "
                        "coordinator")
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_logs(config, args.node, args.follow, args.lines))
         from tui.app import run_dashboard
 
-        return run_dashboard(config, read_only=args.read_only)
+        return run_dashboard(config, read_only=args.read_only, log_lines=args.log_lines)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

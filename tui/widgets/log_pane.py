@@ -1,25 +1,22 @@
-"""The log pane: the selected node's worker log, sanitized, as plain Text, capped in lines."""
+"""The log pane: the selected node's worker log, sanitized, as plain text, capped in lines."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from rich.text import Text
-from textual.widgets import RichLog
 
 from ..text import sanitize
+from .log_view import MAX_LINES, LogView
 
-MAX_LINES = 5_000
+__all__ = ["MAX_LINES", "LogPane"]
 
 
-class LogPane(RichLog):
+class LogPane(LogView):
     """Shows one source at a time; lines that arrive for any other source are dropped."""
 
-    COMPONENT_CLASSES = {"log-pane--note"}
-
-    def __init__(self) -> None:
-        super().__init__(max_lines=MAX_LINES, markup=False, highlight=False, wrap=False,
-                         auto_scroll=True)
+    def __init__(self, max_lines: int = MAX_LINES) -> None:
+        super().__init__(max_lines)
         self.source: str | None = None
 
     def follow(self, source: str, title: str) -> None:
@@ -27,15 +24,14 @@ class LogPane(RichLog):
         self.source = source
         self.border_title = Text(sanitize(title))
         self.clear()
+        self.following = True
 
     def add_lines(self, source: str, lines: Iterable[str]) -> None:
         if source != self.source:
             return  # a stale batch from a stream that was just switched away from
-        for line in lines:
-            self.write(Text(sanitize(line)))
+        self.append(sanitize(line) for line in lines)
 
     def add_note(self, source: str, note: str) -> None:
         """A line of ours (not the node's), styled apart from the log."""
         if source == self.source:
-            style = self.get_component_rich_style("log-pane--note", partial=True)
-            self.write(Text(sanitize(note), style=style))
+            self.append([sanitize(note)], note=True)

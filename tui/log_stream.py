@@ -1,0 +1,70 @@
+"""Log streams to the screen: read ahead into a bounded queue, hand lines over in batches.
+
+One message per batch, not per line, and at most one batch per LOG_COALESCE seconds, so a
+flood of lines is a few redraws; the queue is bounded, so a stream faster than the screen
+waits instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+LOG_QUEUE = 2_000  # lines read ahead of the screen; the stream waits when it is full
+LOG_BATCH = 500  # most lines in one message
+LOG_COALESCE = 0.05  # seconds: at most 20 log redraws a second
+RETRY_START = 2.0
+RETRY_MAX = 30.0
+
+
+async def pump_batches(lines: AsyncIterator[str], deliver: Callable[[list[str]], None]) -> None:
+    """Read `lines` until they end (or raise what the stream raised), delivering batches."""
+    queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue(LOG_QUEUE)
+
+    async def pump() -> None:
+        try:
+            async for line in lines:
+                await queue.put(line)
+        except Exception as exc:  # handed to the reader below
+            await queue.put(exc)
+        else:
+            await queue.put(None)
+
+    reader = asyncio.create_task(pump())
+    try:
+        while True:
+            batch: list[str] = []
+            item = await queue.get()
+            while isinstance(item, str):
+                batch.append(item)
+                if queue.empty() or len(batch) >= LOG_BATCH:
+                    break
+                item = queue.get_nowait()
+            if batch:
+                deliver(batch)
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                return
+            await asyncio.sleep(LOG_COALESCE)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def follow_forever(open_stream: Callable[[int], AsyncIterator[str]], history: int,
+                         deliver: Callable[[list[str]], None],
+                         note: Callable[[str], None]) -> None:
+    """Stream `open_stream(history)`; when it ends or fails, say so and reopen it with backoff
+    (without history: the lines already shown stay). Runs until cancelled."""
+    backoff = RETRY_START
+    while True:
+        try:
+            await pump_batches(open_stream(history), deliver)
+            reason = "the log stream ended"
+        except Exception as exc:  # shown to the operator, then retried
+            reason = f"the log stream failed: {exc}"
+        note(f"-- {reason}; retrying in {backoff:g} s --")
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, RETRY_MAX)
+        history = 0

@@ -1,0 +1,51 @@
+"""The main screen: what the dashboard shows; the app owns the keys and the cluster."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from ..widgets.coordinator_bar import CoordinatorBar
+from ..widgets.load_progress import LoadProgress
+from ..widgets.log_pane import LogPane
+from ..widgets.node_filter import NodeFilter
+from ..widgets.node_table import NodeTable
+from ..widgets.status_line import StatusLine
+
+
+class MainScreen(Screen[None]):
+    """Header, status line, node table (+ filter), coordinator row, the panels row for the
+    layer map and throughput, the selected node's log, footer."""
+
+    class Ready(Message):
+        """The widgets are mounted: the app may fill them and start polling."""
+
+    def __init__(self, log_lines: int) -> None:
+        super().__init__(id="main")
+        self.log_lines = log_lines
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield StatusLine()
+        yield NodeTable()
+        yield NodeFilter()
+        with Horizontal(id="coordinator-row"):
+            yield CoordinatorBar()
+            yield LoadProgress()
+        # Issue 3 mounts its widgets here: the layer map replaces #layer-map and the
+        # throughput panel #throughput (same ids, or mount into #panels and remove these).
+        with Horizontal(id="panels"):
+            layer_map = Static("not shown by this version yet", id="layer-map")
+            layer_map.border_title = "layers"
+            yield layer_map
+            throughput = Static("not shown by this version yet", id="throughput")
+            throughput.border_title = "throughput"
+            yield throughput
+        yield LogPane(self.log_lines)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.post_message(self.Ready())

@@ -1,0 +1,65 @@
+"""The status line: how many nodes are ready, starting, failed ...; the filter; staleness."""
+
+from __future__ import annotations
+
+from rich.style import Style
+from rich.text import Text
+from textual.widgets import Static
+
+from core.status import FAILED, READY, STARTING, STOPPED, UNREACHABLE
+
+from ..text import sanitize
+from .node_table import PROBING, STOPPING
+
+# In the order they are shown; a state with no node is still shown when it matters most.
+ORDER = (READY, STARTING, STOPPING, FAILED, UNREACHABLE, STOPPED, PROBING)
+ALWAYS = (READY, STARTING, FAILED)
+
+
+class StatusLine(Static):
+    COMPONENT_CLASSES = {f"status-line--{name}" for name in (*ORDER, "label", "stale")}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counts: dict[str, int] = {}
+        self._shown = 0
+        self._total = 0
+        self._filter = ""
+        self._stale = False
+
+    def on_mount(self) -> None:
+        self._draw()
+
+    def show_counts(self, counts: dict[str, int], shown: int, total: int) -> None:
+        self._counts, self._shown, self._total = counts, shown, total
+        self._draw()
+
+    def show_filter(self, text: str) -> None:
+        self._filter = text
+        self._draw()
+
+    def show_stale(self, stale: bool) -> None:
+        if stale != self._stale:
+            self._stale = stale
+            self._draw()
+
+    def _style(self, name: str) -> Style:
+        return self.get_component_rich_style(f"status-line--{name}", partial=True,
+                                             default=Style())
+
+    def _draw(self) -> None:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(f"{self._total} node{'s' if self._total != 1 else ''}", style="bold")
+        for state in ORDER:
+            count = self._counts.get(state, 0)
+            if count or state in ALWAYS:
+                text.append("  ·  ", style=self._style("label"))
+                text.append(f"{count} {state}", style=self._style(state) if count else "")
+        if self._filter:
+            text.append("  ·  ", style=self._style("label"))
+            text.append(f"filter “{sanitize(self._filter)}”: {self._shown} of {self._total} "
+                        "shown", style=self._style("label"))
+        if self._stale:
+            text.append("  ·  ", style=self._style("label"))
+            text.append("stale: the last refresh failed", style=self._style("stale"))
+        self.update(text)
