@@ -1,0 +1,169 @@
+"""SVG snapshots (pytest-textual-snapshot) of every screen at 140x40, under a deterministic
+synthetic feed: fixed names, pids and log lines, a fixed clock, no cluster behind the app
+(live=False), animations off (the spinner and the indeterminate bar hold still).
+
+Update after an intended change: `pytest tests/test_tui_snapshots.py --snapshot-update`, then
+look at the SVGs in tests/snapshots/ before committing them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_textual_snapshot
+from textual.pilot import Pilot
+
+from core.config import ClusterConfig, load_config
+from core.status import (
+    FAILED,
+    READY,
+    STARTING,
+    STOPPED,
+    UNREACHABLE,
+    CoordinatorStatus,
+    NodeStatus,
+    Notice,
+)
+from tui.app import TorbizApp, make_app
+from tui.screens.logs import LogsScreen
+from tui.widgets.node_filter import NodeFilter
+
+from .cluster_files import toml_text
+
+SIZE = (140, 40)
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+
+NODES = [  # name, host, state, pid, error
+    ("gpu-a", "10.9.66.41", READY, 4101, ""),
+    ("gpu-b", "10.9.66.42", READY, 4102, ""),
+    ("gpu-c", "10.9.66.43", STARTING, 4103, ""),
+    ("cpu-d", "10.9.66.44", FAILED, 4104,
+     "out of memory: the worker could not allocate 2048 MiB (see its log)"),
+    ("cpu-e", "10.9.66.45", UNREACHABLE, None,
+     "no SSH answer from 10.9.66.45:22 within 10 s"),
+    ("cpu-f", "10.9.66.46", STOPPED, None, ""),
+]
+WORKER_LOG = [
+    "torbiz-start Sun Nov 22 10:00:00 UTC 2026",
+    "Starting RPC server v7.0.0",
+    "  endpoint       : 10.9.66.41:50052",
+    "  local cache    : cache/rpc",
+    "Devices:",
+    "  CPU: AMD EPYC (24105 MiB, 24105 MiB free)",
+    "  transport      : TCP",
+    "Accepted client connection",
+    "[set_tensor] loading blk.0.attn_q.weight (4194304 bytes) from the cache",
+    "[set_tensor] loading blk.0.attn_k.weight (1048576 bytes) from the cache",
+    "[graph_compute] 38 nodes, 12 ms",
+]
+
+
+class SnapshotsHere(pytest_textual_snapshot.SVGImageExtension):
+    """Snapshots in tests/snapshots/<test module>/ rather than __snapshots__."""
+
+    @classmethod
+    def dirname(cls, *, test_location: Any) -> str:
+        return str(SNAPSHOTS / test_location.basename)
+
+
+@pytest.fixture(autouse=True)
+def _snapshots_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pytest_textual_snapshot, "SVGImageExtension", SnapshotsHere)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ClusterConfig:
+    nodes = [{"name": name, "host": host, "rpc_port": 50052} for name, host, *_ in NODES]
+    path = tmp_path / "cluster.toml"
+    path.write_text(toml_text({"name": "lab", "state_dir": "~/.torbiz"}, nodes,
+                              model={"gguf": "model.gguf"},
+                              coordinator={"host": "127.0.0.1", "port": 8181}))
+    return load_config(path)
+
+
+def still_app(config: ClusterConfig, read_only: bool = False) -> TorbizApp:
+    app = make_app(config, read_only=read_only, live=False, clock=lambda: "10:00:05")
+    app.animation_level = "none"
+    return app
+
+
+async def feed(pilot: Pilot[Any], coordinator: str = STARTING) -> None:
+    app = pilot.app
+    assert isinstance(app, TorbizApp)
+    await pilot.pause()
+    for name, _, state, pid, error in NODES:
+        node = app.config.node(name)
+        app.post_message(TorbizApp.NodeUpdated(NodeStatus(
+            name, node.host, node.backend, state, pid, node.endpoint, error)))
+    app.post_message(TorbizApp.CoordinatorUpdated(CoordinatorStatus(
+        coordinator, "http://127.0.0.1:8181", 4200 if coordinator != STOPPED else None)))
+    app.post_message(TorbizApp.NoticeReceived(Notice(
+        "gpu-a: worker ready on 10.9.66.41:50052 (pid 4101)", node="gpu-a")))
+    app.post_message(TorbizApp.NoticeReceived(Notice(
+        "cpu-d: out of memory: the worker could not allocate 2048 MiB (see its log)", "error",
+        "cpu-d")))
+    if coordinator == STARTING:
+        app.post_message(TorbizApp.NoticeReceived(Notice(
+            "coordinator loading the model (15 s, /health says 503)")))
+    app.post_message(TorbizApp.LogLines("gpu-a", WORKER_LOG))
+    await pilot.pause()
+    app.clear_notifications()  # toasts have their own timers: leave them out of the picture
+    await pilot.pause()
+
+
+def test_main_screen(snap_compare: Any, config: ClusterConfig) -> None:
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed)
+
+
+def test_main_screen_read_only(snap_compare: Any, config: ClusterConfig) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await feed(pilot, coordinator=READY)
+
+    assert snap_compare(still_app(config, read_only=True), terminal_size=SIZE,
+                        run_before=run_before)
+
+
+def test_main_screen_filtered(snap_compare: Any, config: ClusterConfig) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await feed(pilot)
+        pilot.app.main.query_one(NodeFilter).cursor_blink = False  # type: ignore[attr-defined]
+        await pilot.press("slash", *"cpu")
+
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=run_before)
+
+
+def test_logs_screen_with_search(snap_compare: Any, config: ClusterConfig) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await feed(pilot)
+        await pilot.press("l")
+        await pilot.pause()
+        screen = pilot.app.screen
+        assert isinstance(screen, LogsScreen)
+        screen.post_message(LogsScreen.Lines("node:gpu-a", WORKER_LOG * 3))
+        await pilot.pause()
+        await pilot.press("slash", *"set_tensor", "enter")
+
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=run_before)
+
+
+def test_event_log_screen(snap_compare: Any, config: ClusterConfig) -> None:
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed, press=["e"])
+
+
+def test_help_screen(snap_compare: Any, config: ClusterConfig) -> None:
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed,
+                        press=["question_mark"])
+
+
+def test_command_palette(snap_compare: Any, config: ClusterConfig) -> None:
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed,
+                        press=["colon", *"jump", "_"])
+
+
+def test_stop_confirmation(snap_compare: Any, config: ClusterConfig) -> None:
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed, press=["x"])
+
+
+def test_quit_dialog(snap_compare: Any, config: ClusterConfig) -> None:
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed, press=["q"])
