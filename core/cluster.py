@@ -548,13 +548,16 @@ class Cluster:
 
     # ---- whole cluster ---------------------------------------------------------------------
 
-    async def up(self) -> ClusterStatus:
-        """Workers in parallel, then the coordinator; ClusterError names every failed part."""
-        workers = await self.start_workers([n.name for n in self._rpc_nodes()])
+    async def up(self, spans: Sequence[Span] | None = None) -> ClusterStatus:
+        """Workers in parallel, then the coordinator; ClusterError names every failed part.
+        With a plan's `spans`, only its workers start and it is placed exactly."""
+        names = ([name for name, _, count in spans if count > 0] if spans is not None
+                 else [n.name for n in self._rpc_nodes()])
+        workers = await self.start_workers(names)
         failed = [w for w in workers if w.state != READY]
         if failed:
             raise ClusterError([f"{w.name}: {w.error}" for w in failed])
-        coordinator = await self.start_coordinator()
+        coordinator = await self.start_coordinator(spans=spans)
         if coordinator.state != READY:
             raise ClusterError([f"coordinator: {coordinator.error}"])
         return ClusterStatus(self.config.name, tuple(self.nodes.values()), coordinator)

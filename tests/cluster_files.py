@@ -58,6 +58,8 @@ def ssh_cluster_file(tmp_path: Path, sshd: Any, model: Path, *, name: str = "t",
              "known_hosts": str(sshd.known_hosts), "config_file": "", "connect_timeout": 5},
         model={"gguf": str(model), "context": 512},
         coordinator={"host": "127.0.0.1", "port": free_port()},
+        # Every test node takes part; `pack` would put a tiny model on one node.
+        plan={"policy": "spread", "coordinator_layers": False},
     )
     path = tmp_path / "cluster.toml"
     path.write_text(text)

@@ -31,7 +31,8 @@ def local_cluster_file(tmp_path: Path) -> Path:
     path = tmp_path / "local.toml"
     path.write_text(toml_text({"name": "loc", "state_dir": str(tmp_path / "state")}, nodes,
                               model={"gguf": str(model), "context": 512},
-                              coordinator={"port": free_port()}))
+                              coordinator={"port": free_port()},
+                              plan={"policy": "spread", "coordinator_layers": False}))
     return path
 
 

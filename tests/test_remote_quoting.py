@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,11 @@ async def test_hostile_state_dir_and_argv_are_data(tmp_path: Path, transport_kin
             state_dir = str(tmp_path / "state" / word.replace("/", "_"))
             started = await detached.spawn(transport, state_dir, ["printf", "%s\\n", word])
             assert started.state in ("running", "dead"), started
-            lines = await detached.log_tail(transport, state_dir)
+            for _ in range(40):  # printf may not have run yet when spawn answers
+                lines = await detached.log_tail(transport, state_dir)
+                if word.split("\n")[-1] in lines[-1]:
+                    break
+                await asyncio.sleep(0.05)
             assert word.split("\n")[-1] in lines[-1]
             await detached.stop(transport, state_dir)
         assert not canary.exists()

@@ -7,13 +7,17 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import core
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, ConfigError, load_config
 from core.doctor import DoctorReport, run_doctor
+from core.placement import PlacementError, PlanRefused, format_placement, make_placement
+from core.probe import NodeProbe, probe_node
 from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
+from core.transport import TransportError
 
 DEMO_CONFIG = Path(core.__file__).resolve().parent / "demo" / "demo.toml"
 
@@ -92,12 +96,47 @@ async def _doctor(config: ClusterConfig, as_json: bool) -> int:
     return 1 if report.failed else 0
 
 
+async def _plan(config: ClusterConfig, as_json: bool) -> int:
+    cluster = Cluster(config)
+    try:
+        probes = await _probe_rpc_nodes(cluster)
+        placement = await make_placement(config, probes)
+    except (PlacementError, PlanRefused) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await cluster.close()
+    if as_json:
+        print(json.dumps({"plan": asdict(placement.plan),
+                          "budgets": [asdict(b) for b in placement.budgets],
+                          "devices": placement.devices,
+                          "spans": placement.plan.rpc_spans()}, indent=2))
+    else:
+        print(format_placement(placement))
+    return 0
+
+
+async def _probe_rpc_nodes(cluster: Cluster) -> dict[str, NodeProbe]:
+    nodes = [n for n in cluster.config.nodes if n.backend == "llama-rpc"]
+    results = await asyncio.gather(*(probe_node(cluster.transport(n.name)) for n in nodes),
+                                   return_exceptions=True)
+    probes: dict[str, NodeProbe] = {}
+    for node, result in zip(nodes, results, strict=True):
+        if isinstance(result, TransportError):
+            raise PlacementError(f"{node.name}: {result.reason}")
+        if isinstance(result, BaseException):
+            raise result
+        probes[node.name] = result
+    return probes
+
+
 async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
                         force: bool = False) -> int:
     cluster = Cluster(config)
     if verbose:
         cluster.subscribe(_print_event)
     try:
+        spans = None
         if action == "up" and not force:
             report = await run_doctor(cluster)
             if report.failed:
@@ -106,8 +145,17 @@ async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
                 print("preflight failed: nothing was started (`up --force` skips it)",
                       file=sys.stderr)
                 return 1
+            try:
+                placement = await make_placement(config, report.probes)
+            except (PlacementError, PlanRefused) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                print("nothing was started (`up --force` lets llama.cpp split by the free "
+                      "memory workers report)", file=sys.stderr)
+                return 1
+            spans = placement.plan.rpc_spans()
+            print(format_placement(placement), file=sys.stderr, flush=True)
         if action == "up":
-            status = await cluster.up()
+            status = await cluster.up(spans)
             print(f"cluster {config.name} is up: {status.coordinator.url}")
         elif action == "down":
             await cluster.down()
@@ -206,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="preflight, then every worker in parallel, then the "
                        "coordinator")
     p.add_argument("--force", action="store_true", help="start even if the preflight fails")
+    p = sub.add_parser("plan", help="which blocks go where, from the model file and each "
+                       "node's measured free memory; starts nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("doctor", help="preflight every node: SSH and host key, worker binary, "
                        "clock, port, bind address; coordinator binary and model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -225,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    for name in ("up", "down", "status", "logs", "watch", "doctor"):
+    for name in ("up", "down", "status", "logs", "watch", "doctor", "plan"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
     return parser
@@ -255,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("up", "down"):
             return asyncio.run(_with_cluster(config, True, args.command,
                                              getattr(args, "force", False)))
+        if args.command == "plan":
+            return asyncio.run(_plan(config, args.json))
         if args.command == "doctor":
             return asyncio.run(_doctor(config, args.json))
         if args.command == "status":

@@ -1,0 +1,131 @@
+"""From the model file and each node's measured memory to a plan: the budgets the planner
+works with, and the plan `up` follows."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import psutil
+
+from .config import ClusterConfig, NodeConfig
+from .model_info import ModelInfo, ModelInfoError, read_gguf_info
+from .planner import NodeBudget, Plan, PlanRefused, plan_layers
+from .probe import NodeProbe
+
+GIB = 1 << 30
+DEFAULT_RAM_RESERVE_GB = 1.0  # the OS, sshd and the worker process itself
+DEFAULT_VRAM_RESERVE_GB = 0.5  # the driver's own allocations and compute buffers
+COORDINATOR = "coordinator"  # the coordinator's own CPU, as a planner node
+
+
+class PlacementError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: ModelInfo
+    budgets: tuple[NodeBudget, ...]
+    devices: dict[str, str]  # node -> "CPU" or the GPU names the budget came from
+    plan: Plan
+
+
+def _reserve_gb(config: ClusterConfig, node: NodeConfig | None, gpu: bool) -> float:
+    if node is not None and node.reserve_gb is not None:
+        return node.reserve_gb
+    if config.plan.reserve_gb is not None:
+        return config.plan.reserve_gb
+    return DEFAULT_VRAM_RESERVE_GB if gpu else DEFAULT_RAM_RESERVE_GB
+
+
+def node_budget(config: ClusterConfig, node: NodeConfig, probe: NodeProbe) -> tuple[NodeBudget,
+                                                                                     str]:
+    """A worker uses its GPUs when it has any (rpc-server prefers them), else its RAM."""
+    gpu = bool(probe.gpus)
+    available = probe.gpu_free_bytes if gpu else probe.ram_available_bytes
+    device = ", ".join(g.name for g in probe.gpus) if gpu else "CPU"
+    return NodeBudget(
+        name=node.name,
+        available_bytes=available,
+        reserve_bytes=int(_reserve_gb(config, node, gpu) * GIB),
+        max_bytes=int(node.max_memory_gb * GIB) if node.max_memory_gb is not None else None,
+        weight=node.weight,
+    ), device
+
+
+def coordinator_budget(config: ClusterConfig) -> NodeBudget:
+    return NodeBudget(name=COORDINATOR, available_bytes=psutil.virtual_memory().available,
+                      reserve_bytes=int(_reserve_gb(config, None, False) * GIB),
+                      is_coordinator=True)
+
+
+async def read_model(config: ClusterConfig) -> ModelInfo:
+    if config.model.gguf is None:
+        raise PlacementError("no model: set [model] gguf in the config")
+    try:
+        return await asyncio.to_thread(read_gguf_info, config.model.gguf)
+    except ModelInfoError as exc:
+        raise PlacementError(str(exc)) from None
+    except OSError as exc:
+        raise PlacementError(f"cannot read the model {config.model.gguf}: "
+                             f"{exc.strerror or exc}") from None
+
+
+async def make_placement(config: ClusterConfig, probes: dict[str, NodeProbe]) -> Placement:
+    """Plan the llama-rpc nodes that were probed; raises PlacementError or PlanRefused."""
+    model = await read_model(config)
+    budgets: list[NodeBudget] = []
+    devices: dict[str, str] = {}
+    if config.plan.coordinator_layers:
+        budgets.append(coordinator_budget(config))
+        devices[COORDINATOR] = "CPU"
+    for node in config.nodes:
+        if node.backend != "llama-rpc":
+            continue
+        probe = probes.get(node.name)
+        if probe is None:
+            raise PlacementError(f"{node.name}: not probed (unreachable?): cannot plan without "
+                                 "its free memory")
+        budget, device = node_budget(config, node, probe)
+        budgets.append(budget)
+        devices[node.name] = device
+    plan = plan_layers(model, budgets, context=config.model.context,
+                       cache_type=config.plan.cache_type, policy=config.plan.policy)
+    return Placement(model, tuple(budgets), devices, plan)
+
+
+def format_placement(placement: Placement) -> str:
+    """The per-node memory table and the plan, for `torbiz-tui plan`."""
+    plan = placement.plan
+    rows = [("NODE", "DEVICE", "FREE", "RESERVE", "BUDGET", "BLOCKS", "WEIGHTS", "KV", "TOTAL")]
+    for budget in placement.budgets:
+        share = plan.assignment(budget.name)
+        blocks = (f"{share.first_layer}-{share.last_layer} ({share.n_layers})"
+                  if share and share.n_layers else "-")
+        rows.append((budget.name, placement.devices.get(budget.name, "?"),
+                     _gib(budget.available_bytes), _gib(budget.reserve_bytes),
+                     _gib(budget.budget_bytes), blocks,
+                     _gib(share.weight_bytes) if share else "-",
+                     _gib(share.kv_bytes) if share else "-",
+                     _gib(share.total_bytes) if share else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    model = placement.model
+    lines.append("")
+    lines.append(f"model {model.name or model.path}: {model.n_layers} blocks, "
+                 f"{_gib(model.total_bytes)} of weights; context {plan.context}, KV cache "
+                 f"{plan.cache_type}; policy {plan.policy}")
+    if plan.unused:
+        lines.append(f"not used: {', '.join(plan.unused)}")
+    return "\n".join(lines)
+
+
+def _gib(value: int) -> str:
+    if value >= GIB:
+        return f"{value / GIB:.2f} GiB"
+    return f"{value / (1 << 20):.1f} MiB"
+
+
+__all__ = ["Placement", "PlacementError", "PlanRefused", "format_placement", "make_placement"]
