@@ -285,10 +285,9 @@ async def test_remote_text_is_inert_and_the_log_is_bounded(local_cluster: Cluste
             status.name, status.host, status.backend, "failed", None, status.endpoint, hostile)))
         await wait_until(pilot, lambda: table(app).state_of("alpha") == "failed", "the event")
 
-        pane = app.main.query_one(LogPane)
-        assert pane.line_count == MAX_LINES
+        assert pane(app).line_count == MAX_LINES
         inert = "[bold red]boom[/] [@click=app.quit]x[/] over"
-        assert pane.plain_lines()[-1] == inert
+        assert pane(app).plain_lines()[-1] == inert
         assert "not the selected node" not in log_text(app)
         cell = table(app).get_cell("alpha", "error")
         assert cell.plain == inert

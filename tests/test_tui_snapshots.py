@@ -7,11 +7,13 @@ look at the SVGs in tests/snapshots/ before committing them."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_textual_snapshot
+from textual.command import CommandList
 from textual.pilot import Pilot
 
 from core.config import ClusterConfig, load_config
@@ -157,8 +159,20 @@ def test_help_screen(snap_compare: Any, config: ClusterConfig) -> None:
 
 
 def test_command_palette(snap_compare: Any, config: ClusterConfig) -> None:
-    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed,
-                        press=["colon", *"jump", "_"])
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await feed(pilot)
+        await pilot.press("colon", *"jump")
+        # The palette searches in the background: wait for every node's jump command.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            options = pilot.app.screen.query_one(CommandList).options
+            if sum("Jump to node" in str(o.prompt) for o in options) == len(NODES) \
+                    and not pilot.app.screen.query("LoadingIndicator.--visible"):
+                break
+            await pilot.pause(0.05)
+        await pilot.pause(0.3)
+
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=run_before)
 
 
 def test_stop_confirmation(snap_compare: Any, config: ClusterConfig) -> None:

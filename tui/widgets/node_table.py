@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from rich.style import Style
 from rich.text import Text
 from textual import on
+from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import DataTable
@@ -90,7 +91,13 @@ class NodeTable(DataTable[Text]):
 
     @property
     def selected(self) -> str | None:
-        return self._selected if self._selected in self._visible else None
+        """The node under the cursor now (not when its message is handled: a key pressed right
+        after `j` acts on the row the cursor moved to)."""
+        if not self.row_count:
+            return None
+        row = min(max(self.cursor_row, 0), self.row_count - 1)
+        name = self.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value
+        return name if name in self._visible else None
 
     @property
     def filter_text(self) -> str:

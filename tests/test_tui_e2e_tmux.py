@@ -1,0 +1,160 @@
+"""The real `torbiz-tui` in a real terminal (tmux, 140x40), driven by keys the way an operator
+would, against real workers on this machine; the assertions read what tmux shows.
+
+The tmux server runs on a private socket and only it is killed afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from core.cluster import Cluster
+from core.config import ClusterConfig, load_config
+from core.llama_build import find_cached_binary
+from core.status import READY
+
+from .cluster_files import llama_processes_with, processes_under, toml_text
+from .test_tui_pilot import free_ports
+
+pytestmark = pytest.mark.integration
+
+COLUMNS, ROWS = 140, 40
+
+
+class Tmux:
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+
+    def run(self, *args: str) -> str:
+        # No COLUMNS/LINES from the test run: the program must see the pane's own size.
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "TMUX")}
+        return subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args], env=env,
+                              check=True, capture_output=True, text=True, timeout=10).stdout
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "e2e")
+
+    def keys(self, *keys: str) -> None:
+        self.run("send-keys", "-t", "e2e", *keys)
+
+    def wait_for(self, *texts: str, absent: str = "", timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = self.screen()
+            if all(t in shown for t in texts) and not (absent and absent in shown):
+                return shown
+            if time.monotonic() > deadline:
+                raise AssertionError(f"waited {timeout:g} s for {texts!r}"
+                                     f"{f' without {absent!r}' if absent else ''}; "
+                                     f"the screen:\n{shown}")
+            time.sleep(0.2)
+
+
+def row(screen: str, name: str) -> str:
+    """The table row of node `name` as shown."""
+    return next((line for line in screen.splitlines() if f"│ {name} " in line), "")
+
+
+@pytest.fixture
+def tmux() -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed")
+    server = Tmux(f"torbiz-e2e-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield server
+    finally:
+        subprocess.run(["tmux", "-L", server.socket, "kill-server"], capture_output=True,
+                       timeout=10)
+
+
+@pytest.fixture
+def cluster_file(tmp_path: Path) -> Iterator[Path]:
+    binary = find_cached_binary("ggml-rpc-server")
+    if binary is None:
+        pytest.skip("ggml-rpc-server not built: run `torbiz-tui build-llama`")
+    *rpc_ports, coordinator_port = free_ports(3)
+    nodes = [{"name": name, "host": "127.0.0.1", "transport": "local", "rpc_port": port,
+              "threads": 1, "rpc_server": str(binary)}
+             for name, port in zip(("alpha", "beta"), rpc_ports, strict=True)]
+    path = tmp_path / "cluster.toml"
+    path.write_text(toml_text(
+        {"name": "e2e", "state_dir": str(tmp_path / "state")}, nodes,
+        model={"gguf": str(tmp_path / "absent.gguf"), "context": 512},
+        coordinator={"host": "127.0.0.1", "port": coordinator_port}))
+    yield path
+    config = load_config(path)
+
+    async def stop_all(config: ClusterConfig) -> None:
+        cleanup = Cluster(config)
+        try:
+            await cleanup.stop_workers()
+        finally:
+            await cleanup.close()
+
+    asyncio.run(stop_all(config))
+    assert llama_processes_with([f"-p {port}" for port in rpc_ports]) == []
+    assert processes_under(str(tmp_path / "state")) == []
+
+
+def test_an_operator_session_in_tmux(cluster_file: Path, tmux: Tmux) -> None:
+    entry = Path(sys.executable).with_name("torbiz-tui")
+    command = [str(entry)] if entry.exists() else [sys.executable, "-m", "tui.cli"]
+    # The dashboard starts on Enter, once the pane has its final size: a resize that lands
+    # while it starts up could be missed, and the screen drawn at 80x24.
+    shell = ("read go; " + " ".join(command) + f" -c {cluster_file}; "
+             "echo \"torbiz-tui exited with $?\"; sleep 600")
+    tmux.run("new-session", "-d", "-s", "e2e", "-x", str(COLUMNS), "-y", str(ROWS),
+             "-e", "TERM=xterm-256color", "sh", "-c", shell)
+    size = tmux.run("display-message", "-p", "-t", "e2e", "#{pane_width}x#{pane_height}")
+    assert size.strip() == f"{COLUMNS}x{ROWS}"
+    tmux.keys("Enter")
+
+    screen = tmux.wait_for("torbiz · e2e", "2 nodes", "○ stopped", absent="probing")
+    assert "○ stopped" in row(screen, "alpha") and "○ stopped" in row(screen, "beta")
+    assert "coordinator stopped" in screen
+    assert "s Start" in screen and "q Quit" in screen
+
+    tmux.keys("s")  # start the selected node (alpha, the first row)
+    screen = tmux.wait_for("1 ready", "Starting RPC server")
+    assert "● ready" in row(screen, "alpha")
+    assert "log · alpha" in screen  # its worker log streams in the pane
+
+    tmux.keys("l")  # the full-screen log
+    screen = tmux.wait_for("worker log · alpha", "follow on", "esc Back")
+    assert "Starting RPC server" in screen
+    assert "nodes ─" not in screen  # the dashboard is covered
+
+    tmux.keys("Escape")
+    screen = tmux.wait_for("╭─ nodes", "s Start", absent="esc Back")
+
+    tmux.keys("j", "s")  # beta too, so that quitting has something to leave running
+    screen = tmux.wait_for("2 ready")
+    tmux.keys("k", "x")  # stop alpha: asks first
+    screen = tmux.wait_for("Stop the worker on alpha")
+    tmux.keys("y")
+    screen = tmux.wait_for("1 ready", "1 stopped", absent="Stop the worker on")
+    assert "○ stopped" in row(screen, "alpha") and "● ready" in row(screen, "beta")
+
+    tmux.keys("q")  # asks: leave the cluster running (the default) or stop it
+    screen = tmux.wait_for("Leave it running", "Stop the cluster", "1 of 2 workers not stopped")
+    tmux.keys("Enter")
+    tmux.wait_for("torbiz-tui exited with 0")
+
+    # The worker the dashboard left running is still there, and the same as before.
+    async def beta_state(path: Path) -> str:
+        cluster = Cluster(load_config(path))
+        try:
+            return (await cluster.probe_node("beta")).state
+        finally:
+            await cluster.close()
+
+    assert asyncio.run(beta_state(cluster_file)) == READY
