@@ -270,13 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", type=int, default=100, help="lines of history (100)")
+    p = sub.add_parser("web", help="serve the dashboard to a browser on 127.0.0.1 "
+                       "(textual-serve; one dashboard per tab)")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765)")
     p = sub.add_parser("build-llama", help="build rpc-server and llama-server into the cache")
     p.add_argument("--portable", action="store_true",
                    help="no -march=native: binaries that run on other nodes' CPUs")
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    for name in ("up", "down", "status", "logs", "watch", "doctor", "plan"):
+    for name in ("up", "down", "status", "logs", "watch", "doctor", "plan", "web"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
     return parser
@@ -316,6 +319,15 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_watch(config, args.interval))
         if args.command == "logs":
             return asyncio.run(_logs(config, args.node, args.follow, args.lines))
+        if args.command == "web":
+            from tui.web import serve_dashboard
+
+            path, _ = resolve_config_path(config_arg)
+            print(f"serving the dashboard of cluster {config.name} on "
+                  f"http://127.0.0.1:{args.port} (Ctrl-C stops the server; the cluster keeps "
+                  "running)", file=sys.stderr)
+            return serve_dashboard(path, config.name, port=args.port,
+                                   read_only=args.read_only, log_lines=args.log_lines)
         from tui.app import run_dashboard
 
         return run_dashboard(config, read_only=args.read_only, log_lines=args.log_lines)
