@@ -9,7 +9,8 @@ setup:
 demo: setup
 	.venv/bin/torbiz-tui -c configs/demo.toml
 
-test: setup
+test:
+	scripts/setup.sh --with-test-tools
 	.venv/bin/python -m pytest -q -ra
 
 lint: setup

@@ -2,9 +2,19 @@
 # Set up everything torbiz-tui needs on this machine, idempotently:
 #   system packages (sshd for the tests, tmux, a C++ toolchain), the Python venv in .venv,
 #   and the llama.cpp binaries (cached under ~/.cache/torbiz/, keyed by version).
-# Usage: scripts/setup.sh [--no-llama]
+# Usage: scripts/setup.sh [--no-llama] [--with-test-tools]
+#   --with-test-tools also installs what only the tests use (Debian's chromium, for the
+#   `torbiz-tui web` test in a headless browser).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+no_llama=0; test_tools=0
+for arg in "$@"; do
+  case $arg in
+    --no-llama) no_llama=1;;
+    --with-test-tools) test_tools=1;;
+    *) echo "setup: unknown option $arg" >&2; exit 2;;
+  esac
+done
 
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
@@ -15,6 +25,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+[ "$test_tools" = 1 ] && ! command -v chromium >/dev/null && need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -41,6 +52,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-if [ "${1:-}" != "--no-llama" ]; then
+if [ "$no_llama" = 0 ]; then
   .venv/bin/torbiz-tui build-llama
 fi
