@@ -10,7 +10,9 @@ import pytest
 from core import detached
 from core.config import NodeConfig
 from core.shell import path_word, quote_argv
-from core.transport import LocalTransport, SshTransport
+from core.transport import LocalTransport
+
+from .cluster_files import ssh_transport_for
 
 HOSTILE = ["; touch {c}", "$(touch {c})", "`touch {c}`", "'; touch {c}; '", '"; touch {c}; "',
            "a\ntouch {c}", "ünï çødé {c}", "__ARGV__ __RESOLVE__ {c}", "-rf {c}"]
@@ -35,14 +37,7 @@ async def test_hostile_state_dir_and_argv_are_data(tmp_path: Path, transport_kin
     if transport_kind == "local":
         transport = LocalTransport(NodeConfig(name="n", host="127.0.0.1", transport="local"))
     else:
-        sshd = sshd_cluster(count=1)
-        node = sshd.nodes[0]
-        from core.config import SshOptions
-
-        transport = SshTransport(NodeConfig(
-            name="n", host=node.host, ssh_port=node.port,
-            ssh=SshOptions(user="root", identity_file=str(sshd.client_key),
-                           known_hosts=str(sshd.known_hosts), config_file=None)))
+        transport = ssh_transport_for(sshd_cluster(count=1))
     try:
         for template in HOSTILE:
             word = template.format(c=canary)

@@ -13,6 +13,8 @@ import pytest
 from core.config import NodeConfig, SshOptions
 from core.transport import SshTransport, TransportError
 
+from .cluster_files import ssh_transport_for
+
 
 async def test_ssh_config_alias_supplies_hostname_port_user_and_key(tmp_path: Path,
                                                                     sshd_cluster) -> None:
@@ -72,12 +74,7 @@ async def test_missing_known_hosts_file_is_refused_before_connecting(tmp_path: P
 
 async def test_invalid_utf8_output_is_kept_with_replacement(tmp_path: Path,
                                                             sshd_cluster) -> None:
-    sshd = sshd_cluster(count=1)
-    node = sshd.nodes[0]
-    transport = SshTransport(NodeConfig(
-        name="n", host=node.host, ssh_port=node.port,
-        ssh=SshOptions(user="root", identity_file=str(sshd.client_key),
-                       known_hosts=str(sshd.known_hosts), config_file=None)))
+    transport = ssh_transport_for(sshd_cluster(count=1))
     try:
         result = await transport.run(r"printf 'a\377\376b\n'; echo after")
     finally:
