@@ -210,9 +210,10 @@ def _fill(blocks: _Blocks, budgets: Sequence[int], targets: Sequence[float] | No
 def plan_layers(model: ModelInfo, nodes: Sequence[NodeBudget], *, context: int,
                 cache_type: str = "f16", policy: str = "pack") -> Plan:
     """Assign every block to one node. `pack`: the fewest nodes that hold the model, the
-    fastest (then the roomiest, then the first given) preferred, each filled in --rpc order
-    as far as it goes. `spread`: every node with a budget, blocks in proportion to weight,
-    capped by budget, what a node cannot take going to the ones after it. Raises PlanRefused
+    fastest (then the coordinator's own device, which costs no RPC hop, then the roomiest,
+    then the first given) preferred, each filled in --rpc order as far as it goes.
+    `spread`: every node with a budget, blocks in proportion to weight, capped by budget,
+    what a node cannot take going to the ones after it. Raises PlanRefused
     when no contiguous assignment exists (see the module docstring) and ValueError for
     inconsistent arguments."""
     if policy not in POLICIES:
@@ -256,10 +257,13 @@ def plan_layers(model: ModelInfo, nodes: Sequence[NodeBudget], *, context: int,
 def _pack_choice(blocks: _Blocks, ordered: Sequence[NodeBudget],
                  budgets: Sequence[int]) -> list[int]:
     """Indices (in --rpc order) of the fewest nodes that hold the model; among equally few,
-    the best by (weight, budget, position) compared node by node from the best down."""
+    the best by (weight, coordinator first, budget, position) compared node by node from the
+    best down. The coordinator's own device wins a tie of weights although its budget lost
+    the token embedding: its blocks cost no RPC hop."""
     fewest = _fewest_nodes(blocks, budgets, set(), set())
     assert fewest is not None
-    ranking = sorted(range(len(ordered)), key=lambda i: (-ordered[i].weight, -budgets[i], i))
+    ranking = sorted(range(len(ordered)), key=lambda i: (
+        -ordered[i].weight, not ordered[i].is_coordinator, -budgets[i], i))
     forced: set[int] = set()
     excluded: set[int] = set()
     for index in ranking:

@@ -4,6 +4,10 @@ nodes, refusals as sentences, and its byte accounting against a real llama-serve
 from __future__ import annotations
 
 import itertools
+import socket
+import struct
+import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.demo_model import write_demo_model
+from core.llama_build import find_cached_binary
 from core.load_log import HOST, MIB, llama_layer_split, parse_load_log, tensor_split_for
 from core.model_info import ModelInfo, describe_bytes, read_gguf_info
 from core.planner import (
@@ -23,6 +28,7 @@ from core.planner import (
     plan_layers,
 )
 
+from .cluster_files import free_port
 from .test_model_info import LLAMA2_70B_Q4K_BLOCK, llama2_70b_q4k
 
 GIB = 1 << 30
@@ -86,14 +92,15 @@ def valid_layouts(model: ModelInfo, nodes: Sequence[NodeBudget],
 def best_pack_set(model: ModelInfo, nodes: Sequence[NodeBudget],
                   layouts: list[tuple[int, ...]]) -> set[str]:
     """Among the layouts with the fewest nodes, the node set that is best when compared node by
-    node in the order (weight, room, position)."""
+    node in the order (weight, the coordinator's own device, room, position)."""
     order = rpc_order(nodes)
     embedding = model.embedding_bytes if any(n.is_coordinator for n in order) else 0
 
     def room(n: NodeBudget) -> int:
         return n.budget_bytes - (embedding if n.is_coordinator else 0)
 
-    ranking = sorted(range(len(order)), key=lambda i: (-order[i].weight, -room(order[i]), i))
+    ranking = sorted(range(len(order)), key=lambda i: (
+        -order[i].weight, not order[i].is_coordinator, -room(order[i]), i))
     rank = {index: position for position, index in enumerate(ranking)}
     fewest = min(sum(1 for c in counts if c) for counts in layouts)
     candidates = [sorted(rank[i] for i, c in enumerate(counts) if c) for counts in layouts
@@ -308,6 +315,28 @@ def test_pack_prefers_fast_then_roomy_then_first() -> None:
     assert plan_layers(model, halves, context=1).nodes == ("s",)
 
 
+def test_pack_prefers_the_coordinator_on_a_tie_of_weights() -> None:
+    """Blocks on the coordinator's own CPU cost no RPC hop: it wins a tie of weights even though
+    its budget lost the token embedding (here it has the same free memory as the worker, as
+    on a shared machine, and less room once the embedding is taken)."""
+    model = make_model([10] * 4, output=5, embedding=30)
+    same_box = [node("w1", 1000), node("here", 1000, is_coordinator=True), node("w2", 1000)]
+    plan = plan_layers(model, same_box, context=1)
+    check_plan(plan, model, same_box, 1)
+    assert plan.nodes == ("here",) and plan.rpc_spans() == ()
+    assert plan.unused == ("w1", "w2")
+    # Much roomier workers do not change that; only a faster one does.
+    roomy = [node("w1", 10**6), node("here", 100, is_coordinator=True)]
+    assert plan_layers(model, roomy, context=1).nodes == ("here",)
+    fast = [node("w1", 1000, weight=2.0), node("here", 1000, is_coordinator=True)]
+    assert plan_layers(model, fast, context=1).nodes == ("w1",)
+    # When it cannot hold the model alone, the fewest nodes still come first.
+    small = [node("w1", 1000), node("here", 60, is_coordinator=True)]
+    assert plan_layers(model, small, context=1).nodes == ("w1",)
+    # spread is unchanged: every node with a budget.
+    assert plan_layers(model, same_box, context=1, policy="spread").nodes == ("here", "w1", "w2")
+
+
 def test_coordinator_holds_the_first_blocks_and_the_embedding() -> None:
     model = make_model([10] * 5, output=7, embedding=30)
     nodes = [node("w1", 37), node("here", 51, is_coordinator=True)]
@@ -369,3 +398,72 @@ def test_planned_bytes_match_what_llama_server_loaded(tmp_path: Path) -> None:
         assert device is not None and device.layers == a.n_layers
         assert abs(device.model_bytes - a.weight_bytes) <= 0.005 * MIB, a
         assert abs(device.kv_bytes - a.kv_bytes) <= 0.005 * MIB, a
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until a worker accepts a connection (closed with RST: never a half-read handshake)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"rpc-server on port {port} exited"
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+
+
+@pytest.mark.integration
+def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path) -> None:
+    """Two real workers and llama-server started with the plan (-ngl/-ts from its spans,
+    --fit off) and a q8_0 KV cache: blocks, weights and KV per device are the planned ones."""
+    rpc, server = find_cached_binary("ggml-rpc-server"), find_cached_binary("llama-server")
+    if not (rpc and server):
+        pytest.skip("llama.cpp binaries not built: run `torbiz-tui build-llama`")
+    model = read_gguf_info(write_demo_model(tmp_path / "m.gguf", n_layer=7, n_head_kv=1))
+    per_block = model.layer_bytes[0] + model.kv_bytes(1, 512, "q8_0")
+    ports = [free_port(), free_port()]
+    eps = [f"127.0.0.1:{p}" for p in ports]
+    nodes = [node(eps[0], 2 * per_block), node(eps[1], 4 * per_block + model.output_bytes),
+             node("here", per_block + model.embedding_bytes, is_coordinator=True)]
+    plan = plan_layers(model, nodes, context=500, cache_type="q8_0")
+    assert plan.tensor_split(["here", *eps]) == [1, 2, 4]
+    ngl, ts = tensor_split_for([count for _, _, count in plan.rpc_spans()])
+    procs: list[subprocess.Popen[bytes]] = []
+    log_path = tmp_path / "coordinator.log"
+    try:
+        for port in ports:
+            procs.append(subprocess.Popen([str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port, proc in zip(ports, procs, strict=True):
+            wait_listening(port, proc)
+        with log_path.open("wb") as log:
+            coordinator = subprocess.Popen(
+                [str(server), "-m", str(model.path), "--rpc", ",".join(eps), "-ngl", str(ngl),
+                 "-ts", ",".join(map(str, ts)), "--fit", "off", "-lv", "4", "-c", "500",
+                 "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on", "--host", "127.0.0.1",
+                 "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT)
+            procs.append(coordinator)
+            deadline = time.monotonic() + 60
+            report = parse_load_log([])
+            while time.monotonic() < deadline and coordinator.poll() is None:
+                report = parse_load_log(log_path.read_text(errors="replace").splitlines())
+                if report.finished:
+                    break
+                time.sleep(0.2)
+        assert report.finished, log_path.read_text(errors="replace")[-2000:]
+        assert plan.context == 512  # llama.cpp pads -c 500 to 512 cells as well
+        for a in plan.assignments:
+            device = report.device(HOST if a.on_coordinator else a.node)
+            assert device is not None and device.layers == a.n_layers, report
+            assert abs(device.model_bytes - a.weight_bytes) <= 0.005 * MIB, (a, device)
+            assert abs(device.kv_bytes - a.kv_bytes) <= 0.005 * MIB, (a, device)
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
