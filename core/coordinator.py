@@ -110,6 +110,8 @@ def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str
 def placement_args(layers: Sequence[int] | None) -> list[str]:
     if layers is None:
         return ["-ngl", "99"]
+    if not layers:  # the plan keeps every block on this machine's CPU: no worker, no split
+        return ["-ngl", "0", "--fit", "off"]
     ngl, split = tensor_split_for(layers)
     return ["-ngl", str(ngl), "-ts", ",".join(str(w) for w in split), "--fit", "off"]
 

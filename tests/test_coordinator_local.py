@@ -154,3 +154,21 @@ def test_gapped_spans_are_refused() -> None:
     _check_spans([("a", 0, 3), ("b", 3, 5)])
     with pytest.raises(CoordinatorError, match="not contiguous at b"):
         _check_spans([("a", 0, 2), ("b", 3, 5)])
+
+
+async def test_a_plan_without_workers_runs_on_the_coordinator_alone(
+        local_cluster_file: Path) -> None:
+    """pack with coordinator_layers puts a small model wholly on this machine's CPU: the plan's
+    spans are empty, no worker starts, and llama-server runs with no --rpc (-ngl 0)."""
+    cluster = Cluster(load_config(local_cluster_file))
+    try:
+        status = await cluster.up(spans=())
+        assert status.coordinator.state == "ready"
+        assert all(n.state != "ready" for n in status.nodes)
+        report = await cluster.load_report()
+        assert report.finished and [d.endpoint for d in report.devices] == ["CPU"]
+        assert report.devices[0].layers == 8  # every block of the demo model
+    finally:
+        await cluster.down()
+        await cluster.close()
+    assert llama_processes_with(_markers(local_cluster_file)) == []
