@@ -112,6 +112,7 @@ class ClusterConfig:
     ssh: SshOptions = field(default_factory=SshOptions)
     plan: PlanConfig = field(default_factory=PlanConfig)
     source: Path | None = None
+    recover: bool = True  # restart the coordinator over the remaining workers after a fault
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -132,7 +133,8 @@ _SSH_KEYS: dict[str, tuple[type, ...]] = {
     "keepalive_interval": (int, float),
     "keepalive_count_max": (int,),
 }
-_CLUSTER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "state_dir": (str,)}
+_CLUSTER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "state_dir": (str,),
+                                              "recover": (bool,)}
 _MODEL_KEYS: dict[str, tuple[type, ...]] = {"gguf": (str,), "context": (int,)}
 _COORDINATOR_KEYS: dict[str, tuple[type, ...]] = {
     "binary": (str,),
@@ -410,7 +412,8 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
         endpoints[endpoint] = node.name
         nodes.append(node)
     return ClusterConfig(name=name, state_dir=state_dir, model=model, coordinator=coordinator,
-                         nodes=tuple(nodes), ssh=ssh, plan=plan, source=path)
+                         nodes=tuple(nodes), ssh=ssh, plan=plan, source=path,
+                         recover=cluster.get("recover", True))
 
 
 def load_config(path: Path | str) -> ClusterConfig:

@@ -6,16 +6,27 @@ node unreachable (losing SSH never stops a worker). The coordinator is checked b
 and /health. llama-server keeps answering /health 200 after an idle worker died and aborts on
 the next request, so a lost worker is reported at once, naming the node and its log's last
 words.
+
+With recovery on (`[cluster] recover`, the default), `run` also hands every fault to
+core.recovery: the coordinator is restarted over the workers still ready, one recovery at a
+time, while checks go on. An unreachable node is retried with backoff (0.5 s doubling to 8 s),
+so a dead sshd is not hammered but a returning one is noticed within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .cluster import Cluster
+from .recovery import Recoverer, RecoveryResult
 from .status import FAILED, READY, UNREACHABLE, NodeStatus
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 8.0
 
 
 @dataclass(frozen=True)
@@ -28,21 +39,51 @@ class Detection:
     at: float  # time.monotonic() of the check that found it
 
 
+Report = Callable[["Detection | RecoveryResult"], None]
+
+
 class Supervisor:
-    def __init__(self, cluster: Cluster, *, interval: float = 1.0) -> None:
+    def __init__(self, cluster: Cluster, *, interval: float = 1.0,
+                 recover: bool | None = None) -> None:
         self.cluster = cluster
         self.interval = interval
         self.detections: list[Detection] = []
         self._known_bad: set[str] = set()
+        enabled = cluster.config.recover if recover is None else recover
+        self.recoverer: Recoverer | None = Recoverer(cluster) if enabled else None
+        self._recovery: asyncio.Task[RecoveryResult | None] | None = None
+        self._retry_at: dict[str, float] = {}  # unreachable node -> next SSH attempt
+        self._backoff: dict[str, float] = {}
+
+    async def _refresh_nodes(self) -> list[NodeStatus]:
+        """Every node, except unreachable ones whose backoff has not run out (they keep their
+        status until the next attempt)."""
+        now = time.monotonic()
+        due = [n.name for n in self.cluster.config.nodes
+               if self._retry_at.get(n.name, 0.0) <= now]
+        await asyncio.gather(*(self.cluster.probe_node(name) for name in due))
+        for name in due:
+            if self.cluster.nodes[name].state == UNREACHABLE:
+                delay = min(BACKOFF_MAX, self._backoff.get(name, BACKOFF_FIRST / 2) * 2)
+                self._backoff[name] = delay
+                self._retry_at[name] = time.monotonic() + delay
+            else:
+                self._backoff.pop(name, None)
+                self._retry_at.pop(name, None)
+        return [self.cluster.nodes[n.name] for n in self.cluster.config.nodes]
 
     async def check_once(self) -> list[Detection]:
         """One pass over every worker and the coordinator; returns what newly went wrong."""
         cluster = self.cluster
         before = dict(cluster.nodes)
         coordinator_before = cluster.coordinator
-        nodes, coordinator = await asyncio.gather(cluster.refresh_nodes(),
+        nodes, coordinator = await asyncio.gather(self._refresh_nodes(),
                                                   cluster.refresh_coordinator())
         now = time.monotonic()
+        if self.recoverer is not None:
+            for seen in (coordinator_before, coordinator):
+                if seen.state == READY:
+                    self.recoverer.saw_ready(seen.pid)
         found: list[Detection] = []
         for status in nodes:
             if self._went_bad(before.get(status.name), status):
@@ -72,9 +113,42 @@ class Supervisor:
             return False
         return before is None or before.state != after.state or after.state == FAILED
 
-    async def run(self) -> None:
-        """Check forever (until cancelled), never two checks at once."""
-        while True:
-            started = time.monotonic()
-            await self.check_once()
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+    @property
+    def recovering(self) -> bool:
+        return self._recovery is not None and not self._recovery.done()
+
+    async def run(self, report: Report | None = None) -> None:
+        """Check forever (until cancelled), never two checks at once; with recovery on, start
+        a recovery when one is due and none runs. `report` gets every detection and every
+        recovery's result."""
+        first_seen: float | None = None
+        try:
+            while True:
+                started = time.monotonic()
+                found = await self.check_once()
+                for detection in found:
+                    if report is not None:
+                        report(detection)
+                if found and first_seen is None:
+                    first_seen = min(d.at for d in found)
+                if self.recoverer is not None and not self.recovering:
+                    self._recovery = asyncio.create_task(
+                        self._recover(self.recoverer, first_seen, report))
+                    first_seen = None
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            if self._recovery is not None and not self._recovery.done():
+                self._recovery.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._recovery
+
+    async def _recover(self, recoverer: Recoverer, detected_at: float | None,
+                       report: Report | None) -> RecoveryResult | None:
+        try:
+            result = await recoverer.maybe_recover(detected_at)
+        except Exception as exc:  # a recovery bug must never stop the supervision
+            self.cluster.notice(f"recovery failed unexpectedly: {exc!r}", "error")
+            return None
+        if result is not None and report is not None:
+            report(result)
+        return result

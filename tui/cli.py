@@ -179,29 +179,42 @@ async def _status(config: ClusterConfig, as_json: bool) -> int:
         status = await cluster.status(detail=as_json)
     finally:
         await cluster.close()
+    from core.recovery import format_recovery, last_recovery
+
+    recovery = last_recovery(cluster)
     if as_json:
-        print(json.dumps(status.to_json(), indent=2))
+        print(json.dumps({**status.to_json(), "recovery": recovery}, indent=2))
     else:
         print(format_status(status))
+        if recovery is not None:
+            print(f"last recovery: {format_recovery(recovery)}")
     healthy = all(n.state == READY for n in status.nodes) and status.coordinator.state == READY
     return 0 if healthy else 3
 
 
-async def _watch(config: ClusterConfig, interval: float) -> int:
-    """Print every fault the supervisor notices, one line each, until interrupted."""
-    from core.supervisor import Supervisor
+async def _watch(config: ClusterConfig, interval: float, recover: bool) -> int:
+    """Print every fault the supervisor notices, and every recovery, one line each, until
+    interrupted."""
+    from core.recovery import RecoveryResult, format_recovery
+    from core.supervisor import Detection, Supervisor
 
     cluster = Cluster(config)
-    supervisor = Supervisor(cluster, interval=interval)
+    supervisor = Supervisor(cluster, interval=interval, recover=recover and config.recover)
+
+    def report(item: Detection | RecoveryResult) -> None:
+        if isinstance(item, RecoveryResult):
+            print(f"recovery: {format_recovery(item.to_json())}", flush=True)
+        else:
+            print(f"{item.part}: {item.state}: {item.reason}", flush=True)
+
     try:
         first = await cluster.status()
         print(f"watching cluster {config.name}: "
               f"{sum(n.state == READY for n in first.nodes)}/{len(first.nodes)} workers ready, "
-              f"coordinator {first.coordinator.state}", flush=True)
-        while True:
-            for found in await supervisor.check_once():
-                print(f"{found.part}: {found.state}: {found.reason}", flush=True)
-            await asyncio.sleep(interval)
+              f"coordinator {first.coordinator.state}; recovery "
+              f"{'on' if supervisor.recoverer else 'off'}", flush=True)
+        await supervisor.run(report)
+        return 0
     finally:
         await cluster.close()
 
@@ -266,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="print every fault as it is noticed (dead worker, lost "
                        "SSH, coordinator exit) until interrupted")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between checks (1)")
+    p.add_argument("--no-recover", action="store_true", help="only report faults: never "
+                   "restart the coordinator (as [cluster] recover = false)")
     p = sub.add_parser("logs", help="a node's worker log (or 'coordinator')")
     p.add_argument("node")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -316,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(_status(config, args.json))
         if args.command == "watch":
-            return asyncio.run(_watch(config, args.interval))
+            return asyncio.run(_watch(config, args.interval, not args.no_recover))
         if args.command == "logs":
             return asyncio.run(_logs(config, args.node, args.follow, args.lines))
         if args.command == "web":

@@ -1,0 +1,300 @@
+"""Recover a running cluster from a lost worker or a crashed coordinator.
+
+When a worker the coordinator uses is gone (its process died, or its node is unreachable and
+its RPC port no longer answers) or the coordinator itself crashed, re-plan over the workers
+that are still ready and restart llama-server over them. The workers keep a tensor cache
+(`rpc-server -c`), so the restart re-sends only what they do not hold yet. When the rest
+cannot hold the model, nothing is restarted: the cluster stays degraded and the planner's
+sentence says how much memory is missing.
+
+One recovery at a time, also across processes (a dashboard and `torbiz-tui watch` may both
+supervise one cluster): a lock file beside the coordinator's pidfile. Nodes or a coordinator
+stopped by the operator are `stopped`, never `failed`, so they never trigger one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .backends import llama_rpc
+from .cluster import PLACEMENT_FILE, Cluster, Span
+from .config import NodeConfig
+from .coordinator import coordinator_state_dir
+from .placement import PlacementError, PlanRefused, make_placement
+from .probe import NodeProbe, probe_node
+from .status import FAILED, READY, UNREACHABLE
+from .transport import TransportError
+
+RECOVERY_FILE = "recovery.json"  # the last recovery's outcome, for `status` from any shell
+LOCK_FILE = "recovery.lock"
+CONFIRM_DELAY = 0.3  # a stop by another process removes the pidfile just after the group died
+ENDPOINT_RECHECK = 5.0  # seconds between port checks of a worker whose node is unreachable
+
+RECOVERED, DEGRADED, FAILED_RECOVERY = "recovered", "degraded", "failed"
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """How one recovery ended. `outcome`: recovered, degraded (the rest cannot hold the model:
+    nothing restarted) or failed (the restart itself failed)."""
+
+    outcome: str
+    lost: tuple[str, ...]  # workers left out
+    workers: tuple[str, ...]  # workers the restarted coordinator uses
+    spans: tuple[Span, ...]
+    recovered_after: float | None  # seconds from the fault's detection to /health 200
+    reason: str  # what happened, as a sentence
+    at: float  # wall-clock time (time.time()) the recovery ended
+    missing_bytes: int = 0  # degraded: memory the rest lacks
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spans"] = [list(s) for s in self.spans]
+        return data
+
+
+def _state_dir(cluster: Cluster) -> Path:
+    return Path(coordinator_state_dir(cluster.config)).expanduser()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def last_recovery(cluster: Cluster) -> dict[str, Any] | None:
+    """The last recovery recorded for this cluster on this machine, or None."""
+    return _read_json(_state_dir(cluster) / RECOVERY_FILE)
+
+
+def format_recovery(record: dict[str, Any]) -> str:
+    """One line about a recovery record, for `status` and `watch`."""
+    when = time.strftime("%H:%M:%S", time.localtime(float(record.get("at", 0))))
+    lost = ", ".join(record.get("lost", ())) or "none"
+    outcome = record.get("outcome", "?")
+    if outcome == RECOVERED:
+        workers = ", ".join(record.get("workers", ())) or "none"
+        return (f"recovered at {when} in {float(record.get('recovered_after') or 0):.1f} s: "
+                f"coordinator restarted over {workers} (left out: {lost})")
+    return f"{outcome} at {when} (lost: {lost}): {record.get('reason', '')}"
+
+
+class Recoverer:
+    """Decides when a recovery is needed and runs it. `detected_at` (time.monotonic()) is
+    when the supervisor noticed the fault; recovery times are measured from it."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.results: list[RecoveryResult] = []
+        self._attempted: set[tuple[int | None, frozenset[str]]] = set()
+        self._endpoint_checked: dict[str, tuple[float, bool]] = {}  # node -> (when, answers)
+        self._need_since: float | None = None
+        self._served: int | None = None  # pid of the last coordinator seen ready
+
+    def saw_ready(self, pid: int | None) -> None:
+        """The supervisor saw this coordinator serve: if it fails now, it is ours to recover."""
+        self._served = pid
+
+    # ---- what is lost ----------------------------------------------------------------------
+
+    def _used_workers(self) -> list[str]:
+        """The workers the coordinator was started over (placement.json), in --rpc order."""
+        placement = _read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
+        endpoints = placement.get("endpoints")
+        if isinstance(endpoints, dict):
+            return [str(name) for name in endpoints]
+        return [n.name for n in self.cluster.config.nodes if n.backend == "llama-rpc"]
+
+    def _used_endpoints(self) -> dict[str, str]:
+        placement = _read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
+        endpoints = placement.get("endpoints")
+        return {str(k): str(v) for k, v in endpoints.items()} if isinstance(endpoints,
+                                                                            dict) else {}
+
+    async def _worker_lost(self, name: str) -> bool:
+        status = self.cluster.nodes.get(name)
+        if status is None:
+            return False
+        if status.state == FAILED:
+            return True
+        if status.state != UNREACHABLE:
+            self._endpoint_checked.pop(name, None)
+            return False
+        # SSH is gone; the worker may still serve the coordinator (a restarted sshd). Ask its
+        # port, as the coordinator reaches it, but not on every check.
+        now = time.monotonic()
+        checked = self._endpoint_checked.get(name)
+        if checked is not None and now - checked[0] < ENDPOINT_RECHECK:
+            return not checked[1]
+        endpoint = self._used_endpoints().get(name, self.cluster.config.node(name).endpoint)
+        host, _, port = endpoint.rpartition(":")
+        answers = await llama_rpc.port_open(host.strip("[]"), int(port), timeout=2.0)
+        self._endpoint_checked[name] = (now, answers)
+        return not answers
+
+    async def lost_workers(self) -> list[str]:
+        used = self._used_workers()
+        lost = await asyncio.gather(*(self._worker_lost(n) for n in used))
+        return [name for name, gone in zip(used, lost, strict=True) if gone]
+
+    async def needed(self) -> tuple[int | None, frozenset[str]] | None:
+        """(coordinator pid, lost workers) when a recovery is due, else None."""
+        coordinator = self.cluster.coordinator
+        if coordinator.state == READY:
+            self._served = coordinator.pid
+        elif coordinator.state != FAILED or coordinator.pid != self._served:
+            # Stopped by the operator, starting, or failed before it ever served (whoever
+            # started it reports that): nothing to recover.
+            return None
+        lost = frozenset(await self.lost_workers())
+        if coordinator.state == READY and not lost:
+            return None
+        return coordinator.pid, lost
+
+    # ---- the recovery ----------------------------------------------------------------------
+
+    async def maybe_recover(self, detected_at: float | None = None) -> RecoveryResult | None:
+        """Recover when needed and not tried yet for the same fault; None when nothing ran."""
+        need = await self.needed()
+        if need is None:
+            self._need_since = None
+            return None
+        if self._need_since is None:
+            self._need_since = detected_at if detected_at is not None else time.monotonic()
+        if need in self._attempted:
+            return None
+        # Confirm: another process stopping a part removes its pidfile a moment after the
+        # process died; that is `stopped`, not a fault.
+        await asyncio.sleep(CONFIRM_DELAY)
+        await asyncio.gather(self.cluster.refresh_coordinator(),
+                             *(self.cluster.probe_node(n) for n in need[1]))
+        need = await self.needed()
+        if need is None or need in self._attempted:
+            return None
+        with self._lock() as locked:
+            if not locked:
+                return None  # another process is recovering this cluster
+            await self.cluster.refresh_coordinator()
+            need = await self.needed()  # it may have just finished one
+            if need is None or need in self._attempted:
+                return None
+            self._attempted.add(need)
+            result = await self._recover(sorted(need[1]), self._need_since)
+            self._attempted.add((self.cluster.coordinator.pid, need[1]))
+        self._need_since = None
+        self.results.append(result)
+        del self.results[:-100]
+        await asyncio.to_thread(self._record, result)
+        return result
+
+    @contextlib.contextmanager
+    def _lock(self) -> Any:
+        path = _state_dir(self.cluster) / LOCK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _record(self, result: RecoveryResult) -> None:
+        path = _state_dir(self.cluster) / RECOVERY_FILE
+        partial = path.with_name(path.name + ".tmp")
+        with contextlib.suppress(OSError):
+            partial.write_text(json.dumps(result.to_json(), indent=1))
+            partial.replace(path)
+
+    async def _recover(self, lost: list[str], since: float) -> RecoveryResult:
+        cluster = self.cluster
+        running = cluster.coordinator.state == READY
+        what = (f"coordinator lost worker{'s' if len(lost) > 1 else ''} {', '.join(lost)}"
+                if lost else "the coordinator exited")
+        cluster.notice(f"recovering: {what}; re-planning over the workers still ready",
+                       "warning")
+        remaining = [n for n in cluster.config.nodes if n.backend == "llama-rpc"
+                     and n.name not in lost and cluster.nodes[n.name].state == READY]
+        try:
+            spans = await self._plan(remaining, running)
+        except PlanRefused as exc:
+            return self._end(DEGRADED, lost, (), since,
+                             f"cannot recover without {', '.join(lost)}: {exc}; "
+                             + ("the coordinator stays degraded (its next request would abort "
+                                "it)" if running else "the coordinator stays down"),
+                             missing=exc.missing_bytes)
+        except PlacementError as exc:
+            return self._end(DEGRADED, lost, (), since, f"cannot re-plan: {exc}")
+        if cluster.coordinator.state in (READY, FAILED):
+            # A crashed coordinator still has a pidfile: stop() clears it (and kills leftovers).
+            stopped = await cluster.stop_coordinator()
+            if stopped.state != "stopped":
+                return self._end(FAILED_RECOVERY, lost, spans, since,
+                                 f"could not stop the coordinator: {stopped.error}")
+        status = await cluster.start_coordinator(spans=spans)
+        if status.state != READY:
+            return self._end(FAILED_RECOVERY, lost, spans, since,
+                             f"the coordinator did not restart: {status.error}")
+        return self._end(RECOVERED, lost, spans, since, "")
+
+    async def _plan(self, remaining: list[NodeConfig], running: bool) -> tuple[Span, ...]:
+        """Spans over `remaining`, from their free memory now. A worker serving the running
+        coordinator frees what it holds when that coordinator stops: count it as free."""
+        cluster = self.cluster
+        results = await asyncio.gather(*(probe_node(cluster.transport(n.name))
+                                         for n in remaining), return_exceptions=True)
+        held: dict[str, int] = {}
+        if running:
+            for share in await cluster.layer_shares():
+                held[share.node] = share.model_bytes + share.kv_bytes + share.compute_bytes
+        probes: dict[str, NodeProbe] = {}
+        usable = []
+        for node, result in zip(remaining, results, strict=True):
+            if isinstance(result, TransportError):
+                continue  # it just became unreachable: plan without it
+            if isinstance(result, BaseException):
+                raise result
+            if not result.gpus:
+                result = replace(result, ram_available_bytes=result.ram_available_bytes
+                                 + held.get(node.name, 0))
+            probes[node.name] = result
+            usable.append(node)
+        config = replace(cluster.config, nodes=tuple(usable))
+        placement = await make_placement(config, probes)
+        return tuple(placement.plan.rpc_spans())
+
+    def _end(self, outcome: str, lost: list[str], spans: tuple[Span, ...], since: float,
+             reason: str, missing: int = 0) -> RecoveryResult:
+        took = time.monotonic() - since
+        workers = tuple(name for name, _, count in spans if count > 0)
+        if outcome == RECOVERED:
+            placed = ", ".join(f"{name} {first}-{first + count - 1}"
+                               for name, first, count in spans if count > 0)
+            where = (f"over {', '.join(workers)} (blocks {placed})" if workers
+                     else "with every block on this machine's CPU")
+            reason = (f"coordinator recovered in {took:.1f} s: restarted {where}"
+                      + (f", without {', '.join(lost)}" if lost else ""))
+        result = RecoveryResult(outcome, tuple(lost), workers, spans,
+                                took if outcome == RECOVERED else None, reason, time.time(),
+                                missing)
+        level = {RECOVERED: "info", DEGRADED: "error"}.get(outcome, "error")
+        self.cluster.notice(reason if outcome == RECOVERED else f"recovery {outcome}: {reason}",
+                            level, extra={"recovery": result.to_json()})
+        return result
