@@ -33,6 +33,7 @@ from .coordinator import (
     health,
     local_transport,
 )
+from .layer_map import LayerMap, llama_map
 from .load_log import LoadReport, parse_load_log
 from .status import (
     FAILED,
@@ -110,6 +111,14 @@ def _parse_coordinator_log(path: Path, max_bytes: int = 64 << 20) -> LoadReport:
     return parse_load_log(data[max(0, start):].splitlines())
 
 
+def _rounded_ms(seconds: float) -> int:
+    """Milliseconds, to two significant digits: a status that changes only when the latency
+    really does."""
+    ms = max(1, round(seconds * 1000))
+    scale = 10 ** max(0, len(str(ms)) - 2)
+    return int(round(ms / scale) * scale)
+
+
 async def _ready(value: str) -> str:
     return value
 
@@ -147,10 +156,9 @@ class Cluster:
         for sink in list(self._sinks):
             sink(event)
 
-    def notice(self, text: str, level: str = "info", node: str | None = None,
-               extra: dict[str, Any] | None = None) -> None:
+    def notice(self, text: str, level: str = "info", node: str | None = None) -> None:
         """Tell every subscriber something for the operator's event log."""
-        self._emit(Notice(text, level, node, extra or {}))
+        self._emit(Notice(text, level, node))
 
     def _set_node(self, status: NodeStatus) -> NodeStatus:
         if self.nodes.get(status.name) != status:
@@ -183,9 +191,22 @@ class Cluster:
         return list(await asyncio.gather(*(limited(i) for i in items)))
 
     def _status(self, node: NodeConfig, state: str, pid: int | None = None,
-                error: str = "") -> NodeStatus:
+                error: str = "", *, started_at: float | None = None,
+                probe_ms: int | None = None) -> NodeStatus:
         return self._set_node(NodeStatus(node.name, node.host, node.backend, state, pid,
-                                         node.endpoint, error))
+                                         node.endpoint, error, started_at, probe_ms))
+
+    def _started_at(self, name: str, proc: detached.ProcessState) -> float | None:
+        """The process's start on our clock; kept from the last probe when it agrees within
+        2 s (ps counts whole seconds), so an unchanged worker stays an unchanged status."""
+        if proc.elapsed_s is None:
+            return None
+        started = float(round(time.time() - proc.elapsed_s))
+        previous = self.nodes[name]
+        if previous.pid == proc.pid and previous.started_at is not None \
+                and abs(previous.started_at - started) <= 2:
+            return previous.started_at
+        return started
 
     @staticmethod
     def _rpc_address(node: NodeConfig) -> tuple[str, int]:
@@ -216,11 +237,15 @@ class Cluster:
         if self._locks[name].locked():
             return self.nodes[name]  # a start or stop is under way: it will say how it ended
         try:
+            asked = time.monotonic()
             proc = await detached.status(self.transport(name), self.node_state_dir(node),
                                          llama_rpc.listen_address(node))
+            probe_ms = _rounded_ms(time.monotonic() - asked)
             if proc.state == "running":
                 ready = await self._listening(node, proc)
-                return self._status(node, READY if ready else STARTING, proc.pid)
+                return self._status(node, READY if ready else STARTING, proc.pid,
+                                    started_at=self._started_at(name, proc), probe_ms=probe_ms)
+
             if proc.state == "dead":
                 tail = await detached.log_tail(self.transport(name), self.node_state_dir(node))
                 return self._status(node, FAILED, proc.pid,
@@ -258,6 +283,14 @@ class Cluster:
         return await asyncio.to_thread(_parse_coordinator_log, self._coordinator_log())
 
     async def layer_shares(self) -> tuple[LayerShare, ...]:
+        return (await self._shares_and_report())[0]
+
+    async def layer_map(self) -> LayerMap:
+        """Which node holds which block now: what llama-server loaded, else the plan."""
+        shares, report = await self._shares_and_report()
+        return llama_map(shares, report.offloaded[1] - 1 if report.offloaded else None)
+
+    async def _shares_and_report(self) -> tuple[tuple[LayerShare, ...], LoadReport]:
         placement, report = await asyncio.gather(
             asyncio.to_thread(_read_json, self._placement_file()), self.load_report())
         endpoints: dict[str, str] = placement.get("endpoints", {}) if placement else {}
@@ -274,7 +307,7 @@ class Cluster:
                 device.model_bytes if device else 0,
                 device.kv_bytes if device else 0,
                 device.compute_bytes if device else 0))
-        return tuple(shares)
+        return tuple(shares), report
 
     async def poll_throughput(self) -> ThroughputSample | None:
         if self._throughput is None:

@@ -107,7 +107,7 @@ echo "TORBIZ started $p closed"
 
 _STATUS = r"""
 port_state
-if alive; then echo "TORBIZ running $p $pstate"
+if alive; then echo "TORBIZ running $p $pstate $(ps -o etimes= -p "$p" 2>/dev/null | tr -cd 0-9)"
 elif [ -s "$d/pid" ]; then echo "TORBIZ dead $(cat "$d/pid" | tr -cd 0-9) $pstate"
 else echo "TORBIZ none - $pstate"; fi
 """
@@ -137,11 +137,14 @@ class ProcessState:
     pid: int | None = None
     error: str = ""
     port: str = "unknown"
+    elapsed_s: int | None = None  # seconds since the process started (ps etimes), if known
 
 
 def _running(rest: str) -> ProcessState:
-    pid, _, port = rest.partition(" ")
-    return ProcessState("running", _pid(pid), "", port.strip() or "unknown")
+    pid, _, rest = rest.partition(" ")
+    port, _, elapsed = rest.strip().partition(" ")
+    return ProcessState("running", _pid(pid), "", port.strip() or "unknown",
+                        int(elapsed) if elapsed.strip().isdigit() else None)
 
 
 def _script(template: str, state_dir: str, **subs: str) -> str:

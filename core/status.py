@@ -22,6 +22,8 @@ class NodeStatus:
     pid: int | None = None
     endpoint: str = ""
     error: str = ""
+    started_at: float | None = None  # the worker's start, unix time (this machine's clock)
+    probe_ms: int | None = None  # how long the last status round trip to the node took
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from tui.widgets.node_table import SPINNER, NodeTable
 from tui.widgets.status_line import StatusLine
 
 from .cluster_files import toml_text
+from .test_tui_pilot import wait_until
 
 SIZE = (140, 40)
 
@@ -65,11 +66,12 @@ async def test_status_line_counts_states(config: ClusterConfig) -> None:
         for name, state in (("gpu-a", READY), ("gpu-b", READY), ("cpu-c", STARTING),
                             ("cpu-d", FAILED)):
             app.post_message(node(config, name, state))
-        await pilot.pause()
-        assert "2 ready  ·  1 starting  ·  1 failed" in status_text(app)
+        # The status line redraws on the shared redraw clock (tui/redraw.py), not at once.
+        await wait_until(pilot, lambda: "2 ready  ·  1 starting  ·  1 failed" in status_text(app),
+                         "the counts")
         app.post_message(node(config, "cpu-d", UNREACHABLE, error="no SSH answer"))
         app.post_message(node(config, "cpu-c", STOPPED))
-        await pilot.pause()
+        await wait_until(pilot, lambda: "1 unreachable" in status_text(app), "the new counts")
         text = status_text(app)
         assert "0 starting" in text and "0 failed" in text
         assert "1 unreachable" in text and "1 stopped" in text
@@ -183,3 +185,87 @@ async def test_event_log_screen_gets_new_notices(config: ClusterConfig) -> None:
         app.post_message(TorbizApp.NoticeReceived(Notice("cpu-d: boom", "error", "cpu-d")))
         await pilot.pause()
         assert view.plain_lines()[-1] == "12:00:00 error   cpu-d: boom"
+
+
+async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
+        config: ClusterConfig) -> None:
+    from core.layer_map import llama_map
+    from core.status import LayerShare
+    from core.throughput import SlotProgress, ThroughputSample
+    from tui.widgets.layer_map import CELL, LayerMapView
+    from tui.widgets.throughput_panel import ThroughputPanel
+
+    app = make_app(config, live=False)
+    async with app.run_test(size=SIZE) as pilot:
+        view = app.main.query_one(LayerMapView)
+        assert "no model placed yet" in str(view.render())
+        shares = [LayerShare("gpu-a", "10.0.0.1:50052", 2, 3, 3, 12 << 20),
+                  LayerShare("gpu-b", "10.0.0.2:50052", 5, 3, 2, 8 << 20)]
+        app.post_message(TorbizApp.LayerMapUpdated(llama_map(shares, blocks=8)))
+        await pilot.pause()
+        text = view.render_map(view.map)  # type: ignore[arg-type]
+        plain = text.plain
+        assert plain.splitlines()[0] == "8 blocks, as loaded by llama-server"
+        assert plain.splitlines()[1] == CELL * 8
+        assert "coordinator (local CPU)" in plain and "0-2" in plain  # 8 - 3 - 2 = 3 there
+        assert "12.0 MiB" in plain and "= plan" in plain
+        assert "≠ planned 3 blocks, loaded 2" in plain
+        # Each node's cells carry its own colour, the coordinator's grey.
+        colours = {str(span.style) for span in text.spans if span.start >= len("8 blocks")}
+        assert {view.colour("gpu-a"), view.colour("gpu-b"), "grey62"} <= colours
+
+        panel = app.main.query_one(ThroughputPanel)
+        for rate in (5.0, 12.5):
+            app.post_message(TorbizApp.ThroughputUpdated(ThroughputSample(
+                at=0.0, gen_tps=rate, prompt_tps=40.0, requests_processing=1,
+                requests_deferred=2, decoded_total=10, prompt_tokens_total=30, slots_decoding=1,
+                slots=(SlotProgress(0, 7, True, 33, 15, 20, 20, rate),))))
+        await pilot.pause()
+        assert list(panel.generation)[-2:] == [5.0, 12.5]
+        shown = " ".join(str(w.render()) for w in panel.query("Static"))
+        assert "12.5 tok/s" in shown and "1 processing · 2 queued" in shown
+        assert "slot 0: 33 tokens (15 left)" in shown
+        app.post_message(TorbizApp.ThroughputUpdated(None, "coordinator stopped"))
+        await pilot.pause()
+        assert "coordinator stopped" in str(panel.query_one("#requests").render())
+
+
+def test_uptime_shows_whole_minutes_hours_and_days() -> None:
+    from tui.widgets.node_table import uptime
+
+    assert uptime(None) == "-"
+    assert [uptime(1000.0, now) for now in (1000.0, 1059.0, 1060.0, 1000.0 + 3599,
+                                            1000.0 + 3600 + 5 * 60, 1000.0 + 2 * 86400 + 4 * 3600)
+            ] == ["<1m", "<1m", "1m", "59m", "1h05", "2d04h"]
+
+
+def test_resource_cells_name_gpus_from_the_probe_never_from_words() -> None:
+    from core.probe import Gpu, NodeProbe
+    from tui.app import describe_resources
+
+    def probe(gpus: tuple[Gpu, ...] = ()) -> NodeProbe:
+        return NodeProbe("n", "Linux", "x86_64", 8, 32 << 30, 20 << 30, gpus, 0.0, 0.01,
+                         None, None, ())
+
+    assert describe_resources(probe()) == ("CPU 8c", "20.0 GiB")
+    two = tuple(Gpu(i, "NVIDIA GeForce RTX 3090", "nvidia", 24 << 30, 23 << 30)
+                for i in range(2))
+    assert describe_resources(probe(two)) == ("2x GeForce RTX 3090", "46.0 GiB")
+
+
+async def test_extra_cells_survive_status_changes_and_feed_the_filter(
+        config: ClusterConfig) -> None:
+    app = make_app(config, live=False)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.main.query_one(NodeTable)
+        app.post_message(node(config, "gpu-a", READY, pid=41))
+        await pilot.pause()
+        table.show_extra("gpu-a", device="RTX 4090", free="20.5 GiB", layers="0-3", tps="9.5")
+        assert table.get_cell("gpu-a", "device").plain == "RTX 4090"
+        assert table.get_cell("gpu-a", "tps").plain == "9.5"
+        app.post_message(node(config, "gpu-a", FAILED, pid=41, error="worker died"))
+        await pilot.pause()
+        assert table.get_cell("gpu-a", "layers").plain == "0-3"  # kept across the change
+        assert table.get_cell("gpu-a", "tps").plain == "-"  # not serving: no rate
+        table.set_filter("4090")
+        assert table.rows == ["gpu-a"]

@@ -61,6 +61,8 @@ async def _local_cluster(tmp_path: Path, gguf: Path) -> AsyncIterator[ClusterCon
     path.write_text(toml_text(
         {"name": "pilot", "state_dir": str(tmp_path / "state")}, nodes,
         model={"gguf": str(gguf), "context": 512},
+        # Every worker takes blocks (pack would keep the tiny model on the coordinator alone).
+        plan={"policy": "spread", "coordinator_layers": False},
         coordinator={"host": "127.0.0.1", "port": coordinator_port}))
     config = load_config(path)
     markers = [f"-p {port}" for port in rpc_ports] + [f"--port {coordinator_port}"]

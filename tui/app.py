@@ -19,8 +19,12 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
+from core.bringup import plan_now, preflight_and_plan
 from core.cluster import Cluster, ClusterError
-from core.config import ClusterConfig
+from core.config import ClusterConfig, NodeConfig
+from core.layer_map import LayerMap
+from core.placement import PlacementError, PlanRefused, format_placement
+from core.probe import NodeProbe, probe_node
 from core.status import (
     FAILED,
     READY,
@@ -33,6 +37,7 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from core.throughput import ThroughputSample
 
 from .commands import DashboardCommands
 from .log_stream import follow_forever
@@ -40,22 +45,30 @@ from .screens.dialogs import ConfirmScreen, QuitScreen
 from .screens.help import HelpScreen, HelpSection
 from .screens.logs import LogSource, LogsScreen
 from .screens.main import MainScreen
+from .screens.plan import PlanScreen
 from .text import sanitize
 from .widgets.coordinator_bar import CoordinatorBar
+from .widgets.layer_map import LayerMapView
 from .widgets.load_progress import LoadProgress
 from .widgets.log_pane import MAX_LINES, LogPane
 from .widgets.node_filter import NodeFilter
 from .widgets.node_table import PROBING, STOPPING, NodeTable
 from .widgets.status_line import StatusLine
+from .widgets.throughput_panel import ThroughputPanel
 
 REFRESH_INTERVAL = 2.0  # seconds between the end of one refresh and the start of the next
 REFRESH_MAX_BACKOFF = 30.0
 PROBE_PARALLEL = 16  # as the Cluster's own fan-out
+METRICS_INTERVAL = 1.0  # seconds between throughput polls (one in flight)
+RESOURCES_INTERVAL = 30.0  # seconds between resource probes (device, free memory)
+MAP_INTERVAL = 2.0  # layer map while the coordinator loads or nothing is loaded
+MAP_INTERVAL_LOADED = 15.0  # once llama-server has placed the model
 LOG_HISTORY = 200  # lines of a log shown in the pane when its stream opens
 
 CHANGES_CLUSTER = frozenset({"start_node", "stop_node", "restart_node", "start_coordinator",
                              "stop_coordinator", "up", "down"})
 NEEDS_NODE = frozenset({"start_node", "stop_node", "restart_node", "logs"})
+KEYED_ACTIONS = tuple(sorted(CHANGES_CLUSTER | NEEDS_NODE))  # the keys that can change state
 COORDINATOR = "coordinator"  # busy key for a coordinator action
 WHOLE_CLUSTER = "*"  # busy key for up/down
 # The core says this every 5 s while llama-server loads; the progress row shows it instead.
@@ -67,6 +80,20 @@ class PaletteCommand:
     title: str
     help: str
     run: Callable[[], object]
+
+
+def describe_resources(found: NodeProbe) -> tuple[str, str]:
+    """(device, free memory) cells: the GPUs' names and free VRAM, else CPU and free RAM."""
+    if found.gpus:
+        names = sorted({gpu.name.removeprefix("NVIDIA ").removeprefix("AMD ")
+                        for gpu in found.gpus})
+        device = f"{len(found.gpus)}x {names[0]}" if len(found.gpus) > 1 and len(names) == 1 \
+            else "+".join(names)
+        free = sum(gpu.free_bytes for gpu in found.gpus)
+    else:
+        device = f"CPU {found.cores}c" if found.cores else "CPU"
+        free = found.ram_available_bytes
+    return device, (f"{free / 2**30:.1f} GiB" if free else "-")
 
 
 def _clock() -> str:
@@ -94,7 +121,10 @@ class TorbizApp(App[int]):
                 tooltip="Start the coordinator (llama-server) over the ready workers"),
         Binding("c", "stop_coordinator", "Stop coord.",
                 tooltip="Stop the coordinator (asks first)"),
-        Binding("u", "up", "Up", tooltip="Bring the whole cluster up: workers, then coordinator"),
+        Binding("p", "plan", "Plan", tooltip="Preview the plan: which blocks go on which node, "
+                                             "from the model and each node's free memory"),
+        Binding("u", "up", "Up", tooltip="Bring the whole cluster up as planned: preflight, "
+                                         "workers, then the coordinator"),
         Binding("d", "down", "Down", tooltip="Take the whole cluster down (asks first)"),
         Binding("slash", "filter", "Filter", tooltip="Filter the nodes by name, host, state, "
                                                      "error ..."),
@@ -123,6 +153,29 @@ class TorbizApp(App[int]):
 
         def can_replace(self, message: Message) -> bool:
             return isinstance(message, TorbizApp.CoordinatorUpdated)
+
+    @dataclass
+    class LayerMapUpdated(Message):
+        layer_map: LayerMap | None
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, TorbizApp.LayerMapUpdated)
+
+    @dataclass
+    class ThroughputUpdated(Message):
+        sample: ThroughputSample | None
+        error: str = ""
+
+    @dataclass
+    class ResourcesUpdated(Message):
+        node: str
+        device: str
+        free: str
+
+    @dataclass
+    class PlanReady(Message):
+        text: str
+        refused: bool
 
     @dataclass
     class NoticeReceived(Message):
@@ -172,12 +225,14 @@ class TorbizApp(App[int]):
         self._busy: dict[Worker[None], str] = {}
         self._recent_errors: deque[str] = deque(maxlen=64)
         self._stale = False
+        self._keys: tuple[bool | None, ...] = ()
+        self._holding: set[str] = set()  # nodes the layer map shows holding blocks
         self._main: MainScreen | None = None
         self.title = f"torbiz · {config.name}"
         self.sub_title = self._mode()
 
     def get_default_screen(self) -> Screen[None]:
-        self._main = MainScreen(self.log_lines)
+        self._main = MainScreen(self.log_lines, [n.name for n in self.config.nodes])
         return self._main
 
     @property
@@ -196,6 +251,8 @@ class TorbizApp(App[int]):
         table.focus()
         if self.live:
             self.poll()
+            self.poll_metrics()
+            self.poll_resources()
 
     async def on_unmount(self) -> None:
         # The cluster keeps running: only our connections to it close.
@@ -248,6 +305,60 @@ class TorbizApp(App[int]):
         if COORDINATOR not in busy:
             await self.cluster.refresh_coordinator()
 
+    @work(exclusive=True, group="resources", exit_on_error=False)
+    async def poll_resources(self) -> None:
+        """Each node's device and free memory (one probe round trip per node, all in
+        parallel), every RESOURCES_INTERVAL; a node that cannot be probed shows "-"."""
+        limit = asyncio.Semaphore(PROBE_PARALLEL)
+
+        async def one(node: NodeConfig) -> None:
+            async with limit:
+                try:
+                    found = await probe_node(self.cluster.transport(node.name), timeout=20)
+                except Exception:  # unreachable: its status row says why
+                    self.post_message(self.ResourcesUpdated(node.name, "-", "-"))
+                    return
+            self.post_message(self.ResourcesUpdated(node.name, *describe_resources(found)))
+
+        while True:
+            await asyncio.gather(*(one(n) for n in self.config.nodes))
+            await asyncio.sleep(RESOURCES_INTERVAL)
+
+    @work(exclusive=True, group="metrics", exit_on_error=False)
+    async def poll_metrics(self) -> None:
+        """The layer map and the throughput, one poll of each in flight: throughput every
+        METRICS_INTERVAL while the coordinator serves; the map often while the coordinator
+        loads (its log fills in), rarely once it is loaded."""
+        next_map = 0.0
+        shown_idle = False
+        while True:
+            state = self.cluster.coordinator.state
+            swarm = any(n.backend == "petals" for n in self.config.nodes)
+            now = time.monotonic()
+            if now >= next_map:
+                layer_map = None
+                if state in (STARTING, READY) or swarm:
+                    try:
+                        layer_map = await self.cluster.layer_map()
+                    except Exception as exc:  # the map is a view: never stop the app for it
+                        self._record("warning", f"layer map: {exc}")
+                self.post_message(self.LayerMapUpdated(layer_map))
+                loaded = layer_map is not None and layer_map.source != "plan"
+                next_map = now + (MAP_INTERVAL_LOADED if state == READY and loaded
+                                  else MAP_INTERVAL)
+            if state == READY:
+                shown_idle = False
+                try:
+                    sample = await self.cluster.poll_throughput()
+                    self.post_message(self.ThroughputUpdated(
+                        sample, "" if sample is not None else "no answer from /metrics"))
+                except Exception as exc:
+                    self.post_message(self.ThroughputUpdated(None, f"throughput: {exc}"))
+            elif not shown_idle:
+                shown_idle = True
+                self.post_message(self.ThroughputUpdated(None, f"coordinator {state}"))
+            await asyncio.sleep(METRICS_INTERVAL)
+
     @work(exclusive=True, group="log", exit_on_error=False)
     async def follow_log(self, name: str) -> None:
         """Stream `name`'s log into the pane; replaced (cancelled) when the selection changes."""
@@ -281,10 +392,25 @@ class TorbizApp(App[int]):
 
     @work(group="cluster-action", exit_on_error=False)
     async def cluster_up(self) -> None:
+        """As `torbiz-tui up`: the preflight, the plan, then only the plan's workers and the
+        coordinator placing exactly the plan."""
         try:
-            await self.cluster.up()
+            placement = await preflight_and_plan(self.cluster)
+            self.cluster.notice(f"plan ({self.config.plan.policy}): " + ", ".join(
+                f"{name} blocks {first}-{first + count - 1}"
+                for name, first, count in placement.plan.rpc_spans()))
+            await self.cluster.up(placement.plan.rpc_spans())
         except ClusterError as exc:
             self.post_message(self.ActionProblems(exc.problems))
+
+    @work(group="plan", exclusive=True, exit_on_error=False)
+    async def plan_preview(self) -> None:
+        try:
+            placement = await plan_now(self.cluster)
+            text, refused = format_placement(placement), False
+        except (PlacementError, PlanRefused) as exc:
+            text, refused = str(exc), True
+        self.post_message(self.PlanReady(text, refused))
 
     @work(group="cluster-action", exit_on_error=False)
     async def cluster_down(self) -> None:
@@ -327,9 +453,10 @@ class TorbizApp(App[int]):
     def _node_updated(self, message: NodeUpdated) -> None:
         if self._shutting_down():
             return
-        self.main.query_one(NodeTable).show_node(message.status)
-        if message.status.name == self._selected():  # only its keys depend on it
-            self.refresh_bindings()
+        table = self.main.query_one(NodeTable)
+        table.show_node(message.status)
+        if message.status.name == table.selected:  # the keys depend on no other node
+            self._refresh_keys()
 
     @on(CoordinatorUpdated)
     def _coordinator_updated(self, message: CoordinatorUpdated) -> None:
@@ -337,7 +464,7 @@ class TorbizApp(App[int]):
             return
         self.main.query_one(CoordinatorBar).status = message.status
         self._show_loading(message.status.state)
-        self.refresh_bindings()
+        self._refresh_keys()
 
     def _show_loading(self, state: str) -> None:
         progress = self.main.query_one(LoadProgress)
@@ -345,6 +472,49 @@ class TorbizApp(App[int]):
             progress.start()
         else:
             progress.stop()
+
+    @on(LayerMapUpdated)
+    def _layer_map_updated(self, message: LayerMapUpdated) -> None:
+        if self._shutting_down():
+            return
+        layer_map = message.layer_map
+        self.main.query_one(LayerMapView).show_map(layer_map)
+        table = self.main.query_one(NodeTable)
+        held = {span.node: span for span in layer_map.spans} if layer_map else {}
+        self._holding = set(held)
+        for node in self.config.nodes:
+            span = held.get(node.name)
+            table.show_extra(node.name, layers="-" if span is None or not span.count else
+                             f"{span.first}-{span.last}" if span.count > 1 else str(span.first))
+
+    @on(ThroughputUpdated)
+    def _throughput_updated(self, message: ThroughputUpdated) -> None:
+        if self._shutting_down():
+            return
+        self.main.query_one(ThroughputPanel).show_sample(message.sample, message.error)
+        # Every worker holding layers takes part in every token (llama.cpp runs the blocks
+        # in turn): each one's rate is the coordinator's.
+        rate = f"{message.sample.gen_tps:.1f}" if message.sample is not None else "-"
+        table = self.main.query_one(NodeTable)
+        for node in self.config.nodes:
+            if node.backend == "llama-rpc":
+                table.show_extra(node.name, tps=rate if node.name in self._holding else "-")
+
+    @on(ResourcesUpdated)
+    def _resources_updated(self, message: ResourcesUpdated) -> None:
+        if not self._shutting_down():
+            self.main.query_one(NodeTable).show_extra(message.node, device=message.device,
+                                                      free=message.free)
+
+    @on(PlanReady)
+    def _plan_ready(self, message: PlanReady) -> None:
+        def answered(up: bool | None) -> None:
+            if up and self.check_action("up", ()):
+                self.action_up()
+
+        if not self._shutting_down():
+            self.push_screen(PlanScreen(message.text, refused=message.refused,
+                                        read_only=self.read_only), answered)
 
     @on(NoticeReceived)
     def _notice(self, message: NoticeReceived) -> None:
@@ -407,7 +577,7 @@ class TorbizApp(App[int]):
             self.sub_title = self._mode()
         self._stale = bool(message.error)
         self.main.query_one(StatusLine).show_stale(self._stale)
-        self.refresh_bindings()
+        self._refresh_keys()
 
     @on(NodeTable.NodeSelected)
     def _node_selected(self, message: NodeTable.NodeSelected) -> None:
@@ -420,7 +590,7 @@ class TorbizApp(App[int]):
             pane.add_note(node.name, f"-- {node.name}: the worker log's last {LOG_HISTORY} "
                                      "lines, then new lines as they come --")
             self.follow_log(node.name)
-        self.refresh_bindings()
+        self._refresh_keys()
 
     @on(NodeTable.NodeOpened)
     def _node_opened(self, message: NodeTable.NodeOpened) -> None:
@@ -437,7 +607,7 @@ class TorbizApp(App[int]):
     def _filter_changed(self, message: NodeFilter.FilterChanged) -> None:
         self.main.query_one(NodeTable).set_filter(message.text)
         self.main.query_one(StatusLine).show_filter(message.text)
-        self.refresh_bindings()
+        self._refresh_keys()
 
     @on(NodeFilter.FilterDone)
     def _filter_done(self) -> None:
@@ -476,7 +646,7 @@ class TorbizApp(App[int]):
         bar = self.main.query_one(CoordinatorBar)
         if key in (COORDINATOR, WHOLE_CLUSTER) and bar.status.state == STOPPING:
             bar.status = self.cluster.coordinator
-        self.refresh_bindings()
+        self._refresh_keys()
 
     # ---- actions --------------------------------------------------------------------------
 
@@ -490,7 +660,17 @@ class TorbizApp(App[int]):
 
     def _mark_busy(self, worker: Worker[None], key: str) -> None:
         self._busy[worker] = key
-        self.refresh_bindings()
+        self._refresh_keys()
+
+    def _refresh_keys(self) -> None:
+        """Redraw the footer only when a key's state changed: a redraw rebuilds every key, and
+        most node updates change none."""
+        if self._shutting_down():
+            return
+        keys = tuple(self.check_action(action, ()) for action in KEYED_ACTIONS)
+        if keys != self._keys:
+            self._keys = keys
+            self.refresh_bindings()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """False hides a key (read-only mode), None greys it out (makes no sense right now)."""
@@ -590,6 +770,11 @@ class TorbizApp(App[int]):
         url = self.main.query_one(CoordinatorBar).status.url
         self.push_screen(ConfirmScreen(f"Stop the coordinator ({url})? Requests in flight "
                                        "are cut off."), answered)
+
+    def action_plan(self) -> None:
+        self.notify("planning: reading the model and every node's free memory ...",
+                    timeout=3)
+        self.plan_preview()
 
     def action_up(self) -> None:
         self._mark_busy(self.cluster_up(), WHOLE_CLUSTER)

@@ -22,6 +22,8 @@ _CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
 def sanitize(line: str) -> str:
     """`line` without escape sequences or control characters (tabs stay); CR in the middle of
     a line becomes a space so nothing can overwrite what came before it."""
+    if line.isprintable():  # the common case, in C: no escape, control or format character
+        return line
     line = _ESCAPES.sub("", line).rstrip("\r\n")
     line = line.replace("\r", " ").replace("\n", " ")
     return _CONTROLS.sub("", line)

@@ -6,14 +6,16 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Footer, Header
 
 from ..widgets.coordinator_bar import CoordinatorBar
+from ..widgets.layer_map import LayerMapView
 from ..widgets.load_progress import LoadProgress
 from ..widgets.log_pane import LogPane
 from ..widgets.node_filter import NodeFilter
 from ..widgets.node_table import NodeTable
 from ..widgets.status_line import StatusLine
+from ..widgets.throughput_panel import ThroughputPanel
 
 
 class MainScreen(Screen[None]):
@@ -23,9 +25,10 @@ class MainScreen(Screen[None]):
     class Ready(Message):
         """The widgets are mounted: the app may fill them and start polling."""
 
-    def __init__(self, log_lines: int) -> None:
+    def __init__(self, log_lines: int, node_order: list[str]) -> None:
         super().__init__(id="main")
         self.log_lines = log_lines
+        self.node_order = node_order
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -35,15 +38,9 @@ class MainScreen(Screen[None]):
         with Horizontal(id="coordinator-row"):
             yield CoordinatorBar()
             yield LoadProgress()
-        # Issue 3 mounts its widgets here: the layer map replaces #layer-map and the
-        # throughput panel #throughput (same ids, or mount into #panels and remove these).
         with Horizontal(id="panels"):
-            layer_map = Static("not shown by this version yet", id="layer-map")
-            layer_map.border_title = "layers"
-            yield layer_map
-            throughput = Static("not shown by this version yet", id="throughput")
-            throughput.border_title = "throughput"
-            yield throughput
+            yield LayerMapView(self.node_order, id="layer-map")
+            yield ThroughputPanel(id="throughput")
         yield LogPane(self.log_lines)
         yield Footer()
 

@@ -6,6 +6,7 @@ only change how the visible lines are drawn.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -17,6 +18,9 @@ from textual.geometry import Size
 from textual.reactive import var
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
+from textual.timer import Timer
+
+from ..redraw import FLOOD_INTERVAL, FLOOD_LINES, LOG_INTERVAL, until_next_slot
 
 MAX_LINES = 5_000
 MAX_LINE_CHARS = 4_096  # one runaway line must not cost more than a screenful
@@ -55,6 +59,12 @@ class LogView(ScrollView, can_focus=True):
         self._search = ""
         self._match: int | None = None  # absolute line of the current match
         self._strips: LRUCache[tuple[int, int], Strip] = LRUCache(1024)
+        self._base: Style | None = None  # the widget's own style, kept between style changes
+        self._pending_shift = 0
+        self._lines_since_redraw = 0
+        self._last_redraw = 0.0
+        self._flooded = False
+        self._redraw_timer: Timer | None = None
 
     # ---- content ----------------------------------------------------------------------------
 
@@ -66,6 +76,7 @@ class LogView(ScrollView, can_focus=True):
         return [text for text, _ in self._lines]
 
     def clear(self) -> None:
+        self._pending_shift = 0
         self._first += len(self._lines)
         self._lines.clear()
         self._rows.clear()
@@ -96,6 +107,7 @@ class LogView(ScrollView, can_focus=True):
             added += 1
         if not added:
             return
+        self._lines_since_redraw += added
         dropped = len(self._lines) - self.max_lines
         dropped_rows = 0
         if dropped > 0:
@@ -108,12 +120,36 @@ class LogView(ScrollView, can_focus=True):
             if self._match is not None and self._match < self._first:
                 self._match = None
             self._strips.clear()  # rows moved under the cache's keys
+            self._pending_shift += dropped_rows if self.wrap else dropped
+        self._schedule_redraw()
+
+    def _schedule_redraw(self) -> None:
+        """Redraw on the next slot of the shared redraw clock, in the same frames as the other
+        widgets: at most 1 / LOG_INTERVAL redraws a second, and 1 / FLOOD_INTERVAL while lines
+        pour in faster than anyone reads them (a redraw of the whole pane is the costly part)."""
+        if self._redraw_timer is None:
+            interval = FLOOD_INTERVAL if self._flooded else LOG_INTERVAL
+            self._redraw_timer = self.set_timer(until_next_slot(interval), self._redraw)
+
+    def _flush(self) -> None:
+        """Apply a pending redraw now: what reads the view's position (search, wrap) must see
+        the lines appended since the last one."""
+        if self._redraw_timer is not None:
+            self._redraw_timer.stop()
+            self._redraw()
+
+    def _redraw(self) -> None:
+        self._redraw_timer = None
+        now = time.monotonic()
+        rate = self._lines_since_redraw / max(now - self._last_redraw, 0.01)
+        self._flooded = rate > FLOOD_LINES
+        self._last_redraw, self._lines_since_redraw = now, 0
+        shift, self._pending_shift = self._pending_shift, 0
         self._update_virtual_size()
         if self.following:
             self._scroll_to_end()
-        elif dropped > 0:
-            # Keep the lines being read where they are while older ones scroll out of memory.
-            shift = dropped_rows if self.wrap else dropped
+        elif shift:
+            # Keep the lines being read where they are while older ones leave memory.
             self.scroll_to(y=max(0, self.scroll_y - shift), animate=False)
         self.refresh()
 
@@ -143,6 +179,7 @@ class LogView(ScrollView, can_focus=True):
             self._scroll_to_end()
 
     def watch_wrap(self, wrap: bool) -> None:
+        self._flush()
         top = self._top_line()
         if wrap:
             self._rebuild_rows(self.scrollable_content_region.width or self.size.width)
@@ -175,6 +212,7 @@ class LogView(ScrollView, can_focus=True):
     def set_search(self, term: str) -> tuple[int, int]:
         """Highlight `term` (case-insensitive) and go to its first match at or below the top
         of the view; (position, count) of that match, (0, 0) when there is none."""
+        self._flush()
         self._search = term.casefold()
         self._match = None
         self._strips.clear()
@@ -186,6 +224,7 @@ class LogView(ScrollView, can_focus=True):
         return self._go_to_match(start, forward=True)
 
     def next_match(self, forward: bool = True) -> tuple[int, int]:
+        self._flush()
         if not self._search:
             return 0, 0
         if self._match is not None:
@@ -242,8 +281,9 @@ class LogView(ScrollView, can_focus=True):
             row = absolute - self._first
         height = self.scrollable_content_region.height or self.size.height
         y = row - height // 2 if center else row
+        # force: the virtual size may have grown in this same call (see _scroll_to_end).
         self.scroll_to(y=max(0, min(y, max(0, self.virtual_size.height - height))),
-                       animate=False)
+                       animate=False, force=True)
 
     # ---- scrolling by hand turns following off ----------------------------------------------
 
@@ -270,6 +310,7 @@ class LogView(ScrollView, can_focus=True):
     def notify_style_update(self) -> None:
         super().notify_style_update()
         self._strips.clear()
+        self._base = None
 
     def _styled(self, absolute: int) -> Text:
         line, note = self._lines[absolute - self._first]
@@ -308,7 +349,9 @@ class LogView(ScrollView, can_focus=True):
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         width = self.scrollable_content_region.width or self.size.width
-        base = self.rich_style
+        if self._base is None:
+            self._base = self.rich_style
+        base = self._base
         row = scroll_y + y
         if self.wrap:
             if row >= len(self._rows):

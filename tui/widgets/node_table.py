@@ -1,20 +1,32 @@
-"""The node table: one row per node, diffed by row key, never rebuilt."""
+"""The node table: one row per node, diffed by row key, never rebuilt.
+
+A line-API widget rather than Textual's DataTable: DataTable keys every render cache on one
+table-wide counter, so a single `update_cell` re-renders every visible cell (measured in
+bench/dashboard.py: 64 updates a second cost half a core). Here a changed cell re-renders its
+own row only; every other row is a cached strip.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 
+from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
-from textual import on
-from textual.coordinate import Coordinate
+from textual import events
+from textual.binding import Binding
+from textual.geometry import Region, Size
 from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
 from textual.timer import Timer
-from textual.widgets import DataTable
 
 from core.status import FAILED, READY, STARTING, STATES, STOPPED, UNREACHABLE, NodeStatus
 
+from ..redraw import TABLE_INTERVAL, until_next_slot
 from ..text import sanitize
 
 # States of ours, shown while the core has not spoken yet or is busy on the node.
@@ -27,26 +39,59 @@ SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 SPINNING = frozenset({STARTING, STOPPING, PROBING})
 SPIN_INTERVAL = 1 / 8
 
-# (column key, label, fixed width or None for automatic)
+# (column key, label, fixed width or None: as wide as the widest value, at most AUTO_MAX)
 COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("name", "NODE", None),
     ("host", "HOST", None),
     ("backend", "BACKEND", None),
+    ("device", "DEVICE", None),
+    ("free", "FREE", 9),
+    ("layers", "LAYERS", None),
     ("state", "STATE", 13),
-    ("pid", "PID", 8),
+    ("latency", "RTT", 6),
+    ("tps", "TOK/S", 6),
+    ("uptime", "UP", 6),
     ("endpoint", "ENDPOINT", None),
     ("error", "ERROR", 48),
 )
-FILTERED = ("name", "host", "backend", "state", "endpoint", "error")
+# Cells that come from elsewhere than the node's status: the resource probe (device, free
+# memory), the layer map, the coordinator's throughput. Kept per node across status changes.
+EXTRA = ("device", "free", "layers", "tps")
+UPTIME_INTERVAL = 15.0  # seconds between uptime redraws (they show whole minutes)
+AUTO_MAX = 32
+FLEXIBLE, FLEXIBLE_MIN = "error", 12
+PADDING = 1  # cells each side of a value
+FILTERED = ("name", "host", "backend", "device", "state", "endpoint", "error")
 
 
-class NodeTable(DataTable[Text]):
-    """Rows keyed by node name; `show_node` changes only the cells whose text changed.
+def uptime(started_at: float | None, now: float | None = None) -> str:
+    """Whole minutes, hours, days: `<1m`, `42m`, `3h05`, `2d04h`."""
+    if started_at is None:
+        return "-"
+    seconds = max(0, int((time.time() if now is None else now) - started_at))
+    minutes = seconds // 60
+    if minutes < 1:
+        return "<1m"
+    if minutes < 60:
+        return f"{minutes}m"
+    hours = minutes // 60
+    if hours < 24:
+        return f"{hours}h{minutes % 60:02d}"
+    return f"{hours // 24}d{hours % 24:02d}h"
 
-    A filter removes the rows that do not match and adds them back in their first order; what
-    every node shows is kept for all nodes, filtered or not."""
 
-    COMPONENT_CLASSES = {f"node-table--{state}" for state in (*STATES, PROBING, STOPPING)}
+class NodeTable(ScrollView, can_focus=True):
+    """Rows keyed by node name, in their first order; `show_node` redraws only the row that
+    changed. A filter hides the rows that do not match; what every node shows is kept for all
+    nodes, filtered or not."""
+
+    COMPONENT_CLASSES = {
+        "node-table--header", "node-table--cursor",
+        *(f"node-table--{state}" for state in (*STATES, PROBING, STOPPING)),
+    }
+    BINDINGS = [Binding("enter", "open", "Logs", show=False)]
+
+    cursor_row: reactive[int] = reactive(0, init=False)
 
     @dataclass
     class NodeSelected(Message):
@@ -56,7 +101,7 @@ class NodeTable(DataTable[Text]):
 
     @dataclass
     class NodeOpened(Message):
-        """Enter on a node: show its log full screen."""
+        """Enter (or a click on the selected row): show its log full screen."""
 
         name: str
 
@@ -69,35 +114,51 @@ class NodeTable(DataTable[Text]):
         total: int
 
     def __init__(self) -> None:
-        super().__init__(cursor_type="row")
-        self._shown: dict[str, dict[str, str]] = {}
-        self._order: dict[str, int] = {}
-        self._visible: set[str] = set()
+        super().__init__()
+        self._shown: dict[str, dict[str, str]] = {}  # every node, in first-seen order
+        self._rows: list[str] = []  # the visible nodes, in that order
+        self._index: dict[str, int] = {}  # visible node -> row number
+        self._strips: dict[str, Strip] = {}  # rendered rows, without the cursor
+        self._widths = {key: width or len(label) for key, label, width in COLUMNS}
+        self._header: Strip | None = None
         self._selected: str | None = None
         self._filter = ""
         self._counts: Counter[str] = Counter()
         self._spinning: set[str] = set()
         self._frame = 0
         self._spin_timer: Timer | None = None
+        self._dirty: set[str] = set()
+        self._base: Style | None = None
+        self._cursor_style: Style | None = None
+        self._dirty_timer: Timer | None = None
+        self._extra: dict[str, dict[str, str]] = {}
+        self._status: dict[str, NodeStatus] = {}
 
     def on_mount(self) -> None:
         self.border_title = "nodes"
-        for key, label, width in COLUMNS:
-            self.add_column(label, key=key, width=width)
         if self.app.animation_level != "none":  # snapshots and tests see a still frame
             self._spin_timer = self.set_interval(SPIN_INTERVAL, self._spin, pause=True)
+            self.set_interval(UPTIME_INTERVAL, self._tick_uptimes)
+        self._update_size()
 
     # ---- what the table shows ---------------------------------------------------------------
+
+    @property
+    def row_count(self) -> int:
+        return len(self._rows)
+
+    @property
+    def rows(self) -> list[str]:
+        """The nodes shown, top to bottom."""
+        return list(self._rows)
 
     @property
     def selected(self) -> str | None:
         """The node under the cursor now (not when its message is handled: a key pressed right
         after `j` acts on the row the cursor moved to)."""
-        if not self.row_count:
+        if not self._rows:
             return None
-        row = min(max(self.cursor_row, 0), self.row_count - 1)
-        name = self.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value
-        return name if name in self._visible else None
+        return self._rows[min(max(self.cursor_row, 0), len(self._rows) - 1)]
 
     @property
     def filter_text(self) -> str:
@@ -112,26 +173,52 @@ class NodeTable(DataTable[Text]):
         row = self._shown.get(name)
         return row["state"] if row else None
 
+    def get_cell(self, name: str, key: str) -> Text:
+        """The cell as drawn (glyph and all), for tests and tools."""
+        return self._cell(key, self._shown[name][key])
+
     def _cells(self, status: NodeStatus) -> dict[str, str]:
+        extra = self._extra.get(status.name, {})
+        running = status.state in (READY, STARTING)
         return {
-            "name": status.name,
-            "host": status.host,
-            "backend": status.backend,
-            "state": status.state,
-            "pid": str(status.pid) if status.pid else "-",
-            "endpoint": status.endpoint,
-            "error": status.error,
+            "name": sanitize(status.name),
+            "host": sanitize(status.host),
+            "backend": sanitize(status.backend),
+            "device": extra.get("device", "-"),
+            "free": extra.get("free", "-"),
+            "layers": extra.get("layers", "-"),
+            "state": sanitize(status.state),
+            "latency": f"{status.probe_ms}ms" if status.probe_ms is not None else "-",
+            "tps": extra.get("tps", "-") if status.state == READY else "-",
+            "uptime": uptime(status.started_at) if running else "-",
+            "endpoint": sanitize(status.endpoint),
+            "error": sanitize(status.error),
         }
 
-    def _text(self, key: str, value: str) -> Text:
+    def show_extra(self, name: str, **cells: str) -> None:
+        """Cells the node's status does not carry (see EXTRA): device, free, layers, tps."""
+        extra = self._extra.setdefault(name, {})
+        cells = {key: sanitize(value) for key, value in cells.items() if key in EXTRA}
+        if all(extra.get(key) == value for key, value in cells.items()):
+            return
+        extra.update(cells)
+        status = self._status.get(name)
+        if status is not None:
+            self.show_node(status)
+
+    def _tick_uptimes(self) -> None:
+        for status in self._status.values():
+            if status.started_at is not None:
+                self.show_node(status)
+
+    def _cell(self, key: str, value: str) -> Text:
         if key != "state":
-            return Text(sanitize(value), no_wrap=True, overflow="ellipsis")
+            return Text(value, no_wrap=True, end="")
         glyph = SPINNER[self._frame % len(SPINNER)] if value in SPINNING \
             else GLYPHS.get(value, " ")
-        text = Text(f"{glyph} {sanitize(value)}", no_wrap=True, overflow="ellipsis")
-        text.stylize(self.get_component_rich_style(f"node-table--{value}", partial=True,
-                                                   default=Style()))
-        return text
+        return Text(f"{glyph} {value}", no_wrap=True, end="",
+                    style=self.get_component_rich_style(f"node-table--{value}", partial=True,
+                                                        default=Style()))
 
     def _matches(self, cells: dict[str, str]) -> bool:
         needle = self._filter.casefold()
@@ -139,11 +226,11 @@ class NodeTable(DataTable[Text]):
 
     def show_node(self, status: NodeStatus) -> None:
         name = status.name
+        self._status[name] = status
         cells = self._cells(status)
         shown = self._shown.get(name)
-        self._order.setdefault(name, len(self._order))
-        visible = self._matches(cells)
-        was_visible = name in self._visible
+        if shown == cells:
+            return
         if shown is None or shown["state"] != cells["state"]:
             if shown is not None:
                 self._counts[shown["state"]] -= 1
@@ -151,36 +238,50 @@ class NodeTable(DataTable[Text]):
             counts_changed = True
         else:
             counts_changed = False
-        if visible and not was_visible:
-            self._add_row(name, cells)
-            if any(self._order[other] > self._order[name] for other in self._visible):
-                self._sort_rows()
-        elif not visible and was_visible:
-            self.remove_row(name)
-            self._visible.discard(name)
-        elif visible and shown is not None:
-            for key, value in cells.items():
-                if shown[key] != value:
-                    self.update_cell(name, key, self._text(key, value))
         self._shown[name] = cells
+        self._strips.pop(name, None)
         self._set_spinning(name, cells["state"] in SPINNING)
+        was_visible = name in self._index
+        visible = self._matches(cells)
+        widened = self._widen(cells)
+        if visible != was_visible:
+            self._layout_rows()
+        elif visible and not widened:
+            self._mark_dirty(name)
         if counts_changed or visible != was_visible:
             self._post_counts()
-        if not visible or self._selected is None:
-            self._reconcile_cursor()
 
-    def _add_row(self, name: str, cells: dict[str, str]) -> None:
-        self.add_row(*(self._text(k, cells[k]) for k, _, _ in COLUMNS), key=name)
-        self._visible.add(name)
+    def _widen(self, cells: dict[str, str]) -> bool:
+        """Auto columns grow to fit a longer value (they never shrink while shown)."""
+        grew = False
+        for key, _, fixed in COLUMNS:
+            if fixed is None:
+                wanted = min(AUTO_MAX, len(cells[key]) + (2 if key == "state" else 0))
+                if wanted > self._widths[key]:
+                    self._widths[key] = wanted
+                    grew = True
+        if grew:
+            self._strips.clear()
+            self._header = None
+            self._update_size()
+            self.refresh()
+        return grew
 
-    def _sort_rows(self) -> None:
-        if self.row_count > 1:
-            order = self._order
-            self.sort("name", key=lambda name: order.get(name.plain, 0))
+    def _layout_rows(self) -> None:
+        """The visible rows changed: renumber them and keep the cursor on its node."""
+        before = self.selected
+        self._rows = [name for name, cells in self._shown.items() if self._matches(cells)]
+        self._index = {name: row for row, name in enumerate(self._rows)}
+        self._update_size()
+        if before in self._index:
+            self._set_cursor(self._index[before])
+        else:
+            self._set_cursor(min(self.cursor_row, max(0, len(self._rows) - 1)))
+        self.refresh()
 
     def _post_counts(self) -> None:
         self.post_message(self.CountsChanged({k: v for k, v in self._counts.items() if v},
-                                             len(self._visible), len(self._shown)))
+                                             len(self._rows), len(self._shown)))
 
     # ---- filter and selection ---------------------------------------------------------------
 
@@ -190,61 +291,83 @@ class NodeTable(DataTable[Text]):
         if text == self._filter:
             return
         self._filter = text
-        changed = False
-        for name in sorted(self._shown, key=self._order.__getitem__):
-            cells = self._shown[name]
-            if self._matches(cells) and name not in self._visible:
-                self._add_row(name, cells)
-                changed = True
-            elif not self._matches(cells) and name in self._visible:
-                self.remove_row(name)
-                self._visible.discard(name)
-                changed = True
-        if changed:
-            self._sort_rows()
+        before = list(self._rows)
+        self._layout_rows()
+        if self._rows != before:
             self._post_counts()
-        self._reconcile_cursor()
 
     def select(self, name: str) -> bool:
         """Move the cursor to `name`; False when the filter hides it."""
-        if name not in self._visible:
+        if name not in self._index:
             return False
-        self.move_cursor(row=self.get_row_index(name))
-        self._note_selection(name)
+        self._set_cursor(self._index[name])
         return True
 
-    def _reconcile_cursor(self) -> None:
-        """Keep the selection on a visible row: the one selected before when it still shows."""
-        if not self._visible:
-            return
-        if self._selected in self._visible:
-            index = self.get_row_index(self._selected)
-            if index != self.cursor_row:
-                self.move_cursor(row=index)
-            return
-        row = min(max(self.cursor_row, 0), self.row_count - 1)
-        name = self.coordinate_to_cell_key((row, 0)).row_key.value
-        if name is not None:
-            self.move_cursor(row=row)
-            self._note_selection(name)
+    def _set_cursor(self, row: int) -> None:
+        row = min(max(row, 0), max(0, len(self._rows) - 1))
+        if row != self.cursor_row:
+            self.cursor_row = row
+        else:
+            self._note_selection()
+        self._scroll_cursor_into_view()
 
-    def _note_selection(self, name: str) -> None:
-        if name != self._selected:
+    def watch_cursor_row(self, old: int, new: int) -> None:
+        for row in (old, new):
+            if 0 <= row < len(self._rows):
+                self._refresh_row(self._rows[row])
+        self._note_selection()
+
+    def _note_selection(self) -> None:
+        name = self.selected
+        if name is not None and name != self._selected:
             self._selected = name
             self.post_message(self.NodeSelected(name))
 
-    @on(DataTable.RowHighlighted)
-    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        event.stop()
-        name = event.row_key.value
-        if name is not None:
-            self._note_selection(name)
+    def _scroll_cursor_into_view(self) -> None:
+        # The header keeps the first line: height - 1 rows show, from row scroll_y on.
+        shown = max(1, self.size.height - 1)
+        top = int(self.scroll_y)
+        if self.cursor_row < top:
+            self.scroll_to(y=self.cursor_row, animate=False, force=True)
+        elif self.cursor_row >= top + shown:
+            self.scroll_to(y=self.cursor_row - shown + 1, animate=False, force=True)
 
-    @on(DataTable.RowSelected)
-    def _row_selected(self, event: DataTable.RowSelected) -> None:
-        event.stop()
-        if event.row_key.value is not None:
-            self.post_message(self.NodeOpened(event.row_key.value))
+    def action_cursor_down(self) -> None:
+        self._set_cursor(self.cursor_row + 1)
+
+    def action_cursor_up(self) -> None:
+        self._set_cursor(self.cursor_row - 1)
+
+    # The container's scroll keys move the cursor instead.
+    def action_scroll_down(self) -> None:
+        self.action_cursor_down()
+
+    def action_scroll_up(self) -> None:
+        self.action_cursor_up()
+
+    def action_page_down(self) -> None:
+        self._set_cursor(self.cursor_row + max(1, self.size.height - 2))
+
+    def action_page_up(self) -> None:
+        self._set_cursor(self.cursor_row - max(1, self.size.height - 2))
+
+    def action_scroll_home(self) -> None:
+        self._set_cursor(0)
+
+    def action_scroll_end(self) -> None:
+        self._set_cursor(len(self._rows) - 1)
+
+    def action_open(self) -> None:
+        if self.selected is not None:
+            self.post_message(self.NodeOpened(self.selected))
+
+    def on_click(self, event: events.Click) -> None:
+        row = int(self.scroll_y) + event.y - 1
+        if event.y >= 1 and 0 <= row < len(self._rows):
+            if row == self.cursor_row:
+                self.action_open()
+            else:
+                self._set_cursor(row)
 
     # ---- spinner ----------------------------------------------------------------------------
 
@@ -261,5 +384,110 @@ class NodeTable(DataTable[Text]):
 
     def _spin(self) -> None:
         self._frame += 1
-        for name in self._spinning & self._visible:
-            self.update_cell(name, "state", self._text("state", self._shown[name]["state"]))
+        for name in self._spinning:
+            self._strips.pop(name, None)
+            if name in self._index:
+                self._mark_dirty(name)
+
+    # ---- rendering --------------------------------------------------------------------------
+
+    def _table_width(self) -> int:
+        return sum(width + 2 * PADDING for width in self._widths.values())
+
+    def _update_size(self) -> None:
+        # The last column (the error) takes the width the others leave, but at least its own.
+        others = sum(w + 2 * PADDING for k, w in self._widths.items() if k != FLEXIBLE)
+        flexible = max(FLEXIBLE_MIN, self.size.width - others - 2 * PADDING)
+        if flexible != self._widths[FLEXIBLE]:
+            self._widths[FLEXIBLE] = flexible
+            self._strips.clear()
+            self._header = None
+        self.virtual_size = Size(self._table_width(), len(self._rows) + 1)
+
+    def on_resize(self) -> None:
+        self._update_size()
+        self.refresh()
+
+    def _mark_dirty(self, name: str) -> None:
+        """A row's data changed: redraw it on the next slot of the shared redraw clock, so a
+        burst of updates is one frame (the cursor, moved by the operator, redraws at once)."""
+        self._dirty.add(name)
+        if self._dirty_timer is None:
+            self._dirty_timer = self.set_timer(until_next_slot(TABLE_INTERVAL),
+                                               self._redraw_dirty)
+
+    def _redraw_dirty(self) -> None:
+        self._dirty_timer = None
+        dirty, self._dirty = self._dirty, set()
+        for name in dirty:
+            self._refresh_row(name)
+
+    def _refresh_row(self, name: str) -> None:
+        """Repaint the line of `name` if it is on screen (a region off it would repaint
+        whatever lies there: other widgets)."""
+        row = self._index.get(name)
+        if row is not None:
+            y = row + 1 - int(self.scroll_y)
+            if 1 <= y < self.size.height:
+                self.refresh(Region(0, y, self.size.width, 1))
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._strips.clear()
+        self._header = None
+        self._base = self._cursor_style = None
+
+    def _line(self, cells: list[Text]) -> Strip:
+        line = Text(no_wrap=True, end="")
+        for (key, _, _), cell in zip(COLUMNS, cells, strict=True):
+            width = self._widths[key]
+            cell.truncate(width, overflow="ellipsis", pad=True)
+            line.append(" " * PADDING)
+            line.append_text(cell)
+            line.append(" " * PADDING)
+        line.stylize_before(self.rich_style)
+        return Strip(line.render(self.app.console), line.cell_len)
+
+    def _row_strip(self, name: str) -> Strip:
+        strip = self._strips.get(name)
+        if strip is None:
+            cells = self._shown[name]
+            strip = self._line([self._cell(key, cells[key]) for key, _, _ in COLUMNS])
+            self._strips[name] = strip
+        return strip
+
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        if self._base is None:  # computing the widget's style walks its ancestors: once
+            self._base = self.rich_style
+        base = self._base
+        scroll_x = int(self.scroll_x)
+        if y == 0:
+            if self._header is None:
+                style = self.get_component_rich_style("node-table--header")
+                header = self._line([Text(label, style=style) for _, label, _ in COLUMNS])
+                self._header = Strip(Segment.apply_style(header, post_style=style))
+            return self._header.crop_extend(scroll_x, scroll_x + width, base)
+        row = int(self.scroll_y) + y - 1
+        if row >= len(self._rows):
+            return Strip.blank(width, base)
+        strip = self._row_strip(self._rows[row])
+        if row == self.cursor_row:
+            if self._cursor_style is None:
+                cursor = self.get_component_rich_style("node-table--cursor")
+                self._cursor_style = cursor if self.has_focus \
+                    else Style(bgcolor=cursor.bgcolor, dim=True)
+            strip = Strip(Segment.apply_style(strip.extend_cell_length(width),
+                                              post_style=self._cursor_style))
+        return strip.crop_extend(scroll_x, scroll_x + width, base)
+
+    def on_focus(self) -> None:
+        self._refresh_cursor()
+
+    def on_blur(self) -> None:
+        self._refresh_cursor()
+
+    def _refresh_cursor(self) -> None:
+        self._cursor_style = None  # focused and blurred cursors differ
+        if self._rows:
+            self._refresh_row(self._rows[min(self.cursor_row, len(self._rows) - 1)])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from rich.style import Style
 from rich.text import Text
+from textual.timer import Timer
 from textual.widgets import Static
 
 from core.status import FAILED, READY, STARTING, STOPPED, UNREACHABLE
 
+from ..redraw import TABLE_INTERVAL, until_next_slot
 from ..text import sanitize
 from .node_table import PROBING, STOPPING
 
@@ -26,13 +28,16 @@ class StatusLine(Static):
         self._total = 0
         self._filter = ""
         self._stale = False
+        self._draw_timer: Timer | None = None
+        self._drawn: Text | None = None
 
     def on_mount(self) -> None:
         self._draw()
 
     def show_counts(self, counts: dict[str, int], shown: int, total: int) -> None:
         self._counts, self._shown, self._total = counts, shown, total
-        self._draw()
+        if self._draw_timer is None:  # they change with most node updates: redraw on the clock
+            self._draw_timer = self.set_timer(until_next_slot(TABLE_INTERVAL), self._draw)
 
     def show_filter(self, text: str) -> None:
         self._filter = text
@@ -48,6 +53,9 @@ class StatusLine(Static):
                                              default=Style())
 
     def _draw(self) -> None:
+        if self._draw_timer is not None:
+            self._draw_timer.stop()
+            self._draw_timer = None
         text = Text(no_wrap=True, overflow="ellipsis")
         text.append(f"{self._total} node{'s' if self._total != 1 else ''}", style="bold")
         for state in ORDER:
@@ -62,4 +70,6 @@ class StatusLine(Static):
         if self._stale:
             text.append("  ·  ", style=self._style("label"))
             text.append("stale: the last refresh failed", style=self._style("stale"))
-        self.update(text)
+        if text != self._drawn:
+            self._drawn = text
+            self.update(text, layout=False)  # one line, always: no layout pass
