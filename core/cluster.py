@@ -156,9 +156,10 @@ class Cluster:
         for sink in list(self._sinks):
             sink(event)
 
-    def notice(self, text: str, level: str = "info", node: str | None = None) -> None:
+    def notice(self, text: str, level: str = "info", node: str | None = None,
+               extra: dict[str, Any] | None = None) -> None:
         """Tell every subscriber something for the operator's event log."""
-        self._emit(Notice(text, level, node))
+        self._emit(Notice(text, level, node, extra or {}))
 
     def _set_node(self, status: NodeStatus) -> NodeStatus:
         if self.nodes.get(status.name) != status:
