@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from . import detached, tunnel
+from . import detached, petals_swarm, tunnel
 from .backends import llama_rpc
 from .config import ClusterConfig, NodeConfig
 from .coordinator import (
@@ -221,6 +221,7 @@ class Cluster:
         return await llama_rpc.port_open(*self._rpc_address(node))
 
     async def close(self) -> None:
+        await petals_swarm.close_watch(self)
         if self._throughput is not None:
             await self._throughput.aclose()
             self._throughput = None
@@ -238,6 +239,8 @@ class Cluster:
         if self._locks[name].locked():
             return self.nodes[name]  # a start or stop is under way: it will say how it ended
         try:
+            if node.backend == "petals":  # its state follows the swarm's DHT
+                return await petals_swarm.probe_state(self, node)
             asked = time.monotonic()
             proc = await detached.status(self.transport(name), self.node_state_dir(node),
                                          llama_rpc.listen_address(node))
@@ -246,7 +249,6 @@ class Cluster:
                 ready = await self._listening(node, proc)
                 return self._status(node, READY if ready else STARTING, proc.pid,
                                     started_at=self._started_at(name, proc), probe_ms=probe_ms)
-
             if proc.state == "dead":
                 tail = await detached.log_tail(self.transport(name), self.node_state_dir(node))
                 return self._status(node, FAILED, proc.pid,
@@ -264,6 +266,10 @@ class Cluster:
     async def status(self, *, detail: bool = False) -> ClusterStatus:
         """Nodes and coordinator; with detail, also the layer shares and a throughput sample."""
         nodes, coordinator = await asyncio.gather(self.refresh_nodes(), self.refresh_coordinator())
+        if detail and petals_swarm.is_petals_cluster(self.config):
+            shares, blocks, unserved = await petals_swarm.status_detail(self)
+            return ClusterStatus(self.config.name, tuple(nodes), coordinator, shares,
+                                 blocks=blocks, unserved=unserved)
         if not detail or coordinator.state == STOPPED:
             return ClusterStatus(self.config.name, tuple(nodes), coordinator)
         layers, sample = await asyncio.gather(self.layer_shares(), self.poll_throughput())
@@ -332,6 +338,8 @@ class Cluster:
         return status
 
     async def _start_worker(self, node: NodeConfig, timeout: float) -> NodeStatus:
+        if node.backend == "petals":
+            return await petals_swarm.start_server(self, node, timeout)
         if node.backend != "llama-rpc":
             return self._status(node, FAILED, None,
                                 f"backend {node.backend!r} cannot be started by this version yet")
@@ -385,7 +393,9 @@ class Cluster:
         node = self.config.node(name)
         async with self._locks[name]:
             try:
-                result = await detached.stop(self.transport(name), self.node_state_dir(node))
+                result = await (petals_swarm.stop_server(self, node)
+                                if node.backend == "petals" else
+                                detached.stop(self.transport(name), self.node_state_dir(node)))
             except TransportError as exc:
                 self.notice(f"{name}: cannot stop: {exc.reason}", "error", name)
                 return self._status(node, UNREACHABLE, None, exc.reason)

@@ -56,6 +56,23 @@ class SshOptions:
 class ModelConfig:
     gguf: Path | None = None
     context: int = 4096
+    hf: Path | None = None  # a transformers model directory: what Petals nodes serve
+
+
+PETALS_DTYPES = ("float32", "bfloat16")  # CPU-safe: Petals refuses float16 on CPU
+
+
+@dataclass(frozen=True)
+class PetalsConfig:
+    """The private swarm of the cluster's backend = "petals" nodes."""
+
+    dht_prefix: str = ""  # "" derives it from the cluster name
+    torch_dtype: str = "float32"
+    num_handlers: int = 2  # each handler process costs memory; Petals' default is 8
+    throughput: float = 1.0  # a fixed number skips Petals' speedtest (which goes online)
+    attn_cache_tokens: int = 8192  # Petals' own default for non-multi-query models
+    initial_peers: tuple[str, ...] = ()  # join an existing swarm instead of starting one
+    python: str | None = None  # this machine's Petals python (DHT monitor, generation)
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,7 @@ class NodeConfig:
     reserve_gb: float | None = None  # overrides [plan] reserve_gb
     max_memory_gb: float | None = None  # never plan more than this here
     weight: float = 1.0  # relative speed: higher gets layers first (pack) or more (spread)
+    python: str | None = None  # Petals nodes: the venv's python (default: scripts/petals-env.sh's)
     ssh: SshOptions = field(default_factory=SshOptions)
 
     @property
@@ -113,6 +131,7 @@ class ClusterConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     source: Path | None = None
     recover: bool = True  # restart the coordinator over the remaining workers after a fault
+    petals: PetalsConfig = field(default_factory=PetalsConfig)
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -135,7 +154,16 @@ _SSH_KEYS: dict[str, tuple[type, ...]] = {
 }
 _CLUSTER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "state_dir": (str,),
                                               "recover": (bool,)}
-_MODEL_KEYS: dict[str, tuple[type, ...]] = {"gguf": (str,), "context": (int,)}
+_MODEL_KEYS: dict[str, tuple[type, ...]] = {"gguf": (str,), "context": (int,), "hf": (str,)}
+_PETALS_KEYS: dict[str, tuple[type, ...]] = {
+    "dht_prefix": (str,),
+    "torch_dtype": (str,),
+    "num_handlers": (int,),
+    "throughput": (int, float),
+    "attn_cache_tokens": (int,),
+    "initial_peers": (list,),
+    "python": (str,),
+}
 _COORDINATOR_KEYS: dict[str, tuple[type, ...]] = {
     "binary": (str,),
     "host": (str,),
@@ -158,6 +186,7 @@ _NODE_KEYS: dict[str, tuple[type, ...]] = {
     "reserve_gb": (int, float),
     "max_memory_gb": (int, float),
     "weight": (int, float),
+    "python": (str,),
     **_SSH_KEYS,
 }
 _PLAN_KEYS: dict[str, tuple[type, ...]] = {
@@ -168,7 +197,7 @@ _PLAN_KEYS: dict[str, tuple[type, ...]] = {
 }
 POLICIES = ("pack", "spread")
 CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
-_TOP_KEYS = {"cluster", "ssh", "model", "coordinator", "plan", "nodes"}
+_TOP_KEYS = {"cluster", "ssh", "model", "coordinator", "plan", "nodes", "petals"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
                list: "a list"}
 
@@ -281,6 +310,41 @@ def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
                       coordinator_layers=table.get("coordinator_layers", True))
 
 
+_DHT_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+# A libp2p multiaddr of a peer: /ip4|ip6|dns.../<addr>/tcp/<port>/p2p/<peer id>.
+_MULTIADDR_RE = re.compile(r"^(/[A-Za-z0-9]+/[A-Za-z0-9._:-]+)+$")
+
+
+def _petals(path: Path, table: dict[str, Any]) -> PetalsConfig:
+    _check_keys(path, "petals", table, _PETALS_KEYS)
+    prefix = table.get("dht_prefix", "")
+    if prefix and not _DHT_PREFIX_RE.match(prefix):
+        raise ConfigError(path, "petals", "key 'dht_prefix' must be 1-63 letters, digits, '_' or "
+                                          f"'-', got {prefix!r}")
+    dtype = table.get("torch_dtype", "float32")
+    if dtype not in PETALS_DTYPES:
+        raise ConfigError(path, "petals", f"key 'torch_dtype' must be one of "
+                                          f"{', '.join(PETALS_DTYPES)}, got {dtype!r}")
+    for key, low, high in (("num_handlers", 1, 64), ("attn_cache_tokens", 1, 1 << 22)):
+        value = table.get(key)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(path, "petals", f"key {key!r} must be between {low} and {high}, "
+                                              f"got {value}")
+    throughput = float(table.get("throughput", 1.0))
+    if not (math.isfinite(throughput) and throughput > 0):
+        raise ConfigError(path, "petals", f"key 'throughput' must be a number greater than 0, "
+                                          f"got {throughput}")
+    peers = table.get("initial_peers", [])
+    for peer in peers:
+        if not isinstance(peer, str) or not _MULTIADDR_RE.match(peer) or "/p2p/" not in peer:
+            raise ConfigError(path, "petals", "key 'initial_peers' must list multiaddrs like "
+                                              f"/ip4/10.0.0.5/tcp/31337/p2p/Qm..., got {peer!r}")
+    return PetalsConfig(dht_prefix=prefix, torch_dtype=dtype,
+                        num_handlers=table.get("num_handlers", 2), throughput=throughput,
+                        attn_cache_tokens=table.get("attn_cache_tokens", 8192),
+                        initial_peers=tuple(peers), python=table.get("python") or None)
+
+
 def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> NodeConfig:
     where = f"nodes[{index}]"
     raw_name = table.get("name")
@@ -324,6 +388,9 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
     rpc_server = table.get("rpc_server")
     if rpc_server is not None and (not rpc_server or "\0" in rpc_server):
         raise ConfigError(path, where, "key 'rpc_server' must be a non-empty path")
+    python = table.get("python")
+    if python is not None and (not python or "\0" in python):
+        raise ConfigError(path, where, "key 'python' must be a non-empty path")
     return NodeConfig(
         name=name,
         host=host,
@@ -339,6 +406,7 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
         reserve_gb=_float_or_none(table.get("reserve_gb")),
         max_memory_gb=_float_or_none(table.get("max_memory_gb")),
         weight=float(table.get("weight", 1.0)),
+        python=python,
         ssh=_ssh_options(path, where, table, ssh),
     )
 
@@ -370,7 +438,13 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
             gguf_path = (path.parent / gguf_path).resolve()
     context = model_table.get("context", 4096)
     _check_positive(path, "model", "context", context)
-    model = ModelConfig(gguf=gguf_path, context=context)
+    hf = model_table.get("hf")
+    hf_path = None
+    if hf is not None:
+        hf_path = Path(hf).expanduser()
+        if not hf_path.is_absolute():
+            hf_path = (path.parent / hf_path).resolve()
+    model = ModelConfig(gguf=gguf_path, context=context, hf=hf_path)
 
     coord_table = _expect_table(path, "coordinator", data.get("coordinator", {}))
     _check_keys(path, "coordinator", coord_table, _COORDINATOR_KEYS)
@@ -387,6 +461,7 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
     )
 
     plan = _plan(path, _expect_table(path, "plan", data.get("plan", {})))
+    petals = _petals(path, _expect_table(path, "petals", data.get("petals", {})))
 
     raw_nodes = data.get("nodes", [])
     if not isinstance(raw_nodes, list):
@@ -412,7 +487,7 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
         endpoints[endpoint] = node.name
         nodes.append(node)
     return ClusterConfig(name=name, state_dir=state_dir, model=model, coordinator=coordinator,
-                         nodes=tuple(nodes), ssh=ssh, plan=plan, source=path,
+                         nodes=tuple(nodes), ssh=ssh, plan=plan, source=path, petals=petals,
                          recover=cluster.get("recover", True))
 
 

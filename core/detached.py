@@ -127,6 +127,34 @@ echo "TORBIZ stopped $p"
 """
 
 
+# Like _STOP, but first records the main pid's descendants: some leave the group on their own
+# (torch's torch_shm_manager calls setsid()), so a group signal never reaches them.
+_STOP_TREE = r"""
+if ! alive; then rm -f "$d/pid" "$d/pid.start"; echo "TORBIZ stopped none"; exit 0; fi
+desc=$(ps -eo pid=,ppid= 2>/dev/null | awk -v root="$p" '{ parent[$1] = $2 }
+  END { for (c in parent) { q = parent[c]; n = 0
+          while (q != "" && q != 0 && n < 64) { if (q == root) { print c; break }
+                                                q = parent[q]; n++ } } }')
+desc_alive() {
+  for c in $desc; do
+    kill -0 "$c" 2>/dev/null && ! zombie "$c" && return 0
+  done
+  return 1
+}
+kill -__SIG__ "$p" 2>/dev/null
+i=0
+while { group_alive "$p" || desc_alive; } && [ $i -lt __TICKS__ ]; do sleep 0.1; i=$((i+1)); done
+if group_alive "$p" || desc_alive; then
+  kill -KILL -"$p" 2>/dev/null
+  for c in $desc; do kill -KILL "$c" 2>/dev/null; done
+  i=0; while { group_alive "$p" || desc_alive; } && [ $i -lt 30 ]; do sleep 0.1; i=$((i+1)); done
+fi
+if group_alive "$p" || desc_alive; then echo "TORBIZ left $p"; exit 4; fi
+rm -f "$d/pid" "$d/pid.start"
+echo "TORBIZ stopped $p"
+"""
+
+
 @dataclass(frozen=True)
 class ProcessState:
     """What the pidfile says: `running`, `dead` (it existed and is gone), `none`, or `taken`
@@ -231,12 +259,16 @@ async def status(transport: Transport, state_dir: str,
 
 
 async def stop(transport: Transport, state_dir: str, *, signal: str = "TERM",
-               grace: float = 5.0) -> ProcessState:
-    """Signal the whole process group, KILL after `grace` seconds, verify nothing is left."""
+               grace: float = 5.0, tree: bool = False) -> ProcessState:
+    """Signal the whole process group, KILL after `grace` seconds, verify nothing is left.
+    With `tree`, signal only the main pid (a program that shuts its children down itself),
+    and KILL the group and every descendant recorded before the signal when they outlive
+    the grace period."""
     if signal not in ("TERM", "INT", "KILL"):
         raise ValueError(f"unsupported signal {signal}")
     ticks = str(max(1, int(grace * 10)))
-    result = await transport.run(_script(_STOP, state_dir, SIG=signal, TICKS=ticks),
+    result = await transport.run(_script(_STOP_TREE if tree else _STOP, state_dir, SIG=signal,
+                                         TICKS=ticks),
                                  timeout=grace + 30)
     word, rest = _answer(transport, result.stdout, result.stderr)
     if word == "stopped":

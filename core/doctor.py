@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from dataclasses import dataclass
 
-from . import detached
+from . import detached, petals_swarm
 from .backends import llama_rpc
+from .backends import petals as petals_backend
 from .cluster import Cluster
 from .config import NodeConfig
 from .coordinator import CoordinatorError, coordinator_api_key, find_coordinator_binary
 from .probe import NodeProbe, probe_node
-from .transport import TransportError
+from .transport import Transport, TransportError
 
 CLOCK_TOLERANCE_S = 2.0  # Petals refuses peers more than a few seconds apart
+PETALS_CLOCK_FIX = "sync it with NTP (e.g. chronyc makestep, or timedatectl set-ntp true)"
 
 OK, WARN, FAIL = "ok", "warning", "failed"
 
@@ -63,9 +66,70 @@ def _bind_check(node: NodeConfig) -> Check:
     return Check(node.name, "bind", OK, f"worker listens on {bind}")
 
 
+def _petals_bind_check(node: NodeConfig) -> Check:
+    try:
+        host, port = petals_backend.listen_address(node)
+    except ValueError as exc:
+        return Check(node.name, "bind", FAIL, str(exc))
+    if ipaddress.IPv4Address(host).is_global:
+        return Check(node.name, "bind", WARN, f"the Petals server would listen on the public "
+                                              f"address {host}:{port}: anyone can join or use "
+                                              "the swarm")
+    return Check(node.name, "bind", OK, f"the Petals server listens on {host}:{port}")
+
+
+async def _petals_node_checks(cluster: Cluster, node: NodeConfig, transport: Transport,
+                              probe: NodeProbe, offset: float) -> list[Check]:
+    checks = []
+    if abs(offset) > CLOCK_TOLERANCE_S:
+        checks.append(Check(node.name, "clock", FAIL,
+                            f"{node.name}'s clock is {offset:+.1f} s off this machine's, and "
+                            "Petals peers refuse each other beyond a few seconds: "
+                            + PETALS_CLOCK_FIX))
+    else:
+        checks.append(Check(node.name, "clock", OK, f"{offset:+.3f} s"))
+    info = await petals_swarm.node_info(cluster, node)
+    if info.error:
+        checks.append(Check(node.name, "petals", FAIL, info.error))
+    else:
+        checks.append(Check(node.name, "petals", OK,
+                            f"python {info.python}, petals {info.petals}, torch {info.torch}, "
+                            f"hivemind {info.hivemind} ({petals_backend.node_python(node)})"))
+    proc = await detached.status(transport, cluster.node_state_dir(node),
+                                 petals_backend.listen_address(node))
+    if proc.state == "running":
+        checks.append(Check(node.name, "port", OK, f"our server runs there (pid {proc.pid})"))
+    elif proc.port == "listening":
+        checks.append(Check(node.name, "port", FAIL,
+                            f"port {node.rpc_port} is taken by a program this cluster did not "
+                            "start: stop it or set another rpc_port"))
+    else:
+        checks.append(Check(node.name, "port", OK, f"port {node.rpc_port} is free"))
+    return checks
+
+
+def _same_petals_version(checks: list[Check]) -> list[Check]:
+    versions = {c.part: c.message.split("petals ", 1)[1].split(",", 1)[0]
+                for c in checks if c.name == "petals" and c.level == OK}
+    if len(set(versions.values())) > 1:
+        listed = ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))
+        return [Check("swarm", "petals", FAIL, f"the nodes run different Petals versions "
+                                               f"({listed}): install the same one everywhere "
+                                               "(scripts/petals-env.sh)")]
+    if versions:
+        return [Check("swarm", "petals", OK, f"every node runs petals "
+                                             f"{next(iter(versions.values()))}")]
+    return []
+
+
 async def _node_checks(cluster: Cluster, node: NodeConfig,
                        reference_offset: float) -> tuple[list[Check], NodeProbe | None]:
-    checks = [_bind_check(node)]
+    if node.backend == "petals":
+        checks = [_petals_bind_check(node)]
+        if checks[0].level == FAIL:
+            return checks, None
+    else:
+        checks = [_bind_check(node)]
     transport = cluster.transport(node.name)
     try:
         probe = await probe_node(transport)
@@ -76,6 +140,10 @@ async def _node_checks(cluster: Cluster, node: NodeConfig,
     checks.append(Check(node.name, "ssh", OK, f"{where} ({probe.os} {probe.arch}, "
                                              f"{probe.cores} cores)"))
     checks.extend(Check(node.name, "probe", WARN, e) for e in probe.errors)
+    if node.backend == "petals":
+        checks += await _petals_node_checks(cluster, node, transport, probe,
+                                            probe.clock_offset_s - reference_offset)
+        return checks, probe
     if probe.worker_binary:
         checks.append(Check(node.name, "binary", OK, probe.worker_binary))
     else:
@@ -104,6 +172,8 @@ async def _node_checks(cluster: Cluster, node: NodeConfig,
 async def run_doctor(cluster: Cluster) -> DoctorReport:
     config = cluster.config
     checks: list[Check] = []
+    if all(n.backend == "petals" for n in config.nodes):
+        return await _run_petals_doctor(cluster)
     try:
         checks.append(Check("coordinator", "binary", OK, find_coordinator_binary(config)))
     except CoordinatorError as exc:
@@ -126,4 +196,34 @@ async def run_doctor(cluster: Cluster) -> DoctorReport:
         checks.extend(node_checks)
         if probe is not None:
             probes[node.name] = probe
+    return DoctorReport(tuple(checks), probes)
+
+
+async def _run_petals_doctor(cluster: Cluster) -> DoctorReport:
+    """A Petals cluster has no coordinator: this machine needs a Petals python (DHT monitor,
+    generation client) and the model directory; every node its Petals environment, a clock
+    within a few seconds of this machine's, and the same Petals version as the others."""
+    config = cluster.config
+    checks: list[Check] = []
+    python = petals_swarm.local_python(config)
+    if await asyncio.to_thread(os.path.isfile, python):
+        checks.append(Check("this machine", "petals", OK, python))
+    else:
+        checks.append(Check("this machine", "petals", FAIL,
+                            f"no Petals python at {python} (the DHT monitor and the client run "
+                            "there): build it with scripts/petals-env.sh or set [petals] python"))
+    model = config.model.hf
+    if model is None or not await asyncio.to_thread((model / "config.json").is_file):
+        checks.append(Check("this machine", "model", FAIL,
+                            f"no model directory with a config.json at {model}: set [model] hf"))
+    else:
+        checks.append(Check("this machine", "model", OK, str(model)))
+    results = await asyncio.gather(*(_node_checks(cluster, n, 0.0) for n in config.nodes))
+    probes: dict[str, NodeProbe] = {}
+    node_checks: list[Check] = []
+    for node, (found, probe) in zip(config.nodes, results, strict=True):
+        node_checks.extend(found)
+        if probe is not None:
+            probes[node.name] = probe
+    checks += node_checks + _same_petals_version(node_checks)
     return DoctorReport(tuple(checks), probes)

@@ -46,6 +46,35 @@ class LayerShare:
     model_bytes: int = 0
     kv_bytes: int = 0
     compute_bytes: int = 0
+    # Petals nodes: what the swarm's DHT says this node's server serves now.
+    first_layer: int | None = None  # first block it serves (layers: how many)
+    state: str = ""  # ONLINE, JOINING, OFFLINE, "dead" (announced but no answer to a ping), ""
+    peer_id: str = ""
+    throughput: float | None = None
+    version: str = ""  # the server's Petals version
+    predicted_bytes: int = 0  # the plan's memory for this node (process, blocks, cache)
+
+
+@dataclass(frozen=True)
+class BlockServer:
+    """One server announcing a block in a Petals swarm's DHT."""
+
+    peer_id: str
+    node: str  # the cluster's node with that peer id, or "" for a server not in this cluster
+    state: str  # ONLINE, JOINING, OFFLINE
+    alive: bool  # answered a ping in this poll
+    throughput: float | None = None
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    index: int
+    servers: tuple[BlockServer, ...] = ()
+
+    @property
+    def served(self) -> bool:
+        return any(s.state == "ONLINE" and s.alive for s in self.servers)
 
 
 @dataclass(frozen=True)
@@ -55,6 +84,8 @@ class ClusterStatus:
     coordinator: CoordinatorStatus
     layers: tuple[LayerShare, ...] = ()
     throughput: dict[str, Any] | None = None
+    blocks: tuple[BlockInfo, ...] = ()  # Petals: every block and who serves it (DHT)
+    unserved: tuple[int, ...] = ()  # Petals: blocks no live ONLINE server serves
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +94,8 @@ class ClusterStatus:
             "coordinator": asdict(self.coordinator),
             "layers": [asdict(share) for share in self.layers],
             "throughput": self.throughput,
+            "blocks": [asdict(block) for block in self.blocks],
+            "unserved": list(self.unserved),
         }
 
 

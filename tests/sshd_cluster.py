@@ -119,6 +119,16 @@ def _listens(pid: int, host: str, port: int) -> bool:
                for c in conns)
 
 
+def _listens_in_netns(pid: int, host: str, port: int) -> bool:
+    """Whether a socket listens on host:port in the network namespace of process `pid`."""
+    want = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    try:
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(f[1] == want and f[3] == "0A" for f in (line.split() for line in lines))
+
+
 _live: weakref.WeakSet[SshdCluster] = weakref.WeakSet()
 
 
@@ -134,7 +144,9 @@ class SshdCluster:
 
     def __init__(self, workdir: Path, count: int, *, first_octet: int = 11, port: int = 2222,
                  prefix: str = "127.0.0", start_timeout: float = 15.0,
-                 source_bashrc: bool = False) -> None:
+                 source_bashrc: bool = False, netns: str | None = None) -> None:
+        """`netns`: run every sshd inside that (existing) network namespace, so every process
+        a session starts is in it too; clients must then run there as well."""
         if count < 1:
             raise ValueError("a cluster needs at least one node")
         if not 1 <= first_octet <= 254 - count + 1:
@@ -148,6 +160,7 @@ class SshdCluster:
         self.port = port
         self.start_timeout = start_timeout
         self.source_bashrc = source_bashrc
+        self.netns = netns
         self.hosts = [f"{prefix}.{first_octet + i}" for i in range(count)]
         self.names = [f"node{i + 1}" for i in range(count)]
         self.client_key = self.root / "client_key"
@@ -219,11 +232,15 @@ class SshdCluster:
         (d / "sshd_config").write_text("\n".join(lines) + "\n")
 
     def _spawn(self, name: str, host: str) -> subprocess.Popen[bytes]:
-        _check_free(host, self.port)
+        # `ip netns exec` execs sshd: the pid is the daemon's own.
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
+        if not self.netns:
+            _check_free(host, self.port)
         d = self.node_dir(name)
         with open(d / "sshd.stderr", "wb") as err:
             return subprocess.Popen(
-                [SSHD, "-D", "-f", str(d / "sshd_config"), "-E", str(self.log_path(name))],
+                [*wrap, SSHD, "-D", "-f", str(d / "sshd_config"), "-E",
+                 str(self.log_path(name))],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                 start_new_session=True)
 
@@ -233,6 +250,8 @@ class SshdCluster:
             kind = AddressInUse if "Address already in use" in tail else SshdError
             raise kind(f"sshd for {name} on {host}:{self.port} exited with code "
                        f"{proc.returncode}:\n{tail}")
+        if self.netns:  # this process cannot connect into the namespace: ask its /proc
+            return _listens_in_netns(proc.pid, host, self.port)
         return _listens(proc.pid, host, self.port) and _banner(host, self.port, 0.5)
 
     def _wait(self, pending: dict[str, tuple[str, subprocess.Popen[bytes]]]) -> None:

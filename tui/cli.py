@@ -14,6 +14,7 @@ import core
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, ConfigError, load_config
 from core.doctor import DoctorReport, run_doctor
+from core.petals_swarm import is_petals_cluster
 from core.placement import PlacementError, PlanRefused, format_placement, make_placement
 from core.probe import NodeProbe, probe_node
 from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
@@ -291,10 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-llama", help="build rpc-server and llama-server into the cache")
     p.add_argument("--portable", action="store_true",
                    help="no -march=native: binaries that run on other nodes' CPUs")
+    p = sub.add_parser("petals-generate", help="generate through the cluster's Petals swarm "
+                       "(greedy, Petals' own client) and report tokens/s")
+    p.add_argument("prompt")
+    p.add_argument("-n", "--new-tokens", type=_positive_int, default=16, metavar="N",
+                   help="tokens to generate (16)")
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    for name in ("up", "down", "status", "logs", "watch", "doctor", "plan", "web"):
+    for name in ("up", "down", "status", "logs", "watch", "doctor", "plan", "web",
+                 "petals-generate"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
     return parser
@@ -321,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
             return 0
         config = load_cluster_config(config_arg)
+        if args.command == "petals-generate":
+            from tui import petals_commands
+
+            return asyncio.run(petals_commands.generate(config, args.prompt, args.new_tokens))
+        if args.command in ("up", "plan", "status") and is_petals_cluster(config):
+            from tui import petals_commands
+
+            return petals_commands.run(args.command, config, getattr(args, "json", False),
+                                       getattr(args, "force", False))
         if args.command in ("up", "down"):
             return asyncio.run(_with_cluster(config, True, args.command,
                                              getattr(args, "force", False)))

@@ -1,0 +1,66 @@
+"""Generate through a private Petals swarm with Petals' own client: greedy decoding of a prompt,
+tokenized by the model directory's tokenizer. Prints one JSON line: the text, the token ids,
+the seconds and tokens/s of the generation (client start not included).
+
+    python generate.py MODEL_DIR --peers '[...]' --prefix P --prompt TEXT -n 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+MARK = "TORBIZ-JSON "
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("--peers", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("-n", "--new-tokens", type=int, default=16)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    peers = json.loads(args.peers)
+    if not peers:
+        print(MARK + json.dumps({"error": "no initial peers"}))
+        return 2
+
+    import torch
+    from petals import AutoDistributedModelForCausalLM
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    except Exception as exc:
+        print(MARK + json.dumps({"error": f"no tokenizer in {args.model_dir}: "
+                                          f"{type(exc).__name__}: {exc}"[:300]}))
+        return 1
+    started = time.perf_counter()
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model_dir, initial_peers=peers, dht_prefix=args.prefix,
+        torch_dtype=getattr(torch, args.dtype))
+    loaded = time.perf_counter()
+    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.bos_token_id or 0]])
+    mask = torch.ones_like(ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                             do_sample=False, pad_token_id=pad)
+    done = time.perf_counter()
+    new = out[0, ids.shape[1]:].tolist()
+    seconds = done - loaded
+    print(MARK + json.dumps({
+        "text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
+        "tokens": new, "seconds": round(seconds, 3), "client_start_s": round(loaded - started, 3),
+        "tokens_per_s": round(len(new) / seconds, 2) if seconds > 0 else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
