@@ -82,7 +82,8 @@ def petals_cluster_file(tmp_path: Path, sshd: Any, model: Path, *, port: int = 3
     return path
 
 
-def cli(ns: Netns, config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cli(ns: Netns, config: Path, *args: str,
+        timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`torbiz-tui -c CONFIG ARGS` run inside the namespace with the project's interpreter."""
     return subprocess.run(ns.argv([sys.executable, "-m", "tui.cli", "-c", str(config), *args]),
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
