@@ -285,7 +285,7 @@ class Recoverer:
         took = time.monotonic() - since
         workers = tuple(name for name, _, count in spans if count > 0)
         if outcome == RECOVERED:
-            placed = ", ".join(f"{name} {first}-{first + count - 1}"
+            placed = ", ".join(f"{first}-{first + count - 1} on {name}"
                                for name, first, count in spans if count > 0)
             where = (f"over {', '.join(workers)} (blocks {placed})" if workers
                      else "with every block on this machine's CPU")
