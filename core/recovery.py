@@ -28,7 +28,8 @@ from .backends import llama_rpc
 from .cluster import PLACEMENT_FILE, Cluster, Span
 from .config import NodeConfig
 from .coordinator import coordinator_state_dir
-from .placement import PlacementError, PlanRefused, make_placement
+from .placement import COORDINATOR, Placement, PlacementError, PlanRefused, make_placement
+from .planner import layer_costs
 from .probe import NodeProbe, probe_node
 from .status import FAILED, READY, UNREACHABLE
 from .transport import TransportError
@@ -278,7 +279,9 @@ class Recoverer:
             usable.append(node)
         config = replace(cluster.config, nodes=tuple(usable))
         placement = await make_placement(config, probes)
-        return tuple(placement.plan.rpc_spans())
+        previous = _read_json(_state_dir(cluster) / PLACEMENT_FILE) or {}
+        kept = sticky_spans(placement, previous.get("plan"), cluster.config.model.context)
+        return kept if kept is not None else tuple(placement.plan.rpc_spans())
 
     def _end(self, outcome: str, lost: list[str], spans: tuple[Span, ...], since: float,
              reason: str, missing: int = 0) -> RecoveryResult:
@@ -298,3 +301,64 @@ class Recoverer:
         self.cluster.notice(reason if outcome == RECOVERED else f"recovery {outcome}: {reason}",
                             level, extra={"recovery": result.to_json()})
         return result
+
+
+def sticky_spans(placement: Placement, previous: Any, context: int) -> tuple[Span, ...] | None:
+    """The previous spans with each lost node's range handed to a neighbouring survivor, when
+    every node's budget (from `placement`) allows it; None otherwise. The survivors keep the
+    blocks they hold, so their warm caches serve them and only the lost ranges cross the
+    network (a fresh plan may shift every range). With nothing lost: the previous spans."""
+    if not isinstance(previous, dict) or not previous:
+        return None
+    try:
+        old = sorted(((str(name), int(span[0]), int(span[1])) for name, span in
+                      previous.items()), key=lambda s: s[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    model, plan = placement.model, placement.plan
+    n = model.n_layers
+    old = [s for s in old if s[2] > 0]
+    if not old or old[-1][1] + old[-1][2] != n or any(
+            a[1] + a[2] != b[1] for a, b in zip(old, old[1:], strict=False)):
+        return None
+    coordinator_share = plan.assignment(COORDINATOR)
+    if (coordinator_share.n_layers if coordinator_share else 0) != old[0][1]:
+        return None  # the coordinator's own blocks changed: let the fresh plan decide
+    budgets = {b.name: b.budget_bytes for b in placement.budgets}
+    alive = [s for s in old if s[0] in budgets]
+    if not alive:
+        return None
+    costs = layer_costs(model, context, plan.cache_type)
+
+    def fits(spans: list[Span]) -> bool:
+        return all(sum(costs[first:first + count]) + (model.output_bytes
+                                                       if first + count == n else 0)
+                   <= budgets[name] for name, first, count in spans)
+
+    candidates: list[list[Span]] = []
+    for lean in ("left", "right"):
+        spans: list[Span] = []
+        waiting: int | None = None  # first block of lost ranges the next survivor takes
+        for name, first, count in old:
+            if name not in budgets:
+                if spans and lean == "left":
+                    prev = spans[-1]
+                    spans[-1] = (prev[0], prev[1], prev[2] + count)
+                elif waiting is None:
+                    waiting = first
+            elif waiting is not None:
+                spans.append((name, waiting, first + count - waiting))
+                waiting = None
+            else:
+                spans.append((name, first, count))
+        if waiting is not None:  # lost at the end: the last survivor takes it
+            prev = spans[-1]
+            spans[-1] = (prev[0], prev[1], n - prev[1])
+        candidates.append(spans)
+    feasible = [c for c in candidates if fits(c)]
+    if not feasible:
+        return None
+    best = min(feasible, key=lambda c: max(
+        (sum(costs[f:f + k]) / budgets[name] if budgets[name] else float("inf"))
+        for name, f, k in c))
+    return tuple(best)

@@ -215,6 +215,7 @@ async def test_worker_killed_during_generation_recovers_over_the_rest(supervised
     assert result.recovered_after is not None and result.recovered_after < 30
     spans = {name: (first_block, count) for name, first_block, count in result.spans}
     assert sum(count for _, count in spans.values()) == 8  # every block placed again
+    assert spans["node1"] == (0, 3)  # a survivor keeps its blocks (its warm cache)
     assert cluster.coordinator.state == "ready" and cluster.coordinator.pid != old_coordinator
     ended = await asyncio.wait_for(stream, 30)
     assert ended != "done"  # the request in flight was lost, and said so
