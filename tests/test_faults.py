@@ -192,6 +192,8 @@ async def test_worker_killed_during_generation_recovers_over_the_rest(supervised
     s = await supervised(3)
     cluster = s.cluster
     old_coordinator = cluster.coordinator.pid
+    before = {sh.node: (sh.planned_first, sh.planned_layers)
+              for sh in await cluster.layer_shares()}
     s.supervisor.interval = 0.5
     s.start()
     first = asyncio.Event()
@@ -215,7 +217,10 @@ async def test_worker_killed_during_generation_recovers_over_the_rest(supervised
     assert result.recovered_after is not None and result.recovered_after < 30
     spans = {name: (first_block, count) for name, first_block, count in result.spans}
     assert sum(count for _, count in spans.values()) == 8  # every block placed again
-    assert spans["node1"] == (0, 3)  # a survivor keeps its blocks (its warm cache)
+    for name, (first_block, count) in before.items():  # survivors keep their blocks (caches)
+        if name != "node2":
+            assert spans[name][0] <= first_block
+            assert spans[name][0] + spans[name][1] >= first_block + count
     assert cluster.coordinator.state == "ready" and cluster.coordinator.pid != old_coordinator
     ended = await asyncio.wait_for(stream, 30)
     assert ended != "done"  # the request in flight was lost, and said so
