@@ -345,3 +345,27 @@ async def test_second_dashboard_reattaches_without_duplicates(supervised) -> Non
         await again.close()
     _one_each(s, ["node1", "node2"])
     assert s.recoveries == [] and s.detections == []
+
+
+async def test_two_supervisors_recover_once(supervised) -> None:
+    # A dashboard and a `watch` both supervise the cluster: one recovery, one coordinator.
+    s = await supervised(3)
+    assert s.cluster.config.source is not None
+    other_cluster = Cluster(load_config(s.cluster.config.source))
+    other = Supervisor(other_cluster, interval=0.5)
+    other_results: list[RecoveryResult] = []
+    other_task = asyncio.create_task(other.run(
+        lambda item: other_results.append(item) if isinstance(item, RecoveryResult) else None))
+    s.start()
+    try:
+        await asyncio.sleep(1.5)  # both saw the coordinator serve
+        os.kill(s.cluster.nodes["node3"].pid or 0, signal.SIGKILL)
+        await _until(lambda: bool(s.recoveries or other_results), 60, "recovery")
+        await asyncio.sleep(3)  # the other one had every chance to try as well
+        results = s.recoveries + other_results
+        assert [r.outcome for r in results] == [RECOVERED], [r.reason for r in results]
+        _one_each(s, ["node1", "node2"])
+    finally:
+        other_task.cancel()
+        await asyncio.gather(other_task, return_exceptions=True)
+        await other_cluster.close()
