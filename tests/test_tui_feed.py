@@ -207,7 +207,7 @@ async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
         plain = text.plain
         assert plain.splitlines()[0] == "8 blocks, as loaded by llama-server"
         assert plain.splitlines()[1] == CELL * 8
-        assert "coordinator (local CPU)" in plain and "0-2" in plain  # 8 - 3 - 2 = 3 there
+        assert "coordinator (CPU)" in plain and "0-2" in plain  # 8 - 3 - 2 = 3 there
         assert "12.0 MiB" in plain and "= plan" in plain
         assert "≠ planned 3 blocks, loaded 2" in plain
         # Each node's cells carry its own colour, the coordinator's grey.

@@ -7,7 +7,6 @@ look at the SVGs in tests/snapshots/ before committing them."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ import pytest
 import pytest_textual_snapshot
 from textual.command import CommandList
 from textual.pilot import Pilot
+from textual.widgets import Input
 
 from core.config import ClusterConfig, load_config
+from core.layer_map import llama_map
 from core.status import (
     FAILED,
     READY,
@@ -25,9 +26,11 @@ from core.status import (
     STOPPED,
     UNREACHABLE,
     CoordinatorStatus,
+    LayerShare,
     NodeStatus,
     Notice,
 )
+from core.throughput import SlotProgress, ThroughputSample
 from tui.app import TorbizApp, make_app
 from tui.screens.logs import LogsScreen
 from tui.widgets.node_filter import NodeFilter
@@ -36,13 +39,6 @@ from .cluster_files import toml_text
 
 SIZE = (140, 40)
 
-# Opt-in for now: in full-suite runs on this (loaded) machine one screen or another differed
-# from its snapshot each time (the palette, the filtered table), while the module passes 3/3
-# alone; issue 4 should make the feed settle before the capture, then drop this.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TORBIZ_SNAPSHOT_TESTS") != "1",
-    reason="SVG snapshots are opt-in until they are stable under load: "
-           "TORBIZ_SNAPSHOT_TESTS=1 pytest tests/test_tui_snapshots.py")
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 
 NODES = [  # name, host, state, pid, error
@@ -68,6 +64,14 @@ WORKER_LOG = [
     "[set_tensor] loading blk.0.attn_k.weight (1048576 bytes) from the cache",
     "[graph_compute] 38 nodes, 12 ms",
 ]
+
+
+# An 80-block model: the first 8 on the coordinator's CPU, the rest over three GPUs; gpu-c
+# loaded one block fewer than planned (the map flags it).
+LAYERS = [LayerShare("gpu-a", "10.9.66.41:50052", 8, 30, 30, 30 * 410 << 20),
+          LayerShare("gpu-b", "10.9.66.42:50052", 38, 24, 24, 24 * 410 << 20),
+          LayerShare("gpu-c", "10.9.66.43:50052", 62, 18, 17, 17 * 410 << 20)]
+THROUGHPUT = [0.0, 0.0, 3.1, 8.4, 11.2, 11.9, 12.3, 12.1, 11.8, 12.4, 12.2, 12.0]
 
 
 class SnapshotsHere(pytest_textual_snapshot.SVGImageExtension):
@@ -106,7 +110,8 @@ async def feed(pilot: Pilot[Any], coordinator: str = STARTING) -> None:
     for name, _, state, pid, error in NODES:
         node = app.config.node(name)
         app.post_message(TorbizApp.NodeUpdated(NodeStatus(
-            name, node.host, node.backend, state, pid, node.endpoint, error)))
+            name, node.host, node.backend, state, pid, node.endpoint, error,
+            probe_ms=40 + 10 * len(name) if pid else None)))
     app.post_message(TorbizApp.CoordinatorUpdated(CoordinatorStatus(
         coordinator, "http://127.0.0.1:8181", 4200 if coordinator != STOPPED else None)))
     app.post_message(TorbizApp.NoticeReceived(Notice(
@@ -118,9 +123,38 @@ async def feed(pilot: Pilot[Any], coordinator: str = STARTING) -> None:
         app.post_message(TorbizApp.NoticeReceived(Notice(
             "coordinator loading the model (15 s, /health says 503)")))
     app.post_message(TorbizApp.LogLines("gpu-a", WORKER_LOG))
-    await pilot.pause()
+    for name, device, free in (("gpu-a", "RTX 4090", "21.3 GiB"), ("gpu-b", "RTX 3090", "22.9 GiB"),
+                               ("gpu-c", "RTX 3090", "23.1 GiB"), ("cpu-d", "CPU 16c", "3.2 GiB")):
+        app.post_message(TorbizApp.ResourcesUpdated(name, device, free))
+    if coordinator != STOPPED:
+        app.post_message(TorbizApp.LayerMapUpdated(llama_map(LAYERS, blocks=80)))
+        for rate in THROUGHPUT:
+            app.post_message(TorbizApp.ThroughputUpdated(ThroughputSample(
+                at=0.0, gen_tps=rate, prompt_tps=rate * 6, requests_processing=1,
+                requests_deferred=0, decoded_total=500, prompt_tokens_total=900,
+                slots_decoding=1, slots=(SlotProgress(0, 12, True, 214, 298, 300, 86, rate),))))
+    await settle(pilot)
     app.clear_notifications()  # toasts have their own timers: leave them out of the picture
-    await pilot.pause()
+    await settle(pilot)
+
+
+async def settle(pilot: Pilot[Any]) -> None:
+    """Until every message is handled and no widget waits on the shared redraw clock (the
+    node table, the status line and the log views redraw on its next slot, not at once)."""
+    app = pilot.app
+    deadline = time.monotonic() + 10
+    calm = 0
+    while calm < 2:
+        await pilot.pause()
+        pending = [w for w in app.screen.query("*")
+                   if getattr(w, "_dirty_timer", None) is not None
+                   or getattr(w, "_draw_timer", None) is not None
+                   or getattr(w, "_redraw_timer", None) is not None]
+        calm = calm + 1 if not pending else 0
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still redrawing after 10 s: {pending}")
+        if pending:
+            await pilot.pause(0.06)
 
 
 def test_main_screen(snap_compare: Any, config: ClusterConfig) -> None:
@@ -140,6 +174,7 @@ def test_main_screen_filtered(snap_compare: Any, config: ClusterConfig) -> None:
         await feed(pilot)
         pilot.app.main.query_one(NodeFilter).cursor_blink = False  # type: ignore[attr-defined]
         await pilot.press("slash", *"cpu")
+        await settle(pilot)
 
     assert snap_compare(still_app(config), terminal_size=SIZE, run_before=run_before)
 
@@ -154,6 +189,7 @@ def test_logs_screen_with_search(snap_compare: Any, config: ClusterConfig) -> No
         screen.post_message(LogsScreen.Lines("node:gpu-a", WORKER_LOG * 3))
         await pilot.pause()
         await pilot.press("slash", *"set_tensor", "enter")
+        await settle(pilot)
 
     assert snap_compare(still_app(config), terminal_size=SIZE, run_before=run_before)
 
@@ -170,7 +206,10 @@ def test_help_screen(snap_compare: Any, config: ClusterConfig) -> None:
 def test_command_palette(snap_compare: Any, config: ClusterConfig) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await feed(pilot)
-        await pilot.press("colon", *"jump")
+        await pilot.press("colon")
+        await pilot.pause()
+        pilot.app.screen.query_one(Input).cursor_blink = False  # a blink is a different picture
+        await pilot.press(*"jump")
         # The palette searches in the background: wait for every node's jump command.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -190,3 +229,22 @@ def test_stop_confirmation(snap_compare: Any, config: ClusterConfig) -> None:
 
 def test_quit_dialog(snap_compare: Any, config: ClusterConfig) -> None:
     assert snap_compare(still_app(config), terminal_size=SIZE, run_before=feed, press=["q"])
+
+
+def test_plan_preview(snap_compare: Any, config: ClusterConfig) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await feed(pilot, coordinator=STOPPED)
+        pilot.app.post_message(TorbizApp.PlanReady(PLAN_TEXT, refused=False))
+        await settle(pilot)
+
+    assert snap_compare(still_app(config), terminal_size=SIZE, run_before=run_before)
+
+
+PLAN_TEXT = """\
+NODE         DEVICE    FREE       RESERVE   BUDGET     BLOCKS        WEIGHTS    KV        TOTAL
+coordinator  CPU       28.00 GiB  1.00 GiB  26.50 GiB  0-7 (8)       3.20 GiB   0.16 GiB  3.36 GiB
+gpu-a        RTX 4090  21.30 GiB  0.50 GiB  20.80 GiB  8-37 (30)     12.01 GiB  0.59 GiB  12.60 GiB
+gpu-b        RTX 3090  22.90 GiB  0.50 GiB  22.40 GiB  38-61 (24)    9.61 GiB   0.47 GiB  10.08 GiB
+gpu-c        RTX 3090  23.10 GiB  0.50 GiB  22.60 GiB  62-79 (18)    7.21 GiB   0.35 GiB  7.56 GiB
+
+model llama-70b-q4: 80 blocks, 32.03 GiB of weights; context 4096, KV cache f16; policy pack"""

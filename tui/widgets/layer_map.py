@@ -68,22 +68,23 @@ class LayerMapView(Static):
                 text.append(CELL, style=self.colour(owner))
             if block % 10 == 9 and block + 1 < layer_map.blocks:
                 text.append(" ")  # a gap every ten blocks: counting without a ruler
-        for span in layer_map.spans:
-            name = sanitize(span.node)
-            label = "coordinator (local CPU)" if span.node == COORDINATOR else name
+        labels = ["coordinator (CPU)" if span.node == COORDINATOR else sanitize(span.node)
+                  for span in layer_map.spans]
+        width = min(24, max((len(label) for label in labels), default=0))
+        for span, label in zip(layer_map.spans, labels, strict=True):
             text.append("\n")
             text.append(f"{CELL} ", style=self.colour(span.node))
-            text.append(f"{label:<24.24}", style="bold")
+            text.append(f"{label:<{width}.{width}}", style="bold")
             rng = f"{span.first}-{span.last}" if span.count > 1 else f"{span.first}"
-            text.append(f" {rng:>7}  {span.count:>3} blk")
+            text.append(f" {rng:>7} {span.count:>3} blk")
             size = _size(span.model_bytes)
             if size:
-                text.append(f"  {size:>10}")
+                text.append(f" {size:>9}")
             if span.mismatch:
-                text.append(f"  ≠ {span.mismatch}", style="bold yellow")
+                text.append(f" ≠ {span.mismatch}", style="bold yellow")
             elif layer_map.source == LOADED and span.planned_count is not None \
                     and span.node != COORDINATOR:
-                text.append("  = plan", style="green")
+                text.append(" = plan", style="green")
         if unserved:
             shown = ", ".join(str(b) for b in sorted(unserved)[:12])
             more = "" if len(unserved) <= 12 else f" and {len(unserved) - 12} more"
