@@ -33,7 +33,7 @@ from .coordinator import (
     health,
     local_transport,
 )
-from .layer_map import LayerMap, llama_map
+from .layer_map import LayerMap, llama_map, petals_map
 from .load_log import LoadReport, parse_load_log
 from .status import (
     FAILED,
@@ -294,6 +294,9 @@ class Cluster:
 
     async def layer_map(self) -> LayerMap:
         """Which node holds which block now: what llama-server loaded, else the plan."""
+        if petals_swarm.is_petals_cluster(self.config):
+            shares, swarm_blocks, unserved = await petals_swarm.status_detail(self)
+            return petals_map(shares, len(swarm_blocks), unserved)
         shares, report = await self._shares_and_report()
         return llama_map(shares, report.offloaded[1] - 1 if report.offloaded else None)
 

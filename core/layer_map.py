@@ -102,3 +102,24 @@ def _coordinator_planned(shares: Sequence[LayerShare]) -> int | None:
 
 def _blocks(count: int) -> str:
     return f"{count} block{'s' if count != 1 else ''}"
+
+
+def petals_map(shares: Sequence[LayerShare], blocks: int,
+               unserved: Sequence[int] = ()) -> LayerMap:
+    """The map of a Petals swarm: each node's announced span (first_layer, layers), or its
+    planned span while the DHT has nothing from it yet."""
+    spans: list[MapSpan] = []
+    for share in shares:
+        first, count = share.first_layer, share.layers
+        if first is None or not count:
+            continue
+        mismatch = ""
+        if share.planned_first is not None and (first, count) != (share.planned_first,
+                                                                  share.planned_layers):
+            mismatch = (f"planned blocks {share.planned_first}-"
+                        f"{share.planned_first + (share.planned_layers or 0) - 1}, "
+                        f"serves {first}-{first + count - 1}")
+        spans.append(MapSpan(share.node, first, count, share.planned_first,
+                             share.planned_layers, share.predicted_bytes, mismatch))
+    spans.sort(key=lambda s: s.first)
+    return LayerMap(blocks, tuple(spans), tuple(unserved), source=SWARM)

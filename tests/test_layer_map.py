@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.layer_map import COORDINATOR, LOADED, PLAN, llama_map
+from core.layer_map import COORDINATOR, LOADED, PLAN, SWARM, llama_map, petals_map
 from core.status import LayerShare
 
 
@@ -46,3 +46,18 @@ def test_a_planned_worker_that_loaded_nothing_still_shows_its_mismatch() -> None
 def test_no_plan_and_nothing_loaded_is_an_empty_map() -> None:
     layer_map = llama_map([share("a", None, None)])
     assert layer_map.blocks == 0 and layer_map.spans == ()
+
+
+def test_petals_spans_follow_the_swarm_and_mark_unserved_blocks() -> None:
+    shares = [LayerShare("p1", "", 0, 4, first_layer=0, layers=4, state="ONLINE"),
+              LayerShare("p2", "", 4, 4, first_layer=None, layers=None, state="OFFLINE")]
+    layer_map = petals_map(shares, 8, unserved=(4, 5, 6, 7))
+    assert layer_map.source == SWARM and layer_map.blocks == 8
+    assert [(s.node, s.first, s.count) for s in layer_map.spans] == [("p1", 0, 4)]
+    assert layer_map.unserved == (4, 5, 6, 7) and layer_map.owner(5) is None
+
+
+def test_petals_span_other_than_planned_is_flagged() -> None:
+    shares = [LayerShare("p1", "", 0, 4, first_layer=2, layers=4, state="ONLINE")]
+    (span,) = petals_map(shares, 8).spans
+    assert span.mismatch == "planned blocks 0-3, serves 2-5"
