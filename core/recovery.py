@@ -31,7 +31,7 @@ from .coordinator import coordinator_state_dir
 from .placement import COORDINATOR, Placement, PlacementError, PlanRefused, make_placement
 from .planner import layer_costs
 from .probe import NodeProbe, probe_node
-from .status import FAILED, READY, UNREACHABLE
+from .status import FAILED, READY, STOPPED, UNREACHABLE
 from .transport import TransportError
 
 RECOVERY_FILE = "recovery.json"  # the last recovery's outcome, for `status` from any shell
@@ -158,6 +158,9 @@ class Recoverer:
             # Stopped by the operator, starting, or failed before it ever served (whoever
             # started it reports that): nothing to recover.
             return None
+        if any(self.cluster.nodes[n].state == STOPPED for n in self._used_workers()
+               if n in self.cluster.nodes):
+            return None  # the operator stopped a worker it uses: theirs to decide, not ours
         lost = frozenset(await self.lost_workers())
         if coordinator.state == READY and not lost:
             return None

@@ -8,6 +8,7 @@ state), that no process is duplicated or orphaned, and that the nodes' logs are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -303,11 +304,15 @@ async def test_killed_coordinator_is_explained_and_restarted(supervised) -> None
     _one_each(s, ["node1", "node2"])
     assert "torbiz-start" in (Path(cluster.config.state_dir) / "faults" / "_coordinator"
                               / "log").read_text()
-    # An operator's stop is not a fault: no recovery follows it.
+    # An operator's stop is not a fault: no recovery follows it, not even when the coordinator
+    # then aborts on its next request for lack of that worker.
     await cluster.stop_node("node2")
-    await asyncio.sleep(2)
+    with contextlib.suppress(httpx.HTTPError):
+        await _completion(s.url)
+    await asyncio.sleep(2.5)
     assert len(s.recoveries) == 1
     assert cluster.nodes["node2"].state == "stopped"
+    assert cluster.coordinator.state == "failed", cluster.coordinator
 
 
 async def test_second_dashboard_reattaches_without_duplicates(supervised) -> None:
