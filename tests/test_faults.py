@@ -374,3 +374,23 @@ async def test_two_supervisors_recover_once(supervised) -> None:
         other_task.cancel()
         await asyncio.gather(other_task, return_exceptions=True)
         await other_cluster.close()
+
+
+async def test_crashed_node_unreachable_and_silent_is_recovered_without(supervised) -> None:
+    # The whole node is gone: its sshd and its worker. SSH says unreachable, the worker's port
+    # does not answer from here: the node is lost.
+    s = await supervised(3)
+    cluster = s.cluster
+    s.start()
+    await asyncio.sleep(1)
+    pid = cluster.nodes["node1"].pid
+    assert pid
+    s.sshd.stop_node("node1", drop_connections=True)
+    os.kill(pid, signal.SIGKILL)
+    await _until(lambda: bool(s.recoveries), 60, "recovery")
+    result = s.recoveries[0]
+    assert result.outcome == RECOVERED and result.lost == ("node1",), result.reason
+    assert cluster.nodes["node1"].state == "unreachable"
+    assert set(result.workers) == {"node2", "node3"}
+    assert await _completion(s.url)
+    _one_each(s, ["node2", "node3"])
