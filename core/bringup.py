@@ -32,14 +32,21 @@ async def plan_now(cluster: Cluster) -> Placement:
     return await make_placement(cluster.config, await probe_rpc_nodes(cluster))
 
 
+class NothingStarted(ClusterError):
+    """`up` refused before starting anything: `stage` is "preflight" or "plan", `problems` one
+    sentence each."""
+
+    def __init__(self, stage: str, problems: list[str]) -> None:
+        super().__init__(problems)
+        self.stage = stage
+
+
 async def preflight_and_plan(cluster: Cluster) -> Placement:
-    """The doctor's checks, then the plan; ClusterError with one sentence per problem (and
-    what was left untouched) when either refuses."""
+    """The doctor's checks, then the plan; NothingStarted when either refuses."""
     report = await run_doctor(cluster)
     if report.failed:
-        raise ClusterError([f"{c.part}: {c.message}" for c in report.failed]
-                           + ["preflight failed: nothing was started"])
+        raise NothingStarted("preflight", [f"{c.part}: {c.message}" for c in report.failed])
     try:
         return await make_placement(cluster.config, report.probes)
     except (PlacementError, PlanRefused) as exc:
-        raise ClusterError([str(exc), "nothing was started"]) from None
+        raise NothingStarted("plan", [str(exc)]) from None

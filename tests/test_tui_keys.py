@@ -34,6 +34,7 @@ table = parts.table
 wait_until = parts.wait_until
 refreshed = parts.refreshed
 worker_pids = parts.worker_pids
+model_cluster = parts.model_cluster
 footer_actions = parts.footer_actions
 
 
@@ -340,3 +341,36 @@ async def test_restart_and_logs_over_real_ssh(tmp_path: Path, sshd_cluster: Any)
     while processes_under(str(tmp_path / "state")) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert processes_under(str(tmp_path / "state")) == []
+
+
+async def test_up_refused_by_the_preflight_starts_nothing(local_cluster: ClusterConfig) -> None:
+    """The model file is missing: `u` runs the same preflight as `torbiz-tui up`, says why,
+    and no worker starts."""
+    app = make_app(local_cluster)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, refreshed(app), "the first refresh")
+        await pilot.press("u")
+        await wait_until(pilot, lambda: any("nothing was started" in line
+                                            for line in app.event_log), "the refusal")
+        text = "\n".join(app.event_log)
+        assert "absent.gguf" in text  # the reason names the missing model
+        await pilot.pause(1.0)
+        assert all(worker_pids(local_cluster, n.name) == [] for n in local_cluster.nodes)
+        assert [table(app).state_of(n.name) for n in local_cluster.nodes] == [STOPPED] * 2
+
+
+async def test_plan_preview_shows_the_plan_and_starts_nothing(
+        model_cluster: ClusterConfig) -> None:
+    from tui.screens.plan import PlanScreen
+
+    app = make_app(model_cluster)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, refreshed(app), "the first refresh")
+        await pilot.press("p")
+        await wait_until(pilot, lambda: isinstance(app.screen, PlanScreen), "the plan screen")
+        shown = screen_text(app)
+        assert "plan (nothing started)" in shown
+        assert "alpha" in shown and "beta" in shown and "8 blocks" in shown
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, PlanScreen), "closed")
+        assert all(worker_pids(model_cluster, n.name) == [] for n in model_cluster.nodes)

@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from core.bringup import plan_now, preflight_and_plan
+from core.bringup import NothingStarted, plan_now, preflight_and_plan
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, NodeConfig
 from core.layer_map import LayerMap
@@ -400,6 +400,9 @@ class TorbizApp(App[int]):
                 f"{name} blocks {first}-{first + count - 1}"
                 for name, first, count in placement.plan.rpc_spans()))
             await self.cluster.up(placement.plan.rpc_spans())
+        except NothingStarted as exc:
+            self.post_message(self.ActionProblems(
+                [*exc.problems, f"the {exc.stage} refused: nothing was started"]))
         except ClusterError as exc:
             self.post_message(self.ActionProblems(exc.problems))
 

@@ -11,14 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import core
+from core.bringup import NothingStarted, plan_now, preflight_and_plan
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, ConfigError, load_config
 from core.doctor import DoctorReport, run_doctor
 from core.petals_swarm import is_petals_cluster
-from core.placement import PlacementError, PlanRefused, format_placement, make_placement
-from core.probe import NodeProbe, probe_node
+from core.placement import PlacementError, PlanRefused, format_placement
 from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
-from core.transport import TransportError
 
 DEMO_CONFIG = Path(core.__file__).resolve().parent / "demo" / "demo.toml"
 
@@ -100,8 +99,7 @@ async def _doctor(config: ClusterConfig, as_json: bool) -> int:
 async def _plan(config: ClusterConfig, as_json: bool) -> int:
     cluster = Cluster(config)
     try:
-        probes = await _probe_rpc_nodes(cluster)
-        placement = await make_placement(config, probes)
+        placement = await plan_now(cluster)
     except (PlacementError, PlanRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -117,20 +115,6 @@ async def _plan(config: ClusterConfig, as_json: bool) -> int:
     return 0
 
 
-async def _probe_rpc_nodes(cluster: Cluster) -> dict[str, NodeProbe]:
-    nodes = [n for n in cluster.config.nodes if n.backend == "llama-rpc"]
-    results = await asyncio.gather(*(probe_node(cluster.transport(n.name)) for n in nodes),
-                                   return_exceptions=True)
-    probes: dict[str, NodeProbe] = {}
-    for node, result in zip(nodes, results, strict=True):
-        if isinstance(result, TransportError):
-            raise PlacementError(f"{node.name}: {result.reason}")
-        if isinstance(result, BaseException):
-            raise result
-        probes[node.name] = result
-    return probes
-
-
 async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
                         force: bool = False) -> int:
     cluster = Cluster(config)
@@ -139,18 +123,14 @@ async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
     try:
         spans = None
         if action == "up" and not force:
-            report = await run_doctor(cluster)
-            if report.failed:
-                for check in report.failed:
-                    print(f"error: {check.part}: {check.message}", file=sys.stderr)
-                print("preflight failed: nothing was started (`up --force` skips it)",
-                      file=sys.stderr)
-                return 1
             try:
-                placement = await make_placement(config, report.probes)
-            except (PlacementError, PlanRefused) as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                print("nothing was started (`up --force` lets llama.cpp split by the free "
+                placement = await preflight_and_plan(cluster)
+            except NothingStarted as exc:
+                for problem in exc.problems:
+                    print(f"error: {problem}", file=sys.stderr)
+                print("preflight failed: nothing was started (`up --force` skips it)"
+                      if exc.stage == "preflight" else
+                      "nothing was started (`up --force` lets llama.cpp split by the free "
                       "memory workers report)", file=sys.stderr)
                 return 1
             spans = placement.plan.rpc_spans()
