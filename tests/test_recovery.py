@@ -86,3 +86,25 @@ def test_core_recovery_imports_no_textual(tmp_path: Path) -> None:
     code = "import core.recovery, sys; assert 'textual' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[1])
+
+
+def test_recover_is_on_by_default_and_a_checked_cluster_key(tmp_path: Path) -> None:
+    from core.config import ConfigError, parse_config
+
+    nodes = [{"name": "a", "host": "127.0.0.1"}]
+    assert parse_config({"nodes": nodes}, tmp_path / "c.toml").recover is True
+    off = parse_config({"cluster": {"recover": False}, "nodes": nodes}, tmp_path / "c.toml")
+    assert off.recover is False
+    with pytest.raises(ConfigError, match=r"\[cluster\].*'recover' must be true or false"):
+        parse_config({"cluster": {"recover": "yes"}, "nodes": nodes}, tmp_path / "c.toml")
+
+
+def test_supervisor_without_recovery_has_no_recoverer(tmp_path: Path) -> None:
+    from core.cluster import Cluster
+    from core.config import parse_config
+    from core.supervisor import Supervisor
+
+    nodes = [{"name": "a", "host": "127.0.0.1", "transport": "local"}]
+    off = parse_config({"cluster": {"recover": False}, "nodes": nodes}, tmp_path / "c.toml")
+    assert Supervisor(Cluster(off)).recoverer is None
+    assert Supervisor(Cluster(off), recover=True).recoverer is not None
