@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,7 @@ class Recoverer:
             return None
         if self._need_since is None:
             self._need_since = detected_at if detected_at is not None else time.monotonic()
+        since = self._need_since
         if need in self._attempted:
             return None
         # Confirm: another process stopping a part removes its pidfile a moment after the
@@ -194,7 +196,7 @@ class Recoverer:
             if need is None or need in self._attempted:
                 return None
             self._attempted.add(need)
-            result = await self._recover(sorted(need[1]), self._need_since)
+            result = await self._recover(sorted(need[1]), since)
             self._attempted.add((self.cluster.coordinator.pid, need[1]))
         self._need_since = None
         self.results.append(result)
@@ -203,7 +205,7 @@ class Recoverer:
         return result
 
     @contextlib.contextmanager
-    def _lock(self) -> Any:
+    def _lock(self) -> Iterator[bool]:
         path = _state_dir(self.cluster) / LOCK_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -239,8 +241,9 @@ class Recoverer:
         try:
             spans = await self._plan(remaining, running)
         except PlanRefused as exc:
-            return self._end(DEGRADED, lost, (), since,
-                             f"cannot recover without {', '.join(lost)}: {exc}; "
+            head = (f"cannot recover without {', '.join(lost)}" if lost
+                    else "cannot restart the coordinator")
+            return self._end(DEGRADED, lost, (), since, f"{head}: {exc}; "
                              + ("the coordinator stays degraded (its next request would abort "
                                 "it)" if running else "the coordinator stays down"),
                              missing=exc.missing_bytes)
