@@ -158,3 +158,79 @@ def test_an_operator_session_in_tmux(cluster_file: Path, tmux: Tmux) -> None:
             await cluster.close()
 
     assert asyncio.run(beta_state(cluster_file)) == READY
+
+
+def test_plan_up_layer_map_and_throughput_over_ssh(tmp_path: Path, sshd_cluster,
+                                                   tmux: Tmux) -> None:
+    """Three sshd nodes, the demo model: p shows the plan, u there brings the cluster up as
+    planned, and during a generation the layer map shows what llama-server loaded (= plan) and
+    the throughput panel a live rate; d takes everything down."""
+    import threading
+
+    import httpx
+
+    from core.demo_model import ensure_demo_model
+
+    from .cluster_files import ssh_cluster_file
+
+    if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
+        pytest.skip("llama.cpp not built: run `torbiz-tui build-llama`")
+    sshd = sshd_cluster(count=3)
+    path = ssh_cluster_file(tmp_path, sshd, ensure_demo_model(tmp_path / "demo.gguf"))
+    config = load_config(path)
+    entry = Path(sys.executable).with_name("torbiz-tui")
+    command = [str(entry)] if entry.exists() else [sys.executable, "-m", "tui.cli"]
+    shell = ("read go; " + " ".join(command) + f" -c {path}; "
+             "echo \"torbiz-tui exited with $?\"; sleep 600")
+    tmux.run("new-session", "-d", "-s", "e2e", "-x", str(COLUMNS), "-y", str(ROWS),
+             "-e", "TERM=xterm-256color", "sh", "-c", shell)
+    tmux.keys("Enter")
+    names = [n.name for n in config.nodes]
+    streaming = threading.Event()
+    try:
+        tmux.wait_for("3 nodes", "○ stopped", absent="probing")
+        tmux.keys("p")
+        screen = tmux.wait_for("plan (nothing started)", "8 blocks", timeout=60)
+        assert all(name in screen for name in names)
+        tmux.keys("u")  # from the plan screen: up with this plan
+        screen = tmux.wait_for("3 ready", "coordinator ready", "as loaded by llama-server",
+                               timeout=120)
+        spans = [line for line in screen.splitlines() if "= plan" in line]
+        assert len(spans) == 3, screen  # every worker loaded exactly its planned blocks
+        assert all(any(name in line for line in spans) for name in names)
+
+        def generate() -> None:
+            try:
+                with httpx.stream("POST", f"http://127.0.0.1:{config.coordinator.port}"
+                                  "/v1/chat/completions", timeout=120, json={
+                                      "messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 4000, "stream": True}) as reply:
+                    for _ in reply.iter_lines():
+                        streaming.set()
+            except httpx.HTTPError:
+                pass  # `d` below takes the coordinator down under this stream
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        assert streaming.wait(60)
+        screen = tmux.wait_for("1 processing", "tokens (", timeout=30)
+        rate = next(line for line in screen.splitlines() if "generation" in line)
+        assert float(rate.split("generation")[1].split("tok/s")[0]) > 0, rate
+        print("\n" + screen)  # the captured screen, for whoever reads the test log
+        tmux.keys("d")
+        tmux.wait_for("Take cluster")
+        tmux.keys("y")
+        tmux.wait_for("3 stopped", "coordinator stopped", timeout=60)
+        thread.join(30)
+        tmux.keys("q")
+        tmux.wait_for("torbiz-tui exited with 0")
+    finally:
+        async def stop_all() -> None:
+            cleanup = Cluster(config)
+            try:
+                await cleanup.down()
+            finally:
+                await cleanup.close()
+
+        asyncio.run(stop_all())
+    assert processes_under(str(tmp_path / "state")) == []
