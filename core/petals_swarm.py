@@ -389,6 +389,7 @@ class DhtWatch:
 
 
 _watches: dict[int, DhtWatch] = {}  # id(cluster) -> its watch; closed by close_watch()
+_watch_locks: dict[int, asyncio.Lock] = {}  # parallel probes of several nodes start one watch
 
 
 async def cluster_watch(cluster: Cluster) -> DhtWatch | None:
@@ -400,8 +401,17 @@ async def cluster_watch(cluster: Cluster) -> DhtWatch | None:
     n_blocks = int(swarm.get("n_blocks") or 0)
     if not peers or n_blocks < 1:
         return None
+    async with _watch_locks.setdefault(id(cluster), asyncio.Lock()):
+        return await _current_watch(cluster, peers, swarm, n_blocks)
+
+
+async def _current_watch(cluster: Cluster, peers: list[str], swarm: dict[str, Any],
+                         n_blocks: int) -> DhtWatch:
+    config = cluster.config
     watch = _watches.get(id(cluster))
-    if watch is not None and (watch.peers != tuple(peers) or not watch.running):
+    # A running client finds new servers through the DHT: restart it only when it died or
+    # knows none of the swarm's peers (each start costs seconds of imports).
+    if watch is not None and (not watch.running or not set(watch.peers) & set(peers)):
         await watch.aclose()
         watch = None
     if watch is None:
@@ -414,6 +424,7 @@ async def cluster_watch(cluster: Cluster) -> DhtWatch | None:
 
 async def close_watch(cluster: Cluster) -> None:
     watch = _watches.pop(id(cluster), None)
+    _watch_locks.pop(id(cluster), None)
     if watch is not None:
         await watch.aclose()
 
@@ -636,9 +647,7 @@ async def generate(config: ClusterConfig, prompt: str, new_tokens: int,
         "--peers", json.dumps(peers), "--prefix", str(swarm.get("prefix")),
         "--prompt", prompt, "-n", str(new_tokens), "--dtype", config.petals.torch_dtype,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        # Fail with Petals' own error instead of retrying forever.
-        env={**side_env(), "PETALS_MAX_RETRIES": "3"}, start_new_session=True)
+        stderr=asyncio.subprocess.PIPE, env=side_env(), start_new_session=True)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:

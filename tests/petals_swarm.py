@@ -259,6 +259,7 @@ from transformers import LlamaForCausalLM
 from petals import AutoDistributedModelForCausalLM
 model_dir, peers, prefix = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 prompt, n_new = json.loads(sys.argv[4]), int(sys.argv[5])
+client_config = json.loads(sys.argv[6])
 ids = torch.tensor([prompt])
 mask = torch.ones_like(ids)
 torch.set_num_threads(1)
@@ -269,7 +270,8 @@ ref = local.generate(ids, attention_mask=mask, max_new_tokens=n_new, do_sample=F
                      pad_token_id=0)
 t0 = time.perf_counter()
 remote = AutoDistributedModelForCausalLM.from_pretrained(
-    model_dir, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32)
+    model_dir, initial_peers=peers, dht_prefix=prefix, torch_dtype=torch.float32,
+    **client_config)
 t1 = time.perf_counter()
 with torch.no_grad():
     swarm_logits = remote(ids).logits
@@ -568,11 +570,13 @@ class PetalsSwarm:
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int,
                  max_retries: int = 3) -> dict:
+        """Greedy generation through the swarm vs local transformers. The client's timeouts are
+        explicit: with Petals' defaults (connect 5 s, request 180 s, retries forever, backoff
+        doubling to 60 s) one slow stream open on a loaded machine became a silent hang."""
         if self.model_dir is None:
             raise RuntimeError("write_tiny_llama() first")
+        client = {"connect_timeout": 30.0, "request_timeout": 60.0, "max_retries": max_retries}
         return self.run_py(_GENERATE, str(self.model_dir),
                            json.dumps([s.maddr for s in self.servers]), self.dht_prefix,
-                           json.dumps(list(prompt)), str(max_new_tokens), timeout=180,
-                           what="generation through the swarm",
-                           # fail with Petals' own error instead of retrying forever
-                           env={"PETALS_MAX_RETRIES": str(max_retries)})
+                           json.dumps(list(prompt)), str(max_new_tokens), json.dumps(client),
+                           timeout=300, what="generation through the swarm")

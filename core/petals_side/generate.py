@@ -23,6 +23,11 @@ def main() -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("-n", "--new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
+    # Petals' client defaults: connect 5 s, request 180 s, retries forever with a backoff that
+    # doubles to 60 s, so one slow stream open on a loaded machine becomes a silent hang.
+    parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--request-timeout", type=float, default=60.0)
+    parser.add_argument("--max-retries", type=int, default=3)
     args = parser.parse_args()
     peers = json.loads(args.peers)
     if not peers:
@@ -42,7 +47,8 @@ def main() -> int:
     started = time.perf_counter()
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model_dir, initial_peers=peers, dht_prefix=args.prefix,
-        torch_dtype=getattr(torch, args.dtype))
+        torch_dtype=getattr(torch, args.dtype), connect_timeout=args.connect_timeout,
+        request_timeout=args.request_timeout, max_retries=args.max_retries)
     loaded = time.perf_counter()
     ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
