@@ -52,6 +52,7 @@ class Supervisor:
         enabled = cluster.config.recover if recover is None else recover
         self.recoverer: Recoverer | None = Recoverer(cluster) if enabled else None
         self._recovery: asyncio.Task[RecoveryResult | None] | None = None
+        self._first_seen: float | None = None  # the first detection no recovery has seen yet
         self._retry_at: dict[str, float] = {}  # unreachable node -> next SSH attempt
         self._backoff: dict[str, float] = {}
 
@@ -121,26 +122,36 @@ class Supervisor:
         """Check forever (until cancelled), never two checks at once; with recovery on, start
         a recovery when one is due and none runs. `report` gets every detection and every
         recovery's result."""
-        first_seen: float | None = None
         try:
             while True:
                 started = time.monotonic()
-                found = await self.check_once()
-                for detection in found:
-                    if report is not None:
-                        report(detection)
-                if found and first_seen is None:
-                    first_seen = min(d.at for d in found)
-                if self.recoverer is not None and not self.recovering:
-                    self._recovery = asyncio.create_task(
-                        self._recover(self.recoverer, first_seen, report))
-                    first_seen = None
+                await self.tick(report)
                 await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
-            if self._recovery is not None and not self._recovery.done():
-                self._recovery.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._recovery
+            await self.stop_recovery()
+
+    async def tick(self, report: Report | None = None) -> list[Detection]:
+        """One check, then (recovery on, none running) a recovery started in the background
+        when one is due: the step `run` repeats, for callers with a loop of their own (the
+        dashboard)."""
+        found = await self.check_once()
+        for detection in found:
+            if report is not None:
+                report(detection)
+        if found and self._first_seen is None:
+            self._first_seen = min(d.at for d in found)
+        if self.recoverer is not None and not self.recovering:
+            self._recovery = asyncio.create_task(
+                self._recover(self.recoverer, self._first_seen, report))
+            self._first_seen = None
+        return found
+
+    async def stop_recovery(self) -> None:
+        """Cancel a recovery under way (the caller is going away)."""
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
 
     async def _recover(self, recoverer: Recoverer, detected_at: float | None,
                        report: Report | None) -> RecoveryResult | None:

@@ -374,3 +374,32 @@ async def test_plan_preview_shows_the_plan_and_starts_nothing(
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, PlanScreen), "closed")
         assert all(worker_pids(model_cluster, n.name) == [] for n in model_cluster.nodes)
+
+
+async def test_dashboard_notices_a_killed_worker_and_recovers(
+        model_cluster: ClusterConfig) -> None:
+    """kill -9 of a worker the coordinator uses: the dashboard says so within seconds and,
+    the other worker holding the tiny model alone, restarts the coordinator over it."""
+    import os
+    import signal
+
+    app = make_app(model_cluster)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, refreshed(app), "the first refresh")
+        await pilot.press("u")
+        await wait_until(pilot, lambda: app.cluster.coordinator.state == READY,
+                         "the coordinator ready", timeout=120)
+        old = app.cluster.coordinator.pid
+        (victim,) = worker_pids(model_cluster, "beta")
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        await wait_until(pilot, lambda: table(app).state_of("beta") == "failed",
+                         "beta shown failed", timeout=10)
+        assert time.monotonic() - killed < 5
+        await wait_until(pilot, lambda: any("coordinator recovered in" in line
+                                            for line in app.event_log), "the recovery",
+                         timeout=90)
+        await wait_until(pilot, lambda: app.cluster.coordinator.state == READY
+                         and app.cluster.coordinator.pid != old, "the new coordinator")
+        assert any("without beta" in line for line in app.event_log)
+        assert worker_pids(model_cluster, "alpha") != []

@@ -37,6 +37,7 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from core.supervisor import Supervisor
 from core.throughput import ThroughputSample
 
 from .commands import DashboardCommands
@@ -56,7 +57,7 @@ from .widgets.node_table import PROBING, STOPPING, NodeTable
 from .widgets.status_line import StatusLine
 from .widgets.throughput_panel import ThroughputPanel
 
-REFRESH_INTERVAL = 2.0  # seconds between the end of one refresh and the start of the next
+REFRESH_INTERVAL = 1.0  # seconds between the end of one refresh and the start of the next
 REFRESH_MAX_BACKOFF = 30.0
 PROBE_PARALLEL = 16  # as the Cluster's own fan-out
 METRICS_INTERVAL = 1.0  # seconds between throughput polls (one in flight)
@@ -221,6 +222,8 @@ class TorbizApp(App[int]):
         self.clock = clock
         self.cluster = Cluster(config)
         self.cluster.subscribe(self._on_cluster_event)
+        self.supervisor = Supervisor(self.cluster, interval=REFRESH_INTERVAL,
+                                     recover=False if read_only else None)
         self.event_log: deque[str] = deque(maxlen=log_lines)
         self._busy: dict[Worker[None], str] = {}
         self._recent_errors: deque[str] = deque(maxlen=64)
@@ -256,6 +259,7 @@ class TorbizApp(App[int]):
 
     async def on_unmount(self) -> None:
         # The cluster keeps running: only our connections to it close.
+        await self.supervisor.stop_recovery()
         await self.cluster.close()
 
     def _on_cluster_event(self, event: Event) -> None:
@@ -289,7 +293,10 @@ class TorbizApp(App[int]):
     async def _refresh_round(self) -> None:
         busy = set(self._busy.values())
         if not busy:
-            await asyncio.gather(self.cluster.refresh_nodes(), self.cluster.refresh_coordinator())
+            # The supervisor's check: a dead worker or coordinator is a notice within a second
+            # or two, and (recovery on, not read-only) the coordinator is re-planned and
+            # restarted over the workers left, as `torbiz-tui watch` does.
+            await self.supervisor.tick()
             return
         # A probe racing a start would report the node stopped until its pidfile exists:
         # leave the parts being changed to the action changing them.
