@@ -35,6 +35,7 @@ from .coordinator import (
 )
 from .layer_map import LayerMap, llama_map, petals_map
 from .load_log import LoadReport, parse_load_log
+from .planner import PlanRefused
 from .status import (
     FAILED,
     READY,
@@ -598,7 +599,10 @@ class Cluster:
 
     async def up(self, spans: Sequence[Span] | None = None) -> ClusterStatus:
         """Workers in parallel, then the coordinator; ClusterError names every failed part.
-        With a plan's `spans`, only its workers start and it is placed exactly."""
+        With a plan's `spans`, only its workers start and it is placed exactly.
+        A Petals cluster plans its blocks itself and has no coordinator."""
+        if petals_swarm.is_petals_cluster(self.config):
+            return await self._up_petals()
         names = ([name for name, _, count in spans if count > 0] if spans is not None
                  else [n.name for n in self._rpc_nodes()])
         workers = await self.start_workers(names)
@@ -609,6 +613,16 @@ class Cluster:
         if coordinator.state != READY:
             raise ClusterError([f"coordinator: {coordinator.error}"])
         return ClusterStatus(self.config.name, tuple(self.nodes.values()), coordinator)
+
+    async def _up_petals(self) -> ClusterStatus:
+        try:
+            _, servers = await petals_swarm.plan_and_up(self)
+        except (petals_swarm.PetalsError, PlanRefused, TransportError) as exc:
+            raise ClusterError([str(exc)]) from None
+        failed = [s for s in servers if s.state != READY]
+        if failed:
+            raise ClusterError([f"{s.name}: {s.error}" for s in failed])
+        return ClusterStatus(self.config.name, tuple(self.nodes.values()), self.coordinator)
 
     async def down(self) -> ClusterStatus:
         coordinator = await self.stop_coordinator()

@@ -667,3 +667,22 @@ async def generate(config: ClusterConfig, prompt: str, new_tokens: int,
 
 
 __all__ = ["PetalsError", "PetalsPlacement", "TransportError", "make_petals_placement"]
+
+
+async def plan_and_up(cluster: Cluster) -> tuple[PetalsPlacement, list[NodeStatus]]:
+    """Probe every Petals node, plan, start the swarm (what `up` does without the preflight).
+    Raises PetalsError (probe, model), PlanRefused, TransportError."""
+    from .probe import probe_node
+
+    nodes = petals_nodes(cluster.config)
+    results = await asyncio.gather(*(probe_node(cluster.transport(n.name)) for n in nodes),
+                                   return_exceptions=True)
+    probes: dict[str, NodeProbe] = {}
+    for node, result in zip(nodes, results, strict=True):
+        if isinstance(result, TransportError):
+            raise PetalsError(f"{node.name}: {result.reason}")
+        if isinstance(result, BaseException):
+            raise result
+        probes[node.name] = result
+    placement = await make_petals_placement(cluster.config, probes)
+    return placement, await up(cluster, placement)

@@ -46,7 +46,8 @@ def _config(tmp_path: Path, model: dict, *, nodes: int = 2, dtype: str = "bfloat
 
 
 def _probe(free_gib: float) -> NodeProbe:
-    return NodeProbe(node="n", os="Linux", arch="x86_64", cores=8, ram_total_bytes=int(free_gib * GIB),
+    return NodeProbe(node="n", os="Linux", arch="x86_64", cores=8,
+                     ram_total_bytes=int(free_gib * GIB),
                      ram_available_bytes=int(free_gib * GIB), gpus=(), clock_offset_s=0.0,
                      rtt_s=0.001, worker_binary=None, worker_version=None, errors=())
 
@@ -171,3 +172,14 @@ def test_block_map_marks_dead_and_missing_blocks_unserved(tmp_path: Path) -> Non
 def test_explain_server_log_clock() -> None:
     text = backend.explain_server_log(["... local time must be within 3 seconds  of others"])
     assert "NTP" in text and "chronyc makestep" in text
+
+
+def test_provision_venv_of_the_node_python() -> None:
+    from core.config import NodeConfig
+    from core.petals_provision import ProvisionError, node_venv
+
+    assert node_venv(NodeConfig("a", "10.0.0.1", backend="petals")) == \
+        "~/.cache/torbiz/petals-venv"
+    assert node_venv(NodeConfig("a", "10.0.0.1", python="/opt/p/bin/python")) == "/opt/p"
+    with pytest.raises(ProvisionError, match="bin/python"):
+        node_venv(NodeConfig("a", "10.0.0.1", python="/usr/bin/python3.11/x"))

@@ -277,11 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-n", "--new-tokens", type=_positive_int, default=16, metavar="N",
                    help="tokens to generate (16)")
+    p = sub.add_parser("provision", help="build a node's environment over SSH: --petals "
+                       "runs scripts/petals-env.sh there with the hivemind wheel built here")
+    p.add_argument("node")
+    p.add_argument("--petals", action="store_true", help="the Petals venv (the node's python "
+                   "key, default ~/.cache/torbiz/petals-venv)")
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
     for name in ("up", "down", "status", "logs", "watch", "doctor", "plan", "web",
-                 "petals-generate"):
+                 "petals-generate", "provision"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
     return parser
@@ -308,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
             return 0
         config = load_cluster_config(config_arg)
+        if args.command == "provision":
+            from tui import petals_commands
+
+            return asyncio.run(petals_commands.provision(config, args.node, args.petals))
         if args.command == "petals-generate":
             from tui import petals_commands
 

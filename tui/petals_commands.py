@@ -150,3 +150,30 @@ async def _up(config: ClusterConfig, force: bool) -> int:
         return 1
     finally:
         await cluster.close()
+
+
+async def provision(config: ClusterConfig, name: str, petals: bool) -> int:
+    """Build the Petals environment on a node (scripts/petals-env.sh run there)."""
+    from core.petals_provision import ProvisionError, provision_petals
+
+    if not petals:
+        print("error: say what to provision: --petals (the only environment so far)",
+              file=sys.stderr)
+        return 2
+    node = config.node(name)
+    cluster = Cluster(config)
+    try:
+        venv = await provision_petals(cluster.transport(name), node,
+                                      lambda line: print(line, flush=True))
+        info = await petals_swarm.node_info(cluster, node)
+    except (ProvisionError, TransportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await cluster.close()
+    if info.error:
+        print(f"error: {name}: built {venv}, but {info.error}", file=sys.stderr)
+        return 1
+    print(f"{name}: Petals environment ready in {venv}: python {info.python}, petals "
+          f"{info.petals}, torch {info.torch}")
+    return 0
