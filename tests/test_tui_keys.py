@@ -367,10 +367,12 @@ async def test_plan_preview_shows_the_plan_and_starts_nothing(
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, refreshed(app), "the first refresh")
         await pilot.press("p")
-        await wait_until(pilot, lambda: isinstance(app.screen, PlanScreen), "the plan screen")
+        await wait_until(pilot, lambda: isinstance(app.screen, PlanScreen), "the plan screen",
+                         timeout=60)  # probes every node and reads the model: slow when loaded
+        await pilot.pause()
         shown = screen_text(app)
-        assert "plan (nothing started)" in shown
-        assert "alpha" in shown and "beta" in shown and "8 blocks" in shown
+        assert "plan (nothing started)" in shown, shown
+        assert "alpha" in shown and "beta" in shown and "8 blocks" in shown, shown
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, PlanScreen), "closed")
         assert all(worker_pids(model_cluster, n.name) == [] for n in model_cluster.nodes)

@@ -391,7 +391,23 @@ class TorbizApp(App[int]):
 
     @work(group="coordinator-action", exit_on_error=False)
     async def start_coordinator(self) -> None:
-        await self.cluster.start_coordinator()
+        """Over the ready workers: placed as planned when every worker of the plan is ready,
+        else by llama.cpp's own split (and the event log says why)."""
+        spans = None
+        try:
+            placement = await plan_now(self.cluster)
+            planned = placement.plan.rpc_spans()
+            not_ready = [name for name, _, count in planned
+                         if count and self.cluster.nodes[name].state != READY]
+            if not_ready:
+                self.cluster.notice(f"coordinator without the plan: {', '.join(not_ready)} "
+                                    "not ready (llama.cpp splits by the workers' free memory)",
+                                    "warning")
+            else:
+                spans = planned
+        except (PlacementError, PlanRefused) as exc:
+            self.cluster.notice(f"coordinator without a plan: {exc}", "warning")
+        await self.cluster.start_coordinator(spans=spans)
 
     @work(group="coordinator-action", exit_on_error=False)
     async def stop_coordinator(self) -> None:
