@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 
+from . import petals_swarm
 from .cluster import Cluster, ClusterError
+from .config import NodeConfig
 from .doctor import run_doctor
-from .placement import Placement, PlacementError, PlanRefused, make_placement
+from .placement import Placement, PlacementError, PlanRefused, format_placement, make_placement
 from .probe import NodeProbe, probe_node
 from .transport import TransportError
 
 
-async def probe_rpc_nodes(cluster: Cluster) -> dict[str, NodeProbe]:
-    """Every llama-rpc node's probe; PlacementError naming the first node that cannot be read."""
-    nodes = [n for n in cluster.config.nodes if n.backend == "llama-rpc"]
+async def probe_nodes(cluster: Cluster, nodes: list[NodeConfig]) -> dict[str, NodeProbe]:
+    """Each node's probe, in parallel; PlacementError naming the first node that cannot be
+    read."""
     results = await asyncio.gather(*(probe_node(cluster.transport(n.name)) for n in nodes),
                                    return_exceptions=True)
     probes: dict[str, NodeProbe] = {}
@@ -28,8 +30,20 @@ async def probe_rpc_nodes(cluster: Cluster) -> dict[str, NodeProbe]:
 
 
 async def plan_now(cluster: Cluster) -> Placement:
-    """The plan as it would be made now, starting nothing (PlacementError, PlanRefused)."""
-    return await make_placement(cluster.config, await probe_rpc_nodes(cluster))
+    """The llama.cpp plan as it would be made now, starting nothing (PlacementError,
+    PlanRefused)."""
+    nodes = [n for n in cluster.config.nodes if n.backend == "llama-rpc"]
+    return await make_placement(cluster.config, await probe_nodes(cluster, nodes))
+
+
+async def plan_text(cluster: Cluster) -> str:
+    """The plan of either kind of cluster as the `plan` command prints it (PlacementError,
+    PlanRefused, PetalsError)."""
+    if petals_swarm.is_petals_cluster(cluster.config):
+        probes = await probe_nodes(cluster, petals_swarm.petals_nodes(cluster.config))
+        placement = await petals_swarm.make_petals_placement(cluster.config, probes)
+        return petals_swarm.format_petals_placement(placement)
+    return format_placement(await plan_now(cluster))
 
 
 class NothingStarted(ClusterError):
@@ -41,11 +55,14 @@ class NothingStarted(ClusterError):
         self.stage = stage
 
 
-async def preflight_and_plan(cluster: Cluster) -> Placement:
-    """The doctor's checks, then the plan; NothingStarted when either refuses."""
+async def preflight_and_plan(cluster: Cluster) -> Placement | None:
+    """The doctor's checks, then the plan; NothingStarted when either refuses. None for a
+    Petals cluster, whose `Cluster.up` plans the blocks itself."""
     report = await run_doctor(cluster)
     if report.failed:
         raise NothingStarted("preflight", [f"{c.part}: {c.message}" for c in report.failed])
+    if petals_swarm.is_petals_cluster(cluster.config):
+        return None
     try:
         return await make_placement(cluster.config, report.probes)
     except (PlacementError, PlanRefused) as exc:

@@ -19,11 +19,12 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from core.bringup import NothingStarted, plan_now, preflight_and_plan
+from core.bringup import NothingStarted, plan_now, plan_text, preflight_and_plan
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, NodeConfig
 from core.layer_map import LayerMap
-from core.placement import PlacementError, PlanRefused, format_placement
+from core.petals_swarm import PetalsError, is_petals_cluster
+from core.placement import PlacementError, PlanRefused
 from core.probe import NodeProbe, probe_node
 from core.status import (
     FAILED,
@@ -230,6 +231,7 @@ class TorbizApp(App[int]):
         self._stale = False
         self._keys: tuple[bool | None, ...] = ()
         self._holding: set[str] = set()  # nodes the layer map shows holding blocks
+        self.swarm = is_petals_cluster(config)  # Petals: no coordinator, the DHT's block map
         self._main: MainScreen | None = None
         self.title = f"torbiz · {config.name}"
         self.sub_title = self._mode()
@@ -340,7 +342,7 @@ class TorbizApp(App[int]):
         shown_idle = False
         while True:
             state = self.cluster.coordinator.state
-            swarm = any(n.backend == "petals" for n in self.config.nodes)
+            swarm = self.swarm
             now = time.monotonic()
             if now >= next_map:
                 layer_map = None
@@ -395,6 +397,8 @@ class TorbizApp(App[int]):
         else by llama.cpp's own split (and the event log says why)."""
         spans = None
         try:
+            if self.swarm:
+                raise PlacementError("a Petals swarm has no coordinator")
             placement = await plan_now(self.cluster)
             planned = placement.plan.rpc_spans()
             not_ready = [name for name, _, count in planned
@@ -419,6 +423,9 @@ class TorbizApp(App[int]):
         coordinator placing exactly the plan."""
         try:
             placement = await preflight_and_plan(self.cluster)
+            if placement is None:  # a Petals swarm: Cluster.up plans its blocks
+                await self.cluster.up()
+                return
             self.cluster.notice(f"plan ({self.config.plan.policy}): " + ", ".join(
                 f"{name} blocks {first}-{first + count - 1}"
                 for name, first, count in placement.plan.rpc_spans()))
@@ -432,9 +439,8 @@ class TorbizApp(App[int]):
     @work(group="plan", exclusive=True, exit_on_error=False)
     async def plan_preview(self) -> None:
         try:
-            placement = await plan_now(self.cluster)
-            text, refused = format_placement(placement), False
-        except (PlacementError, PlanRefused) as exc:
+            text, refused = await plan_text(self.cluster), False
+        except (PlacementError, PlanRefused, PetalsError) as exc:
             text, refused = str(exc), True
         self.post_message(self.PlanReady(text, refused))
 
@@ -709,6 +715,8 @@ class TorbizApp(App[int]):
         busy = set(self._busy.values())
         coordinator = self.main.query_one(CoordinatorBar).status.state
         if action in ("start_coordinator", "stop_coordinator"):
+            if self.swarm:  # a Petals swarm has no coordinator
+                return None if action == "start_coordinator" else False
             stopped = coordinator in (STOPPED, FAILED)
             if (action == "start_coordinator") != stopped and coordinator != PROBING:
                 return False  # the other binding on this key applies

@@ -133,6 +133,7 @@ async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
                       "nothing was started (`up --force` lets llama.cpp split by the free "
                       "memory workers report)", file=sys.stderr)
                 return 1
+            assert placement is not None  # Petals clusters go to tui/petals_commands.py
             spans = placement.plan.rpc_spans()
             print(format_placement(placement), file=sys.stderr, flush=True)
         if action == "up":
