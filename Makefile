@@ -19,3 +19,5 @@ lint: setup
 
 bench: setup
 	.venv/bin/python bench/bringup.py
+	.venv/bin/python bench/overhead.py
+	.venv/bin/python bench/placement.py
