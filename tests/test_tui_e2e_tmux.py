@@ -46,6 +46,21 @@ class Tmux:
     def keys(self, *keys: str) -> None:
         self.run("send-keys", "-t", "e2e", *keys)
 
+    def open_dashboard(self, cluster_file: Path) -> None:
+        """The real torbiz-tui on `cluster_file` in a 140x40 pane; "torbiz-tui exited with N"
+        shows when it ends."""
+        entry = Path(sys.executable).with_name("torbiz-tui")
+        command = [str(entry)] if entry.exists() else [sys.executable, "-m", "tui.cli"]
+        # The dashboard starts on Enter, once the pane has its final size: a resize that lands
+        # while it starts up could be missed, and the screen drawn at 80x24.
+        shell = ("read go; " + " ".join(command) + f" -c {cluster_file}; "
+                 "echo \"torbiz-tui exited with $?\"; sleep 600")
+        self.run("new-session", "-d", "-s", "e2e", "-x", str(COLUMNS), "-y", str(ROWS),
+                 "-e", "TERM=xterm-256color", "sh", "-c", shell)
+        size = self.run("display-message", "-p", "-t", "e2e", "#{pane_width}x#{pane_height}")
+        assert size.strip() == f"{COLUMNS}x{ROWS}"
+        self.keys("Enter")
+
     def wait_for(self, *texts: str, absent: str = "", timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
@@ -106,17 +121,7 @@ def cluster_file(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_an_operator_session_in_tmux(cluster_file: Path, tmux: Tmux) -> None:
-    entry = Path(sys.executable).with_name("torbiz-tui")
-    command = [str(entry)] if entry.exists() else [sys.executable, "-m", "tui.cli"]
-    # The dashboard starts on Enter, once the pane has its final size: a resize that lands
-    # while it starts up could be missed, and the screen drawn at 80x24.
-    shell = ("read go; " + " ".join(command) + f" -c {cluster_file}; "
-             "echo \"torbiz-tui exited with $?\"; sleep 600")
-    tmux.run("new-session", "-d", "-s", "e2e", "-x", str(COLUMNS), "-y", str(ROWS),
-             "-e", "TERM=xterm-256color", "sh", "-c", shell)
-    size = tmux.run("display-message", "-p", "-t", "e2e", "#{pane_width}x#{pane_height}")
-    assert size.strip() == f"{COLUMNS}x{ROWS}"
-    tmux.keys("Enter")
+    tmux.open_dashboard(cluster_file)
 
     screen = tmux.wait_for("torbiz · e2e", "2 nodes", "○ stopped", absent="probing")
     assert "○ stopped" in row(screen, "alpha") and "○ stopped" in row(screen, "beta")
@@ -178,15 +183,9 @@ def test_plan_up_layer_map_and_throughput_over_ssh(tmp_path: Path, sshd_cluster,
     sshd = sshd_cluster(count=3)
     path = ssh_cluster_file(tmp_path, sshd, ensure_demo_model(tmp_path / "demo.gguf"))
     config = load_config(path)
-    entry = Path(sys.executable).with_name("torbiz-tui")
-    command = [str(entry)] if entry.exists() else [sys.executable, "-m", "tui.cli"]
-    shell = ("read go; " + " ".join(command) + f" -c {path}; "
-             "echo \"torbiz-tui exited with $?\"; sleep 600")
-    tmux.run("new-session", "-d", "-s", "e2e", "-x", str(COLUMNS), "-y", str(ROWS),
-             "-e", "TERM=xterm-256color", "sh", "-c", shell)
-    tmux.keys("Enter")
+    tmux.open_dashboard(path)
     names = [n.name for n in config.nodes]
-    streaming = threading.Event()
+    streaming, done = threading.Event(), threading.Event()
     try:
         tmux.wait_for("3 nodes", "○ stopped", absent="probing")
         tmux.keys("p")
@@ -200,15 +199,18 @@ def test_plan_up_layer_map_and_throughput_over_ssh(tmp_path: Path, sshd_cluster,
         assert all(any(name in line for line in spans) for name in names)
 
         def generate() -> None:
-            try:
-                with httpx.stream("POST", f"http://127.0.0.1:{config.coordinator.port}"
-                                  "/v1/chat/completions", timeout=120, json={
-                                      "messages": [{"role": "user", "content": "hi"}],
-                                      "max_tokens": 4000, "stream": True}) as reply:
-                    for _ in reply.iter_lines():
-                        streaming.set()
-            except httpx.HTTPError:
-                pass  # `d` below takes the coordinator down under this stream
+            """Streamed completions back to back (the context is small: each is short)."""
+            while not done.is_set():
+                try:
+                    with httpx.stream("POST", f"http://127.0.0.1:{config.coordinator.port}"
+                                      "/v1/chat/completions", timeout=120, json={
+                                          "messages": [{"role": "user", "content": "hi"}],
+                                          "max_tokens": 4000, "ignore_eos": True,
+                                          "stream": True}) as reply:
+                        for _ in reply.iter_lines():
+                            streaming.set()
+                except httpx.HTTPError:
+                    return  # `d` below takes the coordinator down under this stream
 
         thread = threading.Thread(target=generate, daemon=True)
         thread.start()
@@ -217,6 +219,7 @@ def test_plan_up_layer_map_and_throughput_over_ssh(tmp_path: Path, sshd_cluster,
         rate = next(line for line in screen.splitlines() if "generation" in line)
         assert float(rate.split("generation")[1].split("tok/s")[0]) > 0, rate
         print("\n" + screen)  # the captured screen, for whoever reads the test log
+        done.set()
         tmux.keys("d")
         tmux.wait_for("Take cluster")
         tmux.keys("y")
@@ -225,6 +228,8 @@ def test_plan_up_layer_map_and_throughput_over_ssh(tmp_path: Path, sshd_cluster,
         tmux.keys("q")
         tmux.wait_for("torbiz-tui exited with 0")
     finally:
+        done.set()
+
         async def stop_all() -> None:
             cleanup = Cluster(config)
             try:
