@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from . import detached, petals_swarm, tunnel
+from . import detached, petals_swarm, rpc_version, tunnel
 from .backends import llama_rpc
 from .config import ClusterConfig, NodeConfig
 from .coordinator import (
@@ -472,7 +472,7 @@ class Cluster:
             workers = [config.node(name) for name, _, count in spans if count > 0]
             layers = [count for _, _, count in spans if count > 0]
         endpoints = await self._coordinator_endpoints(workers)
-        await self._check_workers_answer(workers, endpoints)
+        await self._check_workers_answer(workers, endpoints, binary)
         if await llama_rpc.port_open(config.coordinator.host if config.coordinator.host not in
                                      ("0.0.0.0", "::") else "127.0.0.1", config.coordinator.port):
             raise CoordinatorError(f"port {config.coordinator.port} is already in use on this "
@@ -527,16 +527,20 @@ class Cluster:
         await asyncio.gather(*(detached.stop(local_transport(), tunnel_state_dir(self.config, n))
                                for n in self._rpc_nodes() if n.rpc_bind == "loopback"))
 
-    async def _check_workers_answer(self, workers: list[NodeConfig],
-                                    endpoints: list[str]) -> None:
-        """Every worker must answer an RPC HELLO now. One that is serving another client never
-        answers: a second coordinator would hang on it without a word."""
+    async def _check_workers_answer(self, workers: list[NodeConfig], endpoints: list[str],
+                                    binary: str) -> None:
+        """Every worker must answer an RPC HELLO now, in a protocol the coordinator's build
+        accepts. One that is serving another client never answers: a second coordinator would
+        hang on it without a word."""
         where = dict(zip((n.name for n in workers), endpoints, strict=True))
+        expected = await rpc_version.coordinator_version(binary)
 
         async def probe(node: NodeConfig) -> str:
             host, _, port = where[node.name].rpartition(":")
             try:
-                await llama_rpc.hello(host.strip("[]"), int(port))
+                version = await llama_rpc.hello(host.strip("[]"), int(port))
+                if expected is not None and not rpc_version.compatible(expected, version):
+                    return rpc_version.mismatch_sentence(node.name, expected, version)
                 return ""
             except llama_rpc.HelloError as exc:
                 if str(exc) == "busy":

@@ -7,9 +7,10 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from . import detached, petals_swarm
+from . import detached, petals_swarm, rpc_version
 from .backends import llama_rpc
 from .backends import petals as petals_backend
+from .backends.llama_rpc import RpcVersion
 from .cluster import Cluster
 from .config import NodeConfig
 from .coordinator import CoordinatorError, coordinator_api_key, find_coordinator_binary
@@ -122,8 +123,34 @@ def _same_petals_version(checks: list[Check]) -> list[Check]:
     return []
 
 
-async def _node_checks(cluster: Cluster, node: NodeConfig,
-                       reference_offset: float) -> tuple[list[Check], NodeProbe | None]:
+async def _protocol_check(node: NodeConfig, expected: RpcVersion | None) -> Check:
+    """A running worker's RPC protocol from a real HELLO, against the coordinator's build.
+    Only a worker no coordinator holds answers; one behind an SSH tunnel is checked when the
+    coordinator starts (through the tunnel)."""
+    if llama_rpc.bind_address(node) == "127.0.0.1" and node.transport != "local":
+        return Check(node.name, "protocol", OK, "behind an SSH tunnel: its HELLO is checked "
+                                                "when the coordinator starts")
+    host, _, port = node.endpoint.rpartition(":")  # where the coordinator reaches it
+    try:
+        version = await llama_rpc.hello(host.strip("[]"), int(port))
+    except llama_rpc.HelloError as exc:
+        if str(exc) == "busy":
+            return Check(node.name, "protocol", OK, "serving a coordinator now (a worker "
+                                                    "answers one client at a time)")
+        return Check(node.name, "protocol", FAIL, f"the worker did not answer an RPC HELLO "
+                                                  f"({exc}): restart it (r)")
+    if expected is None:
+        return Check(node.name, "protocol", WARN, f"RPC protocol {version}; the coordinator's "
+                                                  "build could not be told")
+    if not rpc_version.compatible(expected, version):
+        return Check(node.name, "protocol", FAIL,
+                     rpc_version.mismatch_sentence(node.name, expected, version))
+    return Check(node.name, "protocol", OK, f"RPC protocol {version} (coordinator {expected})")
+
+
+async def _node_checks(cluster: Cluster, node: NodeConfig, reference_offset: float,
+                       expected: RpcVersion | None = None
+                       ) -> tuple[list[Check], NodeProbe | None]:
     if node.backend == "petals":
         checks = [_petals_bind_check(node)]
         if checks[0].level == FAIL:
@@ -160,6 +187,8 @@ async def _node_checks(cluster: Cluster, node: NodeConfig,
                                  llama_rpc.listen_address(node))
     if proc.state == "running":
         checks.append(Check(node.name, "port", OK, f"our worker runs there (pid {proc.pid})"))
+        if proc.port == "listening":
+            checks.append(await _protocol_check(node, expected))
     elif proc.port == "listening":
         checks.append(Check(node.name, "port", FAIL,
                             f"port {node.rpc_port} is taken by a program this cluster did not "
@@ -174,8 +203,16 @@ async def run_doctor(cluster: Cluster) -> DoctorReport:
     checks: list[Check] = []
     if all(n.backend == "petals" for n in config.nodes):
         return await _run_petals_doctor(cluster)
+    expected: RpcVersion | None = None
     try:
-        checks.append(Check("coordinator", "binary", OK, find_coordinator_binary(config)))
+        binary = find_coordinator_binary(config)
+        checks.append(Check("coordinator", "binary", OK, binary))
+        expected = await rpc_version.coordinator_version(binary)
+        checks.append(Check("coordinator", "protocol", OK, f"RPC protocol {expected}")
+                      if expected else
+                      Check("coordinator", "protocol", WARN, "cannot tell the RPC protocol of "
+                            f"{binary} (no ggml-rpc.h nor rpc-server beside it): workers of "
+                            "another llama.cpp build would fail only inside llama-server"))
     except CoordinatorError as exc:
         checks.append(Check("coordinator", "binary", FAIL, str(exc)))
     try:
@@ -190,7 +227,8 @@ async def run_doctor(cluster: Cluster) -> DoctorReport:
                             f"model file {config.model.gguf} not found: fix [model] gguf"))
     else:
         checks.append(Check("coordinator", "model", OK, str(config.model.gguf)))
-    results = await asyncio.gather(*(_node_checks(cluster, n, 0.0) for n in config.nodes))
+    results = await asyncio.gather(*(_node_checks(cluster, n, 0.0, expected)
+                                     for n in config.nodes))
     probes: dict[str, NodeProbe] = {}
     for node, (node_checks, probe) in zip(config.nodes, results, strict=True):
         checks.extend(node_checks)

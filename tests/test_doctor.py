@@ -42,3 +42,32 @@ async def test_local_cluster_report(tmp_path: Path) -> None:
     assert report.probes["w0"].cores > 0
     data = report.to_json()
     assert data["ok"] is False and data["nodes"]["w0"]["ram_total_bytes"] > 0
+
+
+async def test_a_running_worker_is_asked_its_protocol(tmp_path: Path) -> None:
+    """A real HELLO to our running worker, compared with the coordinator's build."""
+    import pytest
+
+    from core.llama_build import find_cached_binary
+
+    if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
+        pytest.skip("llama.cpp not built: run `torbiz-tui build-llama`")
+    path = tmp_path / "c.toml"
+    path.write_text(toml_text({"name": "doc", "state_dir": str(tmp_path / "state")},
+                              [{"name": "w0", "host": "127.0.0.1", "transport": "local",
+                                "rpc_port": free_port(), "threads": 1}],
+                              model={"gguf": str(tmp_path / "absent.gguf")}))
+    cluster = Cluster(load_config(path))
+    try:
+        assert (await cluster.start_node("w0")).state == "ready"
+        report = await run_doctor(cluster)
+    finally:
+        await cluster.stop_workers()
+        await cluster.close()
+    checks = {(c.part, c.name): c for c in report.checks}
+    built = checks[("coordinator", "protocol")]
+    assert built.level == "ok" and built.message.startswith("RPC protocol ")
+    version = built.message.removeprefix("RPC protocol ")
+    worker = checks[("w0", "protocol")]
+    assert worker.level == "ok"
+    assert worker.message == f"RPC protocol {version} (coordinator {version})"
