@@ -68,11 +68,11 @@ def petals_python() -> Path | None:
 
 def skip_reason() -> str | None:
     """Why a swarm cannot run here, as a sentence, or None."""
-    # Opt-in for now: twice, in full-suite runs on a machine loaded by other jobs, generation
-    # through the swarm got no answer in 180 s (it passes alone in ~50 s); issue 5 owns it.
-    if os.environ.get("TORBIZ_PETALS_TESTS") != "1":
-        return ("the Petals swarm test is opt-in until its hang under load is understood: "
-                "TORBIZ_PETALS_TESTS=1 pytest tests/test_petals_env.py")
+    # On by default when the Petals venv exists (scripts/setup.sh --with-test-tools builds it).
+    # The old "hang under load" was the client never exiting (see _GENERATE and docs/petals.md).
+    # TORBIZ_PETALS_TESTS=0 turns them off.
+    if os.environ.get("TORBIZ_PETALS_TESTS") == "0":
+        return "TORBIZ_PETALS_TESTS=0"
     if petals_python() is None:
         return (f"no Petals environment at {petals_venv()} (build it with scripts/petals-env.sh, "
                 f"or point {VENV_ENV} at one)")
@@ -285,7 +285,18 @@ for _ in range(2):
 print("TORBIZ-JSON " + json.dumps({
     "local": ref[0].tolist(), "runs": runs, "client_start_s": t1 - t0, "forward_s": t2 - t1,
     "max_logit_diff": (swarm_logits - ref_logits).abs().max().item(),
-}))
+}), flush=True)
+# Petals 2.2.0's inference sessions close in __del__ through hivemind's event loop thread; at
+# interpreter finalization that thread no longer runs and the process never exits (the old
+# "hang under load": answer printed, sessions closed on the servers, client still there).
+# Collect them while the loop runs, stop the DHT, and leave without finalization.
+import gc, os
+del out
+gc.collect()
+manager = next(m.sequence_manager for m in remote.modules() if hasattr(m, "sequence_manager"))
+manager.shutdown()
+manager.dht.shutdown()
+os._exit(0)
 """
 
 

@@ -131,11 +131,12 @@ def test_private_swarm_online_listed_generates_and_leaves_nothing(tmp_path: Path
         assert not [p for p in pids if psutil.pid_exists(p)
                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     # hivemind leaves one /tmp/hivemind-p2pclient-*.sock per connection handler process (its
-    # P2P.replicate() never unlinks): files only, nobody listens on them. Ours are removed here.
+    # P2P.replicate() never unlinks): files only, nobody listens on them (4 here: two servers x
+    # --num_handlers 2). Any other Petals process on the machine (another run, a bench) makes
+    # such files in the same /tmp meanwhile, so the count is measured, not asserted (asserting
+    # it failed once beside bench/petals_budget.py: 10). Only files nobody listens on are removed.
     litter = _hivemind_sockets() - sockets_before
-    assert not litter & _unix_listeners()
-    assert len(litter) <= 2 * 2, litter  # two servers x --num_handlers 2
-    for path in litter:
+    for path in litter - _unix_listeners():
         Path(path).unlink(missing_ok=True)
     timings["socket_files_left_by_hivemind"] = len(litter)
 

@@ -8,11 +8,35 @@ the seconds and tokens/s of the generation (client start not included).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
+import os
 import sys
 import time
+from typing import Any, NoReturn
 
 MARK = "TORBIZ-JSON "
+
+
+def exit_now(model: Any, status: int = 0) -> NoReturn:
+    """Leave without the interpreter's finalization. Petals 2.2.0's inference sessions close
+    themselves in __del__ by running a coroutine on hivemind's event loop thread; collected at
+    finalization, when that thread no longer runs, they wait forever (seen here: the answer was
+    out, the servers had closed the sessions, and the client never exited: "the hang under
+    load"). So: collect them now, while the loop runs, stop the DHT, and exit."""
+    sys.stdout.flush()
+    gc.collect()
+    for module in model.modules() if model is not None else ():
+        manager = getattr(module, "sequence_manager", None)
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                manager.shutdown()
+            with contextlib.suppress(Exception):
+                manager.dht.shutdown()  # the DHT process and its p2pd
+            break
+    sys.stdout.flush()
+    os._exit(status)
 
 
 def main() -> int:
@@ -65,7 +89,8 @@ def main() -> int:
         "text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
         "tokens": new, "seconds": round(seconds, 3), "client_start_s": round(loaded - started, 3),
         "tokens_per_s": round(len(new) / seconds, 2) if seconds > 0 else None}))
-    return 0
+    del out
+    exit_now(model)
 
 
 if __name__ == "__main__":
