@@ -4,7 +4,7 @@
 #   and the llama.cpp binaries (cached under ~/.cache/torbiz/, keyed by version).
 # Usage: scripts/setup.sh [--no-llama] [--with-test-tools]
 #   --with-test-tools also installs what only the tests use (Debian's chromium, for the
-#   `torbiz-tui web` test in a headless browser).
+#   `torbiz-tui web` test in a headless browser; the Petals venv, scripts/petals-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 no_llama=0; test_tools=0
@@ -54,4 +54,12 @@ fi
 
 if [ "$no_llama" = 0 ]; then
   .venv/bin/torbiz-tui build-llama
+fi
+
+# The Petals tests (tests/test_petals_env.py, tests/test_petals_cluster.py) run when this venv
+# exists; about a minute once, then cached under ~/.cache/torbiz. A machine where it cannot be
+# built (no python3.11, not x86-64) still runs every other test: those skip with the reason.
+if [ "$test_tools" = 1 ]; then
+  scripts/petals-env.sh || echo "setup: the Petals environment could not be built (see above);" \
+    "the Petals tests will be skipped" >&2
 fi
