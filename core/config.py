@@ -486,6 +486,9 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
                               "already uses it; give one of them another rpc_port")
         endpoints[endpoint] = node.name
         nodes.append(node)
+    if len({n.backend for n in nodes}) > 1:
+        raise ConfigError(path, "nodes", "mixes llama-rpc and petals nodes: a cluster is one "
+                                         "backend (use one cluster file per backend)")
     return ClusterConfig(name=name, state_dir=state_dir, model=model, coordinator=coordinator,
                          nodes=tuple(nodes), ssh=ssh, plan=plan, source=path, petals=petals,
                          recover=cluster.get("recover", True))

@@ -27,6 +27,7 @@ from .config import ClusterConfig, NodeConfig
 from .model_info import ModelInfo, ModelInfoError, read_hf_info
 from .planner import NodeBudget, Plan, plan_layers
 from .probe import NodeProbe
+from .shell import path_word
 from .status import (
     FAILED,
     READY,
@@ -616,11 +617,39 @@ async def up(cluster: Cluster, placement: PetalsPlacement) -> list[NodeStatus]:
 async def status_detail(cluster: Cluster) -> tuple[tuple[LayerShare, ...],
                                                    tuple[BlockInfo, ...], tuple[int, ...]]:
     """The block map for `status --json`: a fresh DHT poll (with pings)."""
-    swarm, snapshot = await dht_view(cluster, wait=30.0, fresh=True)
+    nodes = petals_nodes(cluster.config)
+    (swarm, snapshot), *measured = await asyncio.gather(
+        dht_view(cluster, wait=30.0, fresh=True), *(server_memory(cluster, n) for n in nodes))
     blocks, unserved = block_map(cluster.config, swarm, snapshot)
-    shares = tuple(node_share(cluster.config, swarm, blocks, n)
-                   for n in petals_nodes(cluster.config))
+    shares = tuple(replace(node_share(cluster.config, swarm, blocks, n), measured_bytes=m)
+                   for n, m in zip(nodes, measured, strict=True))
     return shares, blocks, unserved
+
+
+# PSS (kB) of every process in the server's group, from the node's /proc (0 when not running).
+_MEMORY = r"""
+p=$(cat __DIR__/pid 2>/dev/null); case $p in ''|*[!0-9]*) echo "TORBIZ-PSS 0"; exit 0;; esac
+t=0
+for q in $(ps -eo pid=,pgid= 2>/dev/null | awk -v g="$p" '$2 == g {print $1}'); do
+  v=$(awk '/^Pss:/ {print $2}' /proc/$q/smaps_rollup 2>/dev/null); t=$((t + ${v:-0}))
+done
+echo "TORBIZ-PSS $t"
+"""
+
+
+async def server_memory(cluster: Cluster, node: NodeConfig) -> int:
+    """What the node's server takes now (PSS of its process group), for the dashboard's
+    predicted-vs-measured column; 0 when it does not run or the node cannot tell."""
+    script = _MEMORY.replace("__DIR__", path_word(cluster.node_state_dir(node)))
+    try:
+        result = await cluster.transport(node.name).run(script, timeout=15)
+    except TransportError:
+        return 0
+    for line in result.stdout.splitlines():
+        if line.startswith("TORBIZ-PSS "):
+            value = line.split()[1]
+            return int(value) * 1024 if value.isdigit() else 0
+    return 0
 
 
 async def stop_server(cluster: Cluster, node: NodeConfig) -> detached.ProcessState:

@@ -53,6 +53,7 @@ class LayerShare:
     throughput: float | None = None
     version: str = ""  # the server's Petals version
     predicted_bytes: int = 0  # the plan's memory for this node (process, blocks, cache)
+    measured_bytes: int = 0  # PSS of the server's process group now (0: not running or unread)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,9 @@ def test_petals_swarm_over_ssh(tmp_path: Path, sshd_cluster: Callable[..., objec
             assert (share["first_layer"], share["layers"], share["state"]) == (first, 2, "ONLINE")
             assert (share["planned_first"], share["planned_layers"]) == (first, 2)
             assert share["version"] == "2.2.0.post1"
+            # predicted (plan) next to measured (PSS of the server's group on the node)
+            assert share["predicted_bytes"] > 0
+            assert 0.5 < share["measured_bytes"] / share["predicted_bytes"] < 1.5, share
         assert status["unserved"] == []
         assert [[s["node"] for s in b["servers"]] for b in status["blocks"]] == \
             [["node1"], ["node1"], ["node2"], ["node2"]]

@@ -183,3 +183,10 @@ def test_provision_venv_of_the_node_python() -> None:
     assert node_venv(NodeConfig("a", "10.0.0.1", python="/opt/p/bin/python")) == "/opt/p"
     with pytest.raises(ProvisionError, match="bin/python"):
         node_venv(NodeConfig("a", "10.0.0.1", python="/usr/bin/python3.11/x"))
+
+
+def test_a_cluster_is_one_backend() -> None:
+    data = {"nodes": [{"name": "a", "host": "10.0.0.1", "backend": "petals"},
+                      {"name": "b", "host": "10.0.0.2"}]}
+    with pytest.raises(ConfigError, match="mixes llama-rpc and petals"):
+        parse_config(data, Path("/x/c.toml"))
