@@ -15,6 +15,7 @@ from .cluster import Cluster
 from .config import NodeConfig
 from .coordinator import CoordinatorError, coordinator_api_key, find_coordinator_binary
 from .probe import NodeProbe, probe_node
+from .shell import path_word
 from .transport import Transport, TransportError
 
 CLOCK_TOLERANCE_S = 2.0  # Petals refuses peers more than a few seconds apart
@@ -96,6 +97,16 @@ async def _petals_node_checks(cluster: Cluster, node: NodeConfig, transport: Tra
         checks.append(Check(node.name, "petals", OK,
                             f"python {info.python}, petals {info.petals}, torch {info.torch}, "
                             f"hivemind {info.hivemind} ({petals_backend.node_python(node)})"))
+    model = cluster.config.model.hf
+    if model is not None:
+        found = await transport.run(f"test -f {path_word(str(model / 'config.json'))} && "
+                                    "echo TORBIZ-MODEL")
+        if "TORBIZ-MODEL" in found.stdout:
+            checks.append(Check(node.name, "model", OK, str(model)))
+        else:
+            checks.append(Check(node.name, "model", FAIL,
+                                f"no {model}/config.json there: the model directory must be at "
+                                "the same path on every Petals node ([model] hf)"))
     proc = await detached.status(transport, cluster.node_state_dir(node),
                                  petals_backend.listen_address(node))
     if proc.state == "running":

@@ -44,6 +44,7 @@ async def test_clock_offset_is_refused_with_node_offset_and_fix(tmp_path: Path) 
     assert "NTP" in clock.message and "chronyc makestep" in clock.message
     assert by_name["petals"].level == FAIL and "no Petals python" in by_name["petals"].message
     assert by_name["port"].level == OK
+    assert by_name["model"].level == FAIL and "same path on every" in by_name["model"].message
 
 
 def test_different_petals_versions_fail() -> None:
