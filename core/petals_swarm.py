@@ -729,9 +729,6 @@ def _log_tail(path: Path, size: int = 8192) -> list[str]:
         return []
 
 
-__all__ = ["PetalsError", "PetalsPlacement", "TransportError", "make_petals_placement"]
-
-
 async def plan_and_up(cluster: Cluster) -> tuple[PetalsPlacement, list[NodeStatus]]:
     """Probe every Petals node, plan, start the swarm (what `up` does without the preflight).
     Raises PetalsError (probe, model), PlanRefused, TransportError."""
