@@ -426,6 +426,7 @@ async def _current_watch(cluster: Cluster, peers: list[str], swarm: dict[str, An
 async def close_watch(cluster: Cluster) -> None:
     watch = _watches.pop(id(cluster), None)
     _watch_locks.pop(id(cluster), None)
+    _view_errors.pop(id(cluster), None)
     if watch is not None:
         await watch.aclose()
 
@@ -473,6 +474,13 @@ def node_share(config: ClusterConfig, swarm: dict[str, Any], blocks: Sequence[Bl
                       predicted_bytes=int(swarm.get("predicted", {}).get(node.name, 0)))
 
 
+_view_errors: dict[int, str] = {}  # id(cluster) -> why the DHT could not be read last time
+
+
+def dht_error(cluster: Cluster) -> str:
+    return _view_errors.get(id(cluster), "")
+
+
 async def dht_view(cluster: Cluster, *, wait: float = 30.0,
                    fresh: bool = False) -> tuple[dict[str, Any], Snapshot | None]:
     """The swarm file and the latest DHT snapshot; waits up to `wait` s for a first one (or,
@@ -480,13 +488,16 @@ async def dht_view(cluster: Cluster, *, wait: float = 30.0,
     swarm = read_swarm(cluster.config)
     try:
         watch = await cluster_watch(cluster)
-    except PetalsError:
+    except PetalsError as exc:
+        _view_errors[id(cluster)] = str(exc)
         return swarm, None
     if watch is None:
         return swarm, None
-    if watch.latest is None or fresh:
-        return swarm, await watch.fresh(wait, time.monotonic() if fresh else -1.0)
-    return swarm, watch.latest
+    snapshot = watch.latest
+    if snapshot is None or fresh:
+        snapshot = await watch.fresh(wait, time.monotonic() if fresh else -1.0)
+    _view_errors[id(cluster)] = watch.error
+    return swarm, snapshot
 
 
 # ---- node state and start ---------------------------------------------------------------------
@@ -515,6 +526,9 @@ async def probe_state(cluster: Cluster, node: NodeConfig) -> NodeStatus:
     if share.state == "dead":
         return cluster._status(node, STARTING, proc.pid,
                                "its process runs but its server does not answer pings")
+    if snapshot is None and dht_error(cluster):
+        return cluster._status(node, STARTING, proc.pid, "its server runs, but the swarm's DHT "
+                               f"cannot be read from here: {dht_error(cluster)}")
     return cluster._status(node, STARTING, proc.pid)
 
 
