@@ -29,6 +29,7 @@ class MapSpan:
     planned_count: int | None = None
     model_bytes: int = 0  # loaded there (llama.cpp), or predicted (Petals); 0 when unknown
     mismatch: str = ""  # a sentence when what was loaded differs from the plan
+    state: str = ""  # Petals: the server's DHT state when it is not ONLINE (OFFLINE, dead, ...)
 
     @property
     def last(self) -> int:
@@ -120,6 +121,7 @@ def petals_map(shares: Sequence[LayerShare], blocks: int,
                         f"{share.planned_first + (share.planned_layers or 0) - 1}, "
                         f"serves {first}-{first + count - 1}")
         spans.append(MapSpan(share.node, first, count, share.planned_first,
-                             share.planned_layers, share.predicted_bytes, mismatch))
+                             share.planned_layers, share.predicted_bytes, mismatch,
+                             "" if share.state == "ONLINE" else share.state))
     spans.sort(key=lambda s: s.first)
     return LayerMap(blocks, tuple(spans), tuple(unserved), source=SWARM)

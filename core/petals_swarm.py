@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from . import detached
 from .backends import petals as backend
 from .config import ClusterConfig, NodeConfig
@@ -372,6 +374,12 @@ class DhtWatch:
 
     async def aclose(self) -> None:
         proc, self._proc = self._proc, None
+        # torch's torch_shm_manager leaves the monitor's group (setsid): note every descendant
+        # now, to KILL what outlives the group below (psutil refuses a pid reused meanwhile).
+        descendants: list[psutil.Process] = []
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(psutil.Error):
+                descendants = psutil.Process(proc.pid).children(recursive=True)
         if proc is not None and proc.returncode is None:
             if proc.stdin is not None:
                 proc.stdin.close()  # the monitor exits when its stdin closes
@@ -382,6 +390,9 @@ class DhtWatch:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        for child in descendants:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -54,6 +54,7 @@ def test_petals_spans_follow_the_swarm_and_mark_unserved_blocks() -> None:
     layer_map = petals_map(shares, 8, unserved=(4, 5, 6, 7))
     assert layer_map.source == SWARM and layer_map.blocks == 8
     assert [(s.node, s.first, s.count) for s in layer_map.spans] == [("p1", 0, 4)]
+    assert layer_map.spans[0].state == ""  # ONLINE: nothing to say
     assert layer_map.unserved == (4, 5, 6, 7) and layer_map.owner(5) is None
 
 
@@ -61,3 +62,12 @@ def test_petals_span_other_than_planned_is_flagged() -> None:
     shares = [LayerShare("p1", "", 0, 4, first_layer=2, layers=4, state="ONLINE")]
     (span,) = petals_map(shares, 8).spans
     assert span.mismatch == "planned blocks 0-3, serves 2-5"
+
+
+def test_a_server_still_announced_but_dead_keeps_its_span_with_its_state() -> None:
+    """A killed server's DHT records outlive it for minutes: its span stays, marked dead, and
+    its blocks count as unserved."""
+    shares = [LayerShare("p1", "", 0, 2, first_layer=0, layers=2, state="ONLINE"),
+              LayerShare("p2", "", 2, 2, first_layer=2, layers=2, state="dead")]
+    layer_map = petals_map(shares, 4, unserved=(2, 3))
+    assert [(s.node, s.state) for s in layer_map.spans] == [("p1", ""), ("p2", "dead")]

@@ -19,6 +19,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
+from core.backends.petals import dht_prefix
 from core.bringup import NothingStarted, plan_now, plan_text, preflight_and_plan
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, NodeConfig
@@ -251,8 +252,10 @@ class TorbizApp(App[int]):
         table = self.main.query_one(NodeTable)
         for status in self.cluster.nodes.values():
             table.show_node(replace(status, state=PROBING))
-        self.main.query_one(CoordinatorBar).status = replace(self.cluster.coordinator,
-                                                             state=PROBING)
+        bar = self.main.query_one(CoordinatorBar)
+        if self.swarm:
+            bar.swarm = dht_prefix(self.config)
+        bar.status = replace(self.cluster.coordinator, state=PROBING)
         table.focus()
         if self.live:
             self.poll()
@@ -365,7 +368,9 @@ class TorbizApp(App[int]):
                     self.post_message(self.ThroughputUpdated(None, f"throughput: {exc}"))
             elif not shown_idle:
                 shown_idle = True
-                self.post_message(self.ThroughputUpdated(None, f"coordinator {state}"))
+                self.post_message(self.ThroughputUpdated(
+                    None, "a Petals swarm: `torbiz-tui petals-generate` measures tokens/s"
+                    if swarm else f"coordinator {state}"))
             await asyncio.sleep(METRICS_INTERVAL)
 
     @work(exclusive=True, group="log", exit_on_error=False)
@@ -716,7 +721,7 @@ class TorbizApp(App[int]):
         coordinator = self.main.query_one(CoordinatorBar).status.state
         if action in ("start_coordinator", "stop_coordinator"):
             if self.swarm:  # a Petals swarm has no coordinator
-                return None if action == "start_coordinator" else False
+                return False
             stopped = coordinator in (STOPPED, FAILED)
             if (action == "start_coordinator") != stopped and coordinator != PROBING:
                 return False  # the other binding on this key applies

@@ -19,6 +19,7 @@ class CoordinatorBar(Static):
     }
 
     status: reactive[CoordinatorStatus] = reactive(CoordinatorStatus(STOPPED))
+    swarm: str = ""  # a Petals swarm's DHT prefix: no coordinator, the bar names the swarm
 
     def watch_status(self, status: CoordinatorStatus) -> None:
         def style(name: str) -> Style:
@@ -26,6 +27,13 @@ class CoordinatorBar(Static):
                                                  default=Style())
 
         text = Text(no_wrap=True, overflow="ellipsis")
+        if self.swarm:
+            text.append("Petals swarm ", style=style("label"))
+            text.append(sanitize(self.swarm), style="bold")
+            text.append("   no coordinator: clients join the swarm (torbiz-tui petals-generate)",
+                        style=style("label"))
+            self.update(text)
+            return
         text.append("coordinator ", style=style("label"))
         text.append(status.state, style=style(status.state))
         text.append("   ")

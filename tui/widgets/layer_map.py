@@ -80,9 +80,11 @@ class LayerMapView(Static):
             size = _size(span.model_bytes)
             if size:
                 text.append(f" {size:>9}")
+            if span.state:
+                text.append(f" {span.state}", style=UNSERVED_COLOUR)
             if span.mismatch:
                 text.append(f" ≠ {span.mismatch}", style="bold yellow")
-            elif layer_map.source == LOADED and span.planned_count is not None \
+            elif layer_map.source in (LOADED, SWARM) and span.planned_count is not None \
                     and span.node != COORDINATOR:
                 text.append(" = plan", style="green")
         if unserved:
