@@ -3,44 +3,35 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from . import petals_swarm
 from .cluster import Cluster, ClusterError
 from .config import NodeConfig
 from .doctor import run_doctor
 from .placement import Placement, PlacementError, PlanRefused, format_placement, make_placement
-from .probe import NodeProbe, probe_node
+from .probe import NodeProbe, probe_nodes
 from .transport import TransportError
 
 
-async def probe_nodes(cluster: Cluster, nodes: list[NodeConfig]) -> dict[str, NodeProbe]:
-    """Each node's probe, in parallel; PlacementError naming the first node that cannot be
-    read."""
-    results = await asyncio.gather(*(probe_node(cluster.transport(n.name)) for n in nodes),
-                                   return_exceptions=True)
-    probes: dict[str, NodeProbe] = {}
-    for node, result in zip(nodes, results, strict=True):
-        if isinstance(result, TransportError):
-            raise PlacementError(f"{node.name}: {result.reason}")
-        if isinstance(result, BaseException):
-            raise result
-        probes[node.name] = result
-    return probes
+async def probe_for_plan(cluster: Cluster, nodes: list[NodeConfig]) -> dict[str, NodeProbe]:
+    """Each node's probe; PlacementError naming the first node that cannot be read."""
+    try:
+        return await probe_nodes({n.name: cluster.transport(n.name) for n in nodes})
+    except TransportError as exc:
+        raise PlacementError(str(exc)) from None
 
 
 async def plan_now(cluster: Cluster) -> Placement:
     """The llama.cpp plan as it would be made now, starting nothing (PlacementError,
     PlanRefused)."""
     nodes = [n for n in cluster.config.nodes if n.backend == "llama-rpc"]
-    return await make_placement(cluster.config, await probe_nodes(cluster, nodes))
+    return await make_placement(cluster.config, await probe_for_plan(cluster, nodes))
 
 
 async def plan_text(cluster: Cluster) -> str:
     """The plan of either kind of cluster as the `plan` command prints it (PlacementError,
     PlanRefused, PetalsError)."""
     if petals_swarm.is_petals_cluster(cluster.config):
-        probes = await probe_nodes(cluster, petals_swarm.petals_nodes(cluster.config))
+        probes = await probe_for_plan(cluster, petals_swarm.petals_nodes(cluster.config))
         placement = await petals_swarm.make_petals_placement(cluster.config, probes)
         return petals_swarm.format_petals_placement(placement)
     return format_placement(await plan_now(cluster))

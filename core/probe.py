@@ -11,11 +11,13 @@ TransportError (node unreachable, timeout) propagates.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
 import time
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .backends import llama_rpc
@@ -547,3 +549,17 @@ async def probe_node(transport: Transport, *, timeout: float = 30.0,
         clock_offset_s=clock_offset, rtt_s=rtt, worker_binary=worker, worker_version=None,
         errors=tuple(errors), clock_resolution_s=resolution, ram_source=ram_source,
     )
+
+
+async def probe_nodes(transports: Mapping[str, Transport]) -> dict[str, NodeProbe]:
+    """Every node's probe, in parallel (node name -> its transport); the first node that cannot
+    be reached raises its TransportError (str: "node: reason")."""
+    names = list(transports)
+    results = await asyncio.gather(*(probe_node(transports[name]) for name in names),
+                                   return_exceptions=True)
+    probes: dict[str, NodeProbe] = {}
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        probes[name] = result
+    return probes

@@ -12,23 +12,17 @@ from core.cluster import Cluster
 from core.config import ClusterConfig
 from core.doctor import run_doctor
 from core.planner import PlanRefused
-from core.probe import NodeProbe, probe_node
+from core.probe import NodeProbe, probe_nodes
 from core.status import READY, ClusterStatus
 from core.transport import TransportError
 
 
 async def probe_petals_nodes(cluster: Cluster) -> dict[str, NodeProbe]:
-    nodes = petals_swarm.petals_nodes(cluster.config)
-    results = await asyncio.gather(*(probe_node(cluster.transport(n.name)) for n in nodes),
-                                   return_exceptions=True)
-    probes: dict[str, NodeProbe] = {}
-    for node, result in zip(nodes, results, strict=True):
-        if isinstance(result, TransportError):
-            raise petals_swarm.PetalsError(f"{node.name}: {result.reason}")
-        if isinstance(result, BaseException):
-            raise result
-        probes[node.name] = result
-    return probes
+    try:
+        return await probe_nodes({n.name: cluster.transport(n.name)
+                                  for n in petals_swarm.petals_nodes(cluster.config)})
+    except TransportError as exc:
+        raise petals_swarm.PetalsError(str(exc)) from None
 
 
 async def plan(config: ClusterConfig, as_json: bool) -> int:
