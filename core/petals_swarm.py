@@ -757,17 +757,12 @@ def _log_tail(path: Path, size: int = 8192) -> list[str]:
 async def plan_and_up(cluster: Cluster) -> tuple[PetalsPlacement, list[NodeStatus]]:
     """Probe every Petals node, plan, start the swarm (what `up` does without the preflight).
     Raises PetalsError (probe, model), PlanRefused, TransportError."""
-    from .probe import probe_node
+    from .probe import probe_nodes
 
-    nodes = petals_nodes(cluster.config)
-    results = await asyncio.gather(*(probe_node(cluster.transport(n.name)) for n in nodes),
-                                   return_exceptions=True)
-    probes: dict[str, NodeProbe] = {}
-    for node, result in zip(nodes, results, strict=True):
-        if isinstance(result, TransportError):
-            raise PetalsError(f"{node.name}: {result.reason}")
-        if isinstance(result, BaseException):
-            raise result
-        probes[node.name] = result
+    try:
+        probes = await probe_nodes({n.name: cluster.transport(n.name)
+                                    for n in petals_nodes(cluster.config)})
+    except TransportError as exc:
+        raise PetalsError(str(exc)) from None
     placement = await make_petals_placement(cluster.config, probes)
     return placement, await up(cluster, placement)
