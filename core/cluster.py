@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ from .coordinator import (
 from .layer_map import LayerMap, llama_map, petals_map
 from .load_log import LoadReport, parse_load_log
 from .planner import PlanRefused
+from .state_file import read_json, write_json
 from .status import (
     FAILED,
     READY,
@@ -83,21 +83,6 @@ PLACEMENT_FILE = "placement.json"  # beside the coordinator's pidfile: which wor
 
 def _local_path(path: str) -> Path:
     return Path(path).expanduser()
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(path)
 
 
 def _parse_coordinator_log(path: Path, max_bytes: int = 64 << 20) -> LoadReport:
@@ -303,7 +288,7 @@ class Cluster:
 
     async def _shares_and_report(self) -> tuple[tuple[LayerShare, ...], LoadReport]:
         placement, report = await asyncio.gather(
-            asyncio.to_thread(_read_json, self._placement_file()), self.load_report())
+            asyncio.to_thread(read_json, self._placement_file()), self.load_report())
         endpoints: dict[str, str] = placement.get("endpoints", {}) if placement else {}
         planned: dict[str, list[int]] = placement.get("plan", {}) if placement else {}
         shares = []
@@ -478,7 +463,7 @@ class Cluster:
             raise CoordinatorError(f"port {config.coordinator.port} is already in use on this "
                                    "machine: stop that program or set [coordinator] port")
         argv = coordinator_argv(config, binary, endpoints, layers=layers)
-        await asyncio.to_thread(_write_json, self._placement_file(), {
+        await asyncio.to_thread(write_json, self._placement_file(), {
             "endpoints": dict(zip((n.name for n in workers), endpoints, strict=True)),
             "plan": {name: [first, count] for name, first, count in spans or ()}})
         # The key travels in the environment (LLAMA_API_KEY), never on a command line.

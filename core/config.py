@@ -119,6 +119,15 @@ class NodeConfig:
             return f"[{host}]:{self.rpc_port}"
         return f"{host}:{self.rpc_port}"
 
+    @property
+    def ipv4(self) -> str | None:
+        """rpc_host (else host) when it is an IPv4 literal: what a server can bind to."""
+        host = self.rpc_host or self.host
+        try:
+            return host if isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address) else None
+        except ValueError:
+            return None
+
 
 @dataclass(frozen=True)
 class ClusterConfig:

@@ -109,14 +109,7 @@ async def _petals_node_checks(cluster: Cluster, node: NodeConfig, transport: Tra
                                 "the same path on every Petals node ([model] hf)"))
     proc = await detached.status(transport, cluster.node_state_dir(node),
                                  petals_backend.listen_address(node))
-    if proc.state == "running":
-        checks.append(Check(node.name, "port", OK, f"our server runs there (pid {proc.pid})"))
-    elif proc.port == "listening":
-        checks.append(Check(node.name, "port", FAIL,
-                            f"port {node.rpc_port} is taken by a program this cluster did not "
-                            "start: stop it or set another rpc_port"))
-    else:
-        checks.append(Check(node.name, "port", OK, f"port {node.rpc_port} is free"))
+    checks.append(_port_check(node, proc, "server"))
     return checks
 
 
@@ -196,17 +189,20 @@ async def _node_checks(cluster: Cluster, node: NodeConfig, reference_offset: flo
         checks.append(Check(node.name, "clock", OK, f"{offset:+.3f} s"))
     proc = await detached.status(transport, cluster.node_state_dir(node),
                                  llama_rpc.listen_address(node))
-    if proc.state == "running":
-        checks.append(Check(node.name, "port", OK, f"our worker runs there (pid {proc.pid})"))
-        if proc.port == "listening":
-            checks.append(await _protocol_check(node, expected))
-    elif proc.port == "listening":
-        checks.append(Check(node.name, "port", FAIL,
-                            f"port {node.rpc_port} is taken by a program this cluster did not "
-                            "start: stop it or set another rpc_port"))
-    else:
-        checks.append(Check(node.name, "port", OK, f"port {node.rpc_port} is free"))
+    checks.append(_port_check(node, proc, "worker"))
+    if proc.state == "running" and proc.port == "listening":
+        checks.append(await _protocol_check(node, expected))
     return checks, probe
+
+
+def _port_check(node: NodeConfig, proc: detached.ProcessState, what: str) -> Check:
+    if proc.state == "running":
+        return Check(node.name, "port", OK, f"our {what} runs there (pid {proc.pid})")
+    if proc.port == "listening":
+        return Check(node.name, "port", FAIL, f"port {node.rpc_port} is taken by a program this "
+                                              "cluster did not start: stop it or set another "
+                                              "rpc_port")
+    return Check(node.name, "port", OK, f"port {node.rpc_port} is free")
 
 
 async def run_doctor(cluster: Cluster) -> DoctorReport:

@@ -30,6 +30,7 @@ from .model_info import ModelInfo, ModelInfoError, read_hf_info
 from .planner import NodeBudget, Plan, plan_layers
 from .probe import NodeProbe
 from .shell import path_word
+from .state_file import read_json, write_json
 from .status import (
     FAILED,
     READY,
@@ -245,11 +246,7 @@ def swarm_dir(config: ClusterConfig) -> Path:
 
 
 def read_swarm(config: ClusterConfig) -> dict[str, Any]:
-    try:
-        data = json.loads((swarm_dir(config) / SWARM_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json(swarm_dir(config) / SWARM_FILE) or {}
 
 
 def update_swarm(config: ClusterConfig, **changes: Any) -> dict[str, Any]:
@@ -260,11 +257,7 @@ def update_swarm(config: ClusterConfig, **changes: Any) -> dict[str, Any]:
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    path = swarm_dir(config) / SWARM_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(path)
+    write_json(swarm_dir(config) / SWARM_FILE, data)
     return data
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from .coordinator import coordinator_state_dir
 from .placement import COORDINATOR, Placement, PlacementError, PlanRefused, make_placement
 from .planner import layer_costs
 from .probe import NodeProbe, probe_node
+from .state_file import read_json, write_json
 from .status import FAILED, READY, STOPPED, UNREACHABLE
 from .transport import TransportError
 
@@ -67,17 +67,9 @@ def _state_dir(cluster: Cluster) -> Path:
     return Path(coordinator_state_dir(cluster.config)).expanduser()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def last_recovery(cluster: Cluster) -> dict[str, Any] | None:
     """The last recovery recorded for this cluster on this machine, or None."""
-    return _read_json(_state_dir(cluster) / RECOVERY_FILE)
+    return read_json(_state_dir(cluster) / RECOVERY_FILE)
 
 
 def format_recovery(record: dict[str, Any]) -> str:
@@ -112,14 +104,14 @@ class Recoverer:
 
     def _used_workers(self) -> list[str]:
         """The workers the coordinator was started over (placement.json), in --rpc order."""
-        placement = _read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
+        placement = read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
         endpoints = placement.get("endpoints")
         if isinstance(endpoints, dict):
             return [str(name) for name in endpoints]
         return [n.name for n in self.cluster.config.nodes if n.backend == "llama-rpc"]
 
     def _used_endpoints(self) -> dict[str, str]:
-        placement = _read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
+        placement = read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
         endpoints = placement.get("endpoints")
         return {str(k): str(v) for k, v in endpoints.items()} if isinstance(endpoints,
                                                                             dict) else {}
@@ -223,11 +215,8 @@ class Recoverer:
             os.close(fd)
 
     def _record(self, result: RecoveryResult) -> None:
-        path = _state_dir(self.cluster) / RECOVERY_FILE
-        partial = path.with_name(path.name + ".tmp")
         with contextlib.suppress(OSError):
-            partial.write_text(json.dumps(result.to_json(), indent=1))
-            partial.replace(path)
+            write_json(_state_dir(self.cluster) / RECOVERY_FILE, result.to_json())
 
     async def _recover(self, lost: list[str], since: float) -> RecoveryResult:
         cluster = self.cluster
@@ -285,7 +274,7 @@ class Recoverer:
             usable.append(node)
         config = replace(cluster.config, nodes=tuple(usable))
         placement = await make_placement(config, probes)
-        previous = _read_json(_state_dir(cluster) / PLACEMENT_FILE) or {}
+        previous = read_json(_state_dir(cluster) / PLACEMENT_FILE) or {}
         kept = sticky_spans(placement, previous.get("plan"), cluster.config.model.context)
         return kept if kept is not None else tuple(placement.plan.rpc_spans())
 

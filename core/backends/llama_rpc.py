@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import shutil
 import socket
 import struct
@@ -37,13 +36,7 @@ def bind_address(node: NodeConfig) -> str:
         return "0.0.0.0"
     if node.rpc_bind != "auto":
         return node.rpc_bind
-    host = node.rpc_host or node.host
-    try:
-        if isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address):
-            return host
-    except ValueError:
-        pass
-    return "0.0.0.0"
+    return node.ipv4 or "0.0.0.0"
 
 
 def listen_address(node: NodeConfig) -> tuple[str, int]:

@@ -10,7 +10,6 @@ a fixed `--throughput` (no speedtest) and explicit `--block_indices`.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,14 +74,10 @@ def node_python(node: NodeConfig) -> str:
 def bind_address(node: NodeConfig) -> str:
     """The IPv4 address the server listens on and announces: the node's own address, never a
     wildcard (peers must be told where to connect)."""
-    host = node.rpc_host or node.host
-    try:
-        if isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address):
-            return host
-    except ValueError:
-        pass
+    if node.ipv4 is not None:
+        return node.ipv4
     raise ValueError(f"{node.name}: a Petals node needs an IPv4 address in host or rpc_host "
-                     f"(the swarm announces it), got {host!r}")
+                     f"(the swarm announces it), got {node.rpc_host or node.host!r}")
 
 
 def listen_address(node: NodeConfig) -> tuple[str, int]:
