@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import psutil
 
+from core.load_log import LoadReport, parse_load_log
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -122,3 +124,17 @@ def ssh_transport_for(sshd: Any, index: int = 0) -> Any:
         name=node.name, host=node.host, ssh_port=node.port,
         ssh=SshOptions(user="root", identity_file=str(sshd.client_key),
                        known_hosts=str(sshd.known_hosts), config_file=None)))
+
+
+def wait_for_load(coordinator: subprocess.Popen[bytes], log_path: Path,
+                  timeout: float = 60.0) -> LoadReport:
+    """llama-server's load log as parsed once it says the load finished (or it exited, or
+    `timeout` passed: the report then says how far it got)."""
+    deadline = time.monotonic() + timeout
+    report = parse_load_log([])
+    while time.monotonic() < deadline and coordinator.poll() is None:
+        report = parse_load_log(log_path.read_text(errors="replace").splitlines())
+        if report.finished:
+            break
+        time.sleep(0.2)
+    return report

@@ -24,7 +24,7 @@ from core.load_log import (
     tensor_split_for,
 )
 
-from .cluster_files import free_port
+from .cluster_files import free_port, wait_for_load
 
 DATA = Path(__file__).parent / "data" / "load_logs"
 W1, W2, W3 = "127.0.0.1:51301", "127.0.0.1:51302", "127.0.0.1:51303"
@@ -256,13 +256,7 @@ def test_real_split_lands_as_planned(tmp_path: Path) -> None:
                  "-c", "512", "--host", "127.0.0.1", "--port", str(free_port())],
                 stdout=log, stderr=subprocess.STDOUT)
             procs.append(coordinator)
-            deadline = time.monotonic() + 60
-            report = parse_load_log([])
-            while time.monotonic() < deadline and coordinator.poll() is None:
-                report = parse_load_log(log_path.read_text(errors="replace").splitlines())
-                if report.finished:
-                    break
-                time.sleep(0.2)
+            report = wait_for_load(coordinator, log_path)
         assert report.finished, log_path.read_text(errors="replace")[-2000:]
         assert [(d.endpoint, d.layers) for d in report.devices] == [
             (f"127.0.0.1:{ports[0]}", 3), (f"127.0.0.1:{ports[1]}", 7), (HOST, 0)]

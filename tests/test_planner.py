@@ -28,7 +28,7 @@ from core.planner import (
     plan_layers,
 )
 
-from .cluster_files import free_port
+from .cluster_files import free_port, wait_for_load
 from .test_model_info import LLAMA2_70B_Q4K_BLOCK, llama2_70b_q4k
 
 GIB = 1 << 30
@@ -444,13 +444,7 @@ def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path) -> None:
                  "-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on", "--host", "127.0.0.1",
                  "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT)
             procs.append(coordinator)
-            deadline = time.monotonic() + 60
-            report = parse_load_log([])
-            while time.monotonic() < deadline and coordinator.poll() is None:
-                report = parse_load_log(log_path.read_text(errors="replace").splitlines())
-                if report.finished:
-                    break
-                time.sleep(0.2)
+            report = wait_for_load(coordinator, log_path)
         assert report.finished, log_path.read_text(errors="replace")[-2000:]
         assert plan.context == 512  # llama.cpp pads -c 500 to 512 cells as well
         for a in plan.assignments:
