@@ -50,6 +50,7 @@ from .status import (
     NodeChanged,
     NodeStatus,
     Notice,
+    rounded_ms,
 )
 from .throughput import ThroughputMonitor, ThroughputSample
 from .transport import Transport, TransportError, make_transport
@@ -95,14 +96,6 @@ def _parse_coordinator_log(path: Path, max_bytes: int = 64 << 20) -> LoadReport:
         return LoadReport()
     start = data.rfind(b"torbiz-start")
     return parse_load_log(data[max(0, start):].splitlines())
-
-
-def _rounded_ms(seconds: float) -> int:
-    """Milliseconds, to two significant digits: a status that changes only when the latency
-    really does."""
-    ms = max(1, round(seconds * 1000))
-    scale = 10 ** max(0, len(str(ms)) - 2)
-    return int(round(ms / scale) * scale)
 
 
 async def _ready(value: str) -> str:
@@ -230,7 +223,7 @@ class Cluster:
             asked = time.monotonic()
             proc = await detached.status(self.transport(name), self.node_state_dir(node),
                                          llama_rpc.listen_address(node))
-            probe_ms = _rounded_ms(time.monotonic() - asked)
+            probe_ms = rounded_ms(time.monotonic() - asked)
             if proc.state == "running":
                 ready = await self._listening(node, proc)
                 return self._status(node, READY if ready else STARTING, proc.pid,

@@ -30,6 +30,7 @@ class MapSpan:
     model_bytes: int = 0  # loaded there (llama.cpp), or predicted (Petals); 0 when unknown
     mismatch: str = ""  # a sentence when what was loaded differs from the plan
     state: str = ""  # Petals: the server's DHT state when it is not ONLINE (OFFLINE, dead, ...)
+    measured_bytes: int = 0  # Petals: PSS of the server's processes now (model_bytes: predicted)
 
     @property
     def last(self) -> int:
@@ -122,6 +123,7 @@ def petals_map(shares: Sequence[LayerShare], blocks: int,
                         f"serves {first}-{first + count - 1}")
         spans.append(MapSpan(share.node, first, count, share.planned_first,
                              share.planned_layers, share.predicted_bytes, mismatch,
-                             "" if share.state == "ONLINE" else share.state))
+                             "" if share.state == "ONLINE" else share.state,
+                             share.measured_bytes))
     spans.sort(key=lambda s: s.first)
     return LayerMap(blocks, tuple(spans), tuple(unserved), source=SWARM)

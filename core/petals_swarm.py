@@ -40,6 +40,7 @@ from .status import (
     BlockServer,
     LayerShare,
     NodeStatus,
+    rounded_ms,
 )
 from .transport import TransportError
 
@@ -511,7 +512,9 @@ async def probe_state(cluster: Cluster, node: NodeConfig) -> NodeStatus:
     when every block of its span is ONLINE there and the server answers a ping."""
     transport = cluster.transport(node.name)
     state_dir = cluster.node_state_dir(node)
+    asked = time.monotonic()
     proc = await detached.status(transport, state_dir, backend.listen_address(node))
+    started, probe_ms = cluster._started_at(node.name, proc), rounded_ms(time.monotonic() - asked)
     if proc.state == "dead":
         tail = await detached.log_tail(transport, state_dir, 40)
         return cluster._status(node, FAILED, proc.pid, backend.explain_server_log(tail))
@@ -521,19 +524,21 @@ async def probe_state(cluster: Cluster, node: NodeConfig) -> NodeStatus:
             return previous
         return cluster._status(node, STOPPED)
     if proc.port != "listening":
-        return cluster._status(node, STARTING, proc.pid)
+        return cluster._status(node, STARTING, proc.pid, started_at=started, probe_ms=probe_ms)
     swarm, snapshot = await dht_view(cluster)
     blocks, _ = block_map(cluster.config, swarm, snapshot)
     share = node_share(cluster.config, swarm, blocks, node)
     if share.state == "ONLINE" and share.layers:
-        return cluster._status(node, READY, proc.pid)
+        return cluster._status(node, READY, proc.pid, started_at=started, probe_ms=probe_ms)
     if share.state == "dead":
         return cluster._status(node, STARTING, proc.pid,
-                               "its process runs but its server does not answer pings")
+                               "its process runs but its server does not answer pings",
+                               started_at=started, probe_ms=probe_ms)
     if snapshot is None and dht_error(cluster):
         return cluster._status(node, STARTING, proc.pid, "its server runs, but the swarm's DHT "
-                               f"cannot be read from here: {dht_error(cluster)}")
-    return cluster._status(node, STARTING, proc.pid)
+                               f"cannot be read from here: {dht_error(cluster)}",
+                               started_at=started, probe_ms=probe_ms)
+    return cluster._status(node, STARTING, proc.pid, started_at=started, probe_ms=probe_ms)
 
 
 async def _prepare(cluster: Cluster, node: NodeConfig) -> backend.PetalsNodeInfo:

@@ -13,6 +13,14 @@ UNREACHABLE = "unreachable"
 STATES = (STOPPED, STARTING, READY, FAILED, UNREACHABLE)
 
 
+def rounded_ms(seconds: float) -> int:
+    """Milliseconds, to two significant digits: a status that changes only when the latency
+    really does."""
+    ms = max(1, round(seconds * 1000))
+    scale = 10 ** max(0, len(str(ms)) - 2)
+    return int(round(ms / scale) * scale)
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     name: str

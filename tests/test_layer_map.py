@@ -71,3 +71,10 @@ def test_a_server_still_announced_but_dead_keeps_its_span_with_its_state() -> No
               LayerShare("p2", "", 2, 2, first_layer=2, layers=2, state="dead")]
     layer_map = petals_map(shares, 4, unserved=(2, 3))
     assert [(s.node, s.state) for s in layer_map.spans] == [("p1", ""), ("p2", "dead")]
+
+
+def test_petals_spans_carry_predicted_and_measured_memory() -> None:
+    shares = [LayerShare("p1", "", 0, 2, first_layer=0, layers=2, state="ONLINE",
+                         predicted_bytes=560 << 20, measured_bytes=534 << 20)]
+    (span,) = petals_map(shares, 2).spans
+    assert (span.model_bytes, span.measured_bytes) == (560 << 20, 534 << 20)

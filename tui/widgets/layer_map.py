@@ -78,7 +78,12 @@ class LayerMapView(Static):
             rng = f"{span.first}-{span.last}" if span.count > 1 else f"{span.first}"
             text.append(f" {rng:>7} {span.count:>3} blk")
             size = _size(span.model_bytes)
-            if size:
+            if size and layer_map.source == SWARM:  # Petals: the plan's memory, then the real
+                text.append(f" {size:>9} predicted")
+                measured = _size(span.measured_bytes)
+                if measured:
+                    text.append(f", {measured} PSS")
+            elif size:
                 text.append(f" {size:>9}")
             if span.state:
                 text.append(f" {span.state}", style=UNSERVED_COLOUR)
