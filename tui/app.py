@@ -369,7 +369,7 @@ class TorbizApp(App[int]):
             elif not shown_idle:
                 shown_idle = True
                 self.post_message(self.ThroughputUpdated(
-                    None, "a Petals swarm: `torbiz-tui petals-generate` measures tokens/s"
+                    None, "Petals: `torbiz-tui petals-generate` gives tok/s"
                     if swarm else f"coordinator {state}"))
             await asyncio.sleep(METRICS_INTERVAL)
 
