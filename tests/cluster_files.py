@@ -138,3 +138,15 @@ def wait_for_load(coordinator: subprocess.Popen[bytes], log_path: Path,
             break
         time.sleep(0.2)
     return report
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """TERM the processes this test started, last first; KILL what is left after 10 s."""
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

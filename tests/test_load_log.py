@@ -24,7 +24,7 @@ from core.load_log import (
     tensor_split_for,
 )
 
-from .cluster_files import free_port, wait_for_load
+from .cluster_files import free_port, stop_all, wait_for_load
 
 DATA = Path(__file__).parent / "data" / "load_logs"
 W1, W2, W3 = "127.0.0.1:51301", "127.0.0.1:51302", "127.0.0.1:51303"
@@ -262,14 +262,7 @@ def test_real_split_lands_as_planned(tmp_path: Path) -> None:
             (f"127.0.0.1:{ports[0]}", 3), (f"127.0.0.1:{ports[1]}", 7), (HOST, 0)]
         assert report.offloaded == (11, 11)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_all(procs)
 
 
 def test_two_devices_behind_one_worker_and_a_local_gpu() -> None:

@@ -28,7 +28,7 @@ from core.planner import (
     plan_layers,
 )
 
-from .cluster_files import free_port, wait_for_load
+from .cluster_files import free_port, stop_all, wait_for_load
 from .test_model_info import LLAMA2_70B_Q4K_BLOCK, llama2_70b_q4k
 
 GIB = 1 << 30
@@ -453,11 +453,4 @@ def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path) -> None:
             assert abs(device.model_bytes - a.weight_bytes) <= 0.005 * MIB, (a, device)
             assert abs(device.kv_bytes - a.kv_bytes) <= 0.005 * MIB, (a, device)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_all(procs)
