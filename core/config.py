@@ -82,6 +82,7 @@ class CoordinatorConfig:
     port: int = DEFAULT_COORDINATOR_PORT
     extra_args: tuple[str, ...] = ()
     api_key_env: str = "TORBIZ_API_KEY"  # the key itself never lives in the config file
+    threads: int | None = None  # llama-server -t (its CPU threads); None: llama.cpp's default
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ _COORDINATOR_KEYS: dict[str, tuple[type, ...]] = {
     "port": (int,),
     "extra_args": (list,),
     "api_key_env": (str,),
+    "threads": (int,),
 }
 _NODE_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,),
@@ -460,6 +462,9 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
     extra = coord_table.get("extra_args", [])
     if not all(isinstance(a, str) for a in extra):
         raise ConfigError(path, "coordinator", "key 'extra_args' must be a list of strings")
+    coordinator_threads = coord_table.get("threads")
+    if coordinator_threads is not None:
+        _check_positive(path, "coordinator", "threads", coordinator_threads)
     coordinator = CoordinatorConfig(
         binary=coord_table.get("binary"),
         host=_check_host(path, "coordinator", "host", coord_table.get("host", "127.0.0.1")),
@@ -467,6 +472,7 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
                          coord_table.get("port", DEFAULT_COORDINATOR_PORT)),
         extra_args=tuple(extra),
         api_key_env=_check_env_name(path, coord_table.get("api_key_env", "TORBIZ_API_KEY")),
+        threads=coordinator_threads,
     )
 
     plan = _plan(path, _expect_table(path, "plan", data.get("plan", {})))

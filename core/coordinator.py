@@ -100,6 +100,8 @@ def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str
         "--slots",
         "-lv", "4",  # device and buffer lines in the log: the layer map comes from them
     ]
+    if config.coordinator.threads is not None:
+        argv += ["-t", str(config.coordinator.threads)]
     if endpoints:
         argv += ["--rpc", ",".join(endpoints)]
     argv += list(extra)

@@ -79,6 +79,8 @@ def test_relative_model_path_is_relative_to_the_file(tmp_path: Path) -> None:
         (MINIMAL + '[[nodes]]\nname = "b"\nhost = "10.0.0.1"\n', "nodes[1] (b)",
          "duplicate endpoint 10.0.0.1:50052"),
         (MINIMAL + "\n[coordinator]\nport = 70000\n", "coordinator", "between 1 and 65535"),
+        (MINIMAL + "\n[coordinator]\nthreads = 0\n", "coordinator",
+         "'threads' must be a number greater than 0"),
         (MINIMAL.replace('"a"', '"a; rm -rf /"'), "nodes[0]", "key 'name' must be"),
         (MINIMAL.replace('"10.0.0.1"', '"-oProxyCommand=touch /tmp/x"'), "nodes[0] (a)",
          "host name or IP address"),
@@ -112,3 +114,16 @@ def test_shipped_configs_load() -> None:
     lan = load_config(REPO / "configs" / "example-lan.toml")
     assert len(lan.nodes) == 4
     assert len({n.endpoint for n in lan.nodes}) == 4
+
+
+def test_coordinator_threads_reach_llama_servers_command_line(tmp_path: Path) -> None:
+    from core.coordinator import coordinator_argv
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(MINIMAL + '\n[model]\ngguf = "m.gguf"\n\n[coordinator]\nthreads = 1\n')
+    config = load_config(path)
+    assert config.coordinator.threads == 1
+    argv = coordinator_argv(config, "llama-server", ["10.0.0.1:50052"])
+    assert argv[argv.index("-t") + 1] == "1"
+    path.write_text(MINIMAL + '\n[model]\ngguf = "m.gguf"\n')
+    assert "-t" not in coordinator_argv(load_config(path), "llama-server", [])
