@@ -64,6 +64,10 @@ def test_up_generate_status_down(tmp_path: Path, sshd_cluster, demo_model: Path)
             "temperature": 0})
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] > 0
+        generated = cli("-c", str(cfg), "generate", "-n", "8")
+        assert generated.returncode == 0, generated.stderr
+        assert generated.stderr.startswith("8 tokens in "), generated.stderr
+        assert "tokens/s" in generated.stderr
 
         status = cli("-c", str(cfg), "status", "--json")
         assert status.returncode == 0, status.stdout + status.stderr

@@ -405,3 +405,19 @@ async def test_dashboard_notices_a_killed_worker_and_recovers(
                          and app.cluster.coordinator.pid != old, "the new coordinator")
         assert any("without beta" in line for line in app.event_log)
         assert worker_pids(model_cluster, "alpha") != []
+
+
+async def test_g_generates_through_the_cluster(model_cluster: ClusterConfig) -> None:
+    app = make_app(model_cluster)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, refreshed(app), "the first refresh")
+        assert app.check_action("generate", ()) is None  # greyed: nothing serves yet
+        await pilot.press("u")
+        await wait_until(pilot, lambda: app.cluster.coordinator.state == READY
+                         and app.check_action("generate", ()) is True, "the coordinator",
+                         timeout=120)
+        await pilot.press("g")
+        await wait_until(pilot, lambda: any("generated " in line for line in app.event_log),
+                         "the generation", timeout=60)
+        line = next(line for line in app.event_log if "generated " in line)
+        assert "generated 16 tokens in " in line and "tok/s" in line, line

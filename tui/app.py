@@ -27,6 +27,7 @@ from core.layer_map import LayerMap
 from core.petals_swarm import PetalsError, is_petals_cluster
 from core.placement import PlacementError, PlanRefused
 from core.probe import NodeProbe, probe_node
+from core.smoke import SmokeError, smoke_generate
 from core.status import (
     FAILED,
     READY,
@@ -71,7 +72,8 @@ LOG_HISTORY = 200  # lines of a log shown in the pane when its stream opens
 CHANGES_CLUSTER = frozenset({"start_node", "stop_node", "restart_node", "start_coordinator",
                              "stop_coordinator", "up", "down"})
 NEEDS_NODE = frozenset({"start_node", "stop_node", "restart_node", "logs"})
-KEYED_ACTIONS = tuple(sorted(CHANGES_CLUSTER | NEEDS_NODE))  # the keys that can change state
+# The keys whose state (shown, greyed, hidden) changes with the cluster.
+KEYED_ACTIONS = tuple(sorted(CHANGES_CLUSTER | NEEDS_NODE | {"generate"}))
 COORDINATOR = "coordinator"  # busy key for a coordinator action
 WHOLE_CLUSTER = "*"  # busy key for up/down
 # The core says this every 5 s while llama-server loads; the progress row shows it instead.
@@ -129,6 +131,8 @@ class TorbizApp(App[int]):
         Binding("u", "up", "Up", tooltip="Bring the whole cluster up as planned: preflight, "
                                          "workers, then the coordinator"),
         Binding("d", "down", "Down", tooltip="Take the whole cluster down (asks first)"),
+        Binding("g", "generate", "Generate",
+                tooltip="A short generation through the cluster: does it answer, how fast"),
         Binding("slash", "filter", "Filter", tooltip="Filter the nodes by name, host, state, "
                                                      "error ..."),
         Binding("question_mark", "help", "Help", tooltip="This help: every key and command"),
@@ -441,6 +445,16 @@ class TorbizApp(App[int]):
         except ClusterError as exc:
             self.post_message(self.ActionProblems(exc.problems))
 
+    @work(group="generate", exclusive=True, exit_on_error=False)
+    async def smoke_generate(self) -> None:
+        try:
+            result = await smoke_generate(self.config)
+        except SmokeError as exc:
+            self.cluster.notice(f"generation failed: {exc}", "error")
+            return
+        self.cluster.notice(f"generated {result.tokens} tokens in {result.seconds:.2f} s "
+                            f"({result.tokens_per_s:.1f} tok/s): {result.text.strip()[:80]!r}")
+
     @work(group="plan", exclusive=True, exit_on_error=False)
     async def plan_preview(self) -> None:
         try:
@@ -715,6 +729,11 @@ class TorbizApp(App[int]):
             return True
         if action in CHANGES_CLUSTER and self.read_only:
             return False
+        if action == "generate":
+            if self.swarm:
+                return True if any(n.state == READY for n in self.cluster.nodes.values()) \
+                    else None
+            return True if self.main.query_one(CoordinatorBar).status.state == READY else None
         if action not in CHANGES_CLUSTER | NEEDS_NODE:
             return True
         busy = set(self._busy.values())
@@ -809,6 +828,10 @@ class TorbizApp(App[int]):
         url = self.main.query_one(CoordinatorBar).status.url
         self.push_screen(ConfirmScreen(f"Stop the coordinator ({url})? Requests in flight "
                                        "are cut off."), answered)
+
+    def action_generate(self) -> None:
+        self.notify("generating 16 tokens through the cluster ...", timeout=3)
+        self.smoke_generate()
 
     def action_plan(self) -> None:
         self.notify("planning: reading the model and every node's free memory ...",

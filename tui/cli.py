@@ -17,6 +17,7 @@ from core.config import ClusterConfig, ConfigError, load_config
 from core.doctor import DoctorReport, run_doctor
 from core.petals_swarm import is_petals_cluster
 from core.placement import PlacementError, PlanRefused, format_placement
+from core.smoke import SMOKE_PROMPT, SmokeError, smoke_generate
 from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
 
 DEMO_CONFIG = Path(core.__file__).resolve().parent / "demo" / "demo.toml"
@@ -155,6 +156,18 @@ async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
         await cluster.close()
 
 
+async def _generate(config: ClusterConfig, prompt: str, tokens: int) -> int:
+    try:
+        result = await smoke_generate(config, tokens, prompt)
+    except SmokeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.text)
+    print(f"{result.tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} "
+          "tokens/s", file=sys.stderr)
+    return 0
+
+
 async def _status(config: ClusterConfig, as_json: bool) -> int:
     cluster = Cluster(config)
     try:
@@ -278,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("-n", "--new-tokens", type=_positive_int, default=16, metavar="N",
                    help="tokens to generate (16)")
+    p = sub.add_parser("generate", help="a short generation through the running cluster "
+                       "(the coordinator, or the Petals swarm): its text, and tokens/s")
+    p.add_argument("prompt", nargs="?", default=SMOKE_PROMPT)
+    p.add_argument("-n", "--new-tokens", type=_positive_int, default=16, metavar="N",
+                   help="tokens to generate (16; EOS is ignored so rates compare)")
     p = sub.add_parser("provision", help="build a node's environment over SSH: --petals "
                        "runs scripts/petals-env.sh there with the hivemind wheel built here")
     p.add_argument("node")
@@ -287,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
     for name in ("up", "down", "status", "logs", "watch", "doctor", "plan", "web",
-                 "petals-generate", "provision"):
+                 "petals-generate", "generate", "provision"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
     return parser
@@ -318,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             from tui import petals_commands
 
             return asyncio.run(petals_commands.provision(config, args.node, args.petals))
+        if args.command == "generate":
+            return asyncio.run(_generate(config, args.prompt, args.new_tokens))
         if args.command == "petals-generate":
             from tui import petals_commands
 
