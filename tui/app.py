@@ -67,6 +67,7 @@ METRICS_INTERVAL = 1.0  # seconds between throughput polls (one in flight)
 RESOURCES_INTERVAL = 30.0  # seconds between resource probes (device, free memory)
 MAP_INTERVAL = 2.0  # layer map while the coordinator loads or nothing is loaded
 MAP_INTERVAL_LOADED = 15.0  # once llama-server has placed the model
+MAP_INTERVAL_SWARM = 5.0  # a Petals swarm's map: a fresh DHT poll and each server's PSS
 LOG_HISTORY = 200  # lines of a log shown in the pane when its stream opens
 
 CHANGES_CLUSTER = frozenset({"start_node", "stop_node", "restart_node", "start_coordinator",
@@ -360,7 +361,8 @@ class TorbizApp(App[int]):
                         self._record("warning", f"layer map: {exc}")
                 self.post_message(self.LayerMapUpdated(layer_map))
                 loaded = layer_map is not None and layer_map.source != "plan"
-                next_map = now + (MAP_INTERVAL_LOADED if state == READY and loaded
+                next_map = now + (MAP_INTERVAL_SWARM if swarm
+                                  else MAP_INTERVAL_LOADED if state == READY and loaded
                                   else MAP_INTERVAL)
             if state == READY:
                 shown_idle = False
