@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterable
@@ -150,3 +151,31 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Until a worker accepts a connection (closed with RST: never a half-read handshake)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"rpc-server on port {port} exited"
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+
+
+def start_test_workers(rpc: Path | str, ports: list[int]) -> list[subprocess.Popen[bytes]]:
+    """One single-threaded rpc-server per port on 127.0.0.1, each listening when this returns
+    (the caller stops them: stop_all)."""
+    procs = [subprocess.Popen([str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for port in ports]
+    try:
+        for port, proc in zip(ports, procs, strict=True):
+            wait_listening(port, proc)
+    except BaseException:
+        stop_all(procs)
+        raise
+    return procs

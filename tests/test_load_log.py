@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from core.load_log import (
     tensor_split_for,
 )
 
-from .cluster_files import free_port, stop_all, wait_for_load
+from .cluster_files import free_port, start_test_workers, stop_all, wait_for_load
 
 DATA = Path(__file__).parent / "data" / "load_logs"
 W1, W2, W3 = "127.0.0.1:51301", "127.0.0.1:51302", "127.0.0.1:51303"
@@ -244,10 +243,7 @@ def test_real_split_lands_as_planned(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     log_path = tmp_path / "coordinator.log"
     try:
-        for port in ports:
-            procs.append(subprocess.Popen([str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(0.5)
+        procs += start_test_workers(rpc, ports)
         ngl, ts = tensor_split_for((3, 7))
         with log_path.open("wb") as log:
             coordinator = subprocess.Popen(

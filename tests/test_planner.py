@@ -4,10 +4,7 @@ nodes, refusals as sentences, and its byte accounting against a real llama-serve
 from __future__ import annotations
 
 import itertools
-import socket
-import struct
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +25,7 @@ from core.planner import (
     plan_layers,
 )
 
-from .cluster_files import free_port, stop_all, wait_for_load
+from .cluster_files import free_port, start_test_workers, stop_all, wait_for_load
 from .test_model_info import LLAMA2_70B_Q4K_BLOCK, llama2_70b_q4k
 
 GIB = 1 << 30
@@ -400,19 +397,6 @@ def test_planned_bytes_match_what_llama_server_loaded(tmp_path: Path) -> None:
         assert abs(device.kv_bytes - a.kv_bytes) <= 0.005 * MIB, a
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    """Until a worker accepts a connection (closed with RST: never a half-read handshake)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"rpc-server on port {port} exited"
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
-
-
 @pytest.mark.integration
 def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path) -> None:
     """Two real workers and llama-server started with the plan (-ngl/-ts from its spans,
@@ -432,11 +416,7 @@ def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     log_path = tmp_path / "coordinator.log"
     try:
-        for port in ports:
-            procs.append(subprocess.Popen([str(rpc), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port, proc in zip(ports, procs, strict=True):
-            wait_listening(port, proc)
+        procs += start_test_workers(rpc, ports)
         with log_path.open("wb") as log:
             coordinator = subprocess.Popen(
                 [str(server), "-m", str(model.path), "--rpc", ",".join(eps), "-ngl", str(ngl),
