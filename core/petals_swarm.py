@@ -27,6 +27,7 @@ from . import detached
 from .backends import petals as backend
 from .config import ClusterConfig, NodeConfig
 from .model_info import ModelInfo, ModelInfoError, read_hf_info
+from .placement import table_lines
 from .planner import NodeBudget, Plan, plan_layers
 from .probe import NodeProbe
 from .shell import path_word
@@ -224,9 +225,7 @@ def format_petals_placement(placement: PetalsPlacement) -> str:
                      _size(share.weight_bytes) if share and used else "-",
                      _size(share.kv_bytes) if share and used else "-",
                      _size(placement.predicted_bytes(budget.name)) if used else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
+    lines = table_lines(rows)
     model = placement.model
     lines.append("")
     lines.append(f"model {model.path}: {model.n_layers} blocks of "

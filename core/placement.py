@@ -4,6 +4,7 @@ works with, and the plan `up` follows."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -109,9 +110,7 @@ def format_placement(placement: Placement) -> str:
                      _gib(share.weight_bytes) if share else "-",
                      _gib(share.kv_bytes) if share else "-",
                      _gib(share.total_bytes) if share else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
+    lines = table_lines(rows)
     model = placement.model
     lines.append("")
     lines.append(f"model {model.name or model.path}: {model.n_layers} blocks, "
@@ -120,6 +119,13 @@ def format_placement(placement: Placement) -> str:
     if plan.unused:
         lines.append(f"not used: {', '.join(plan.unused)}")
     return "\n".join(lines)
+
+
+def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as left-aligned columns two spaces apart (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
 
 
 def _gib(value: int) -> str:
