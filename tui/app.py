@@ -408,8 +408,6 @@ class TorbizApp(App[int]):
         else by llama.cpp's own split (and the event log says why)."""
         spans = None
         try:
-            if self.swarm:
-                raise PlacementError("a Petals swarm has no coordinator")
             placement = await plan_now(self.cluster)
             planned = placement.plan.rpc_spans()
             not_ready = [name for name, _, count in planned
