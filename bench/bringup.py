@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from core.cluster import Cluster  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.demo_model import ensure_demo_model  # noqa: E402
-from core.transport import make_transport  # noqa: E402
+from core.reach.transport import make_transport  # noqa: E402
 from tests.cluster_files import ssh_cluster_file  # noqa: E402
 from tests.sshd_cluster import SshdCluster  # noqa: E402
 

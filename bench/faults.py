@@ -1,7 +1,8 @@
 """Faults on a real cluster, and what the workers' tensor caches save on a slow link.
 
 Part 1, a table on a loopback cluster (real sshd per node from tests/sshd_cluster.py, real
-rpc-servers, a real llama-server with the demo model, core.supervisor with recovery on, and a
+rpc-servers, a real llama-server with the demo model, core.supervision.supervisor with recovery on,
+and a
 client sending one short completion after another): for each fault, when it was noticed, when
 the cluster served again, and how many requests failed.
 
@@ -39,12 +40,12 @@ import httpx  # noqa: E402
 from core.cluster import Cluster  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.demo_model import ensure_demo_model, write_demo_model  # noqa: E402
-from core.llama_build import find_cached_binary  # noqa: E402
-from core.load_log import tensor_split_for  # noqa: E402
-from core.placement import make_placement  # noqa: E402
-from core.probe import probe_node  # noqa: E402
-from core.recovery import RecoveryResult  # noqa: E402
-from core.supervisor import Detection, Supervisor  # noqa: E402
+from core.engines.llama_rpc.build import find_cached_binary  # noqa: E402
+from core.engines.llama_rpc.recovery import RecoveryResult  # noqa: E402
+from core.planning.placement import make_placement  # noqa: E402
+from core.reach.probe import probe_node  # noqa: E402
+from core.supervision.load_log import tensor_split_for  # noqa: E402
+from core.supervision.supervisor import Detection, Supervisor  # noqa: E402
 from tests.cluster_files import ssh_cluster_file  # noqa: E402
 from tests.sshd_cluster import SshdCluster  # noqa: E402
 

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from core.demo_model import write_demo_model  # noqa: E402
-from core.load_log import LoadReport, parse_load_log  # noqa: E402
+from core.supervision.load_log import LoadReport, parse_load_log  # noqa: E402
 from tests.cluster_files import free_port, toml_text  # noqa: E402
 
 TORBIZ = [sys.executable, "-c", "import sys; from tui.cli import main; sys.exit(main())"]

@@ -1,5 +1,6 @@
 """Predicted vs measured memory of one CPU Petals server holding 2, 4 and 8 blocks of a tiny and
-a larger random Llama: the planner's prediction (core.petals_swarm: the server process with its
+a larger random Llama: the planner's prediction (core.engines.petals.swarm: the server process with
+its
 handlers, plus the blocks at Petals' own size) against the PSS of the server's whole process tree
 after a short generation through it (the model has exactly that many blocks, so one server
 serves it all). Measured right after start, the PSS does not grow with the blocks: the weights
@@ -24,9 +25,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core import petals_swarm  # noqa: E402
 from core.config import parse_config  # noqa: E402
-from core.model_info import read_hf_info  # noqa: E402
+from core.engines.petals import swarm as petals_swarm  # noqa: E402
+from core.planning.model_info import read_hf_info  # noqa: E402
 from tests.petals_swarm import PetalsSwarm, skip_reason  # noqa: E402
 
 MIB = 1 << 20

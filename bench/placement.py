@@ -53,9 +53,9 @@ from harness import (  # noqa: E402
     write_model,
 )
 
-from core.load_log import LoadReport  # noqa: E402
-from core.model_info import read_gguf_info  # noqa: E402
-from core.planner import layer_costs  # noqa: E402
+from core.planning.model_info import read_gguf_info  # noqa: E402
+from core.planning.planner import layer_costs  # noqa: E402
+from core.supervision.load_log import LoadReport  # noqa: E402
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
-from . import petals_swarm
-from .cluster import Cluster, ClusterError
-from .config import NodeConfig
-from .doctor import run_doctor
-from .placement import Placement, PlacementError, PlanRefused, format_placement, make_placement
-from .probe import NodeProbe, probe_nodes
-from .transport import TransportError
+from core.cluster import Cluster, ClusterError
+from core.config import NodeConfig
+from core.doctor import run_doctor
+from core.engines.petals import swarm as petals_swarm
+from core.planning.placement import (
+    Placement,
+    PlacementError,
+    PlanRefused,
+    format_placement,
+    make_placement,
+)
+from core.reach.probe import NodeProbe, probe_nodes
+from core.reach.transport import TransportError
 
 
 async def probe_for_plan(cluster: Cluster, nodes: list[NodeConfig]) -> dict[str, NodeProbe]:

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from . import detached, petals_swarm, rpc_version, tunnel
-from .backends import llama_rpc
-from .config import ClusterConfig, NodeConfig
-from .coordinator import (
+from core.config import ClusterConfig, NodeConfig
+from core.engines.llama_rpc import rpc as llama_rpc
+from core.engines.llama_rpc import rpc_version
+from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
     auth_headers,
     coordinator_api_key,
@@ -32,11 +32,13 @@ from .coordinator import (
     health,
     local_transport,
 )
-from .layer_map import LayerMap, llama_map, petals_map
-from .load_log import LoadReport, parse_load_log
-from .planner import PlanRefused
-from .state_file import read_json, write_json
-from .status import (
+from core.engines.petals import swarm as petals_swarm
+from core.planning.layer_map import LayerMap, llama_map, petals_map
+from core.planning.planner import PlanRefused
+from core.reach import detached, tunnel
+from core.reach.transport import Transport, TransportError, make_transport
+from core.state_file import read_json, write_json
+from core.status import (
     FAILED,
     READY,
     STARTING,
@@ -52,8 +54,8 @@ from .status import (
     Notice,
     rounded_ms,
 )
-from .throughput import ThroughputMonitor, ThroughputSample
-from .transport import Transport, TransportError, make_transport
+from core.supervision.load_log import LoadReport, parse_load_log
+from core.supervision.throughput import ThroughputMonitor, ThroughputSample
 
 T = TypeVar("T")
 EventSink = Callable[[Event], None]
@@ -485,7 +487,7 @@ class Cluster:
             raise CoordinatorError("an SSH tunnel needs the cluster file on disk")
         state_dir = tunnel_state_dir(self.config, node)
         port_file = _local_path(state_dir) / tunnel.PORT_FILE
-        argv = [sys.executable, "-m", "core.tunnel", "--config", str(self.config.source),
+        argv = [sys.executable, "-m", "core.reach.tunnel", "--config", str(self.config.source),
                 "--node", node.name, "--port-file", str(port_file)]
         proc = await detached.spawn(local_transport(), state_dir, argv)
         if proc.state != "running":

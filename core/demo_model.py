@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .llama_build import cache_root
+from core.engines.llama_rpc.build import cache_root
 
 DEMO_MODEL_NAME = "torbiz-demo.gguf"
 _SPACE = "\u2581"  # SentencePiece's word boundary

@@ -7,16 +7,22 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from . import detached, petals_swarm, rpc_version
-from .backends import llama_rpc
-from .backends import petals as petals_backend
-from .backends.llama_rpc import RpcVersion
-from .cluster import Cluster
-from .config import NodeConfig
-from .coordinator import CoordinatorError, coordinator_api_key, find_coordinator_binary
-from .probe import NodeProbe, probe_node
-from .shell import path_word
-from .transport import Transport, TransportError
+from core.cluster import Cluster
+from core.config import NodeConfig
+from core.engines.llama_rpc import rpc as llama_rpc
+from core.engines.llama_rpc import rpc_version
+from core.engines.llama_rpc.coordinator import (
+    CoordinatorError,
+    coordinator_api_key,
+    find_coordinator_binary,
+)
+from core.engines.llama_rpc.rpc import RpcVersion
+from core.engines.petals import commands as petals_backend
+from core.engines.petals import swarm as petals_swarm
+from core.reach import detached
+from core.reach.probe import NodeProbe, probe_node
+from core.reach.shell import path_word
+from core.reach.transport import Transport, TransportError
 
 CLOCK_TOLERANCE_S = 2.0  # Petals refuses peers more than a few seconds apart
 PETALS_CLOCK_FIX = "sync it with NTP (e.g. chronyc makestep, or timedatectl set-ntp true)"

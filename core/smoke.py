@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from . import petals_swarm
-from .config import ClusterConfig
-from .coordinator import auth_headers, coordinator_url
+from core.config import ClusterConfig
+from core.engines.llama_rpc.coordinator import auth_headers, coordinator_url
+from core.engines.petals import swarm as petals_swarm
 
 SMOKE_PROMPT = "The capital of France is"
 

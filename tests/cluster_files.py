@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psutil
 
-from core.load_log import LoadReport, parse_load_log
+from core.supervision.load_log import LoadReport, parse_load_log
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -118,7 +118,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -
 def ssh_transport_for(sshd: Any, index: int = 0) -> Any:
     """An SshTransport to one harness node, logging in as root with the harness's keys."""
     from core.config import NodeConfig, SshOptions
-    from core.transport import SshTransport
+    from core.reach.transport import SshTransport
 
     node = sshd.nodes[index]
     return SshTransport(NodeConfig(

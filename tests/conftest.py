@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from .sshd_cluster import SSHD, AddressInUse, SshdCluster
+from tests.sshd_cluster import SSHD, AddressInUse, SshdCluster
 
 # ---- real sshd nodes --------------------------------------------------------------------------
 #

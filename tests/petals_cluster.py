@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cluster_files import toml_text
-from .petals_swarm import PETALS_ENV, Netns, petals_python
+from tests.cluster_files import toml_text
+from tests.petals_swarm import PETALS_ENV, Netns, petals_python
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,8 @@ import pytest
 from core.cluster import Cluster
 from core.config import load_config
 from core.demo_model import ensure_demo_model
-from core.llama_build import find_cached_binary
-
-from .cluster_files import free_port, llama_processes_with, toml_text
+from core.engines.llama_rpc.build import find_cached_binary
+from tests.cluster_files import free_port, llama_processes_with, toml_text
 
 pytestmark = pytest.mark.integration
 SECRET = "tbz-test-secret-4f1c9a"

@@ -117,7 +117,7 @@ def test_shipped_configs_load() -> None:
 
 
 def test_coordinator_threads_reach_llama_servers_command_line(tmp_path: Path) -> None:
-    from core.coordinator import coordinator_argv
+    from core.engines.llama_rpc.coordinator import coordinator_argv
 
     path = tmp_path / "cluster.toml"
     path.write_text(MINIMAL + '\n[model]\ngguf = "m.gguf"\n\n[coordinator]\nthreads = 1\n')

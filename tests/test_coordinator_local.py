@@ -12,11 +12,10 @@ import pytest
 
 from core.cluster import Cluster
 from core.config import load_config
-from core.coordinator import coordinator_status
 from core.demo_model import ensure_demo_model
-from core.llama_build import find_cached_binary
-
-from .cluster_files import free_port, llama_processes_with, toml_text, wait_healthy
+from core.engines.llama_rpc.build import find_cached_binary
+from core.engines.llama_rpc.coordinator import coordinator_status
+from tests.cluster_files import free_port, llama_processes_with, toml_text, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -149,7 +148,7 @@ async def test_spans_place_exactly_the_planned_blocks(tmp_path: Path) -> None:
 
 def test_gapped_spans_are_refused() -> None:
     from core.cluster import _check_spans
-    from core.coordinator import CoordinatorError
+    from core.engines.llama_rpc.coordinator import CoordinatorError
 
     _check_spans([("a", 0, 3), ("b", 3, 5)])
     with pytest.raises(CoordinatorError, match="not contiguous at b"):

@@ -10,9 +10,8 @@ import httpx
 import pytest
 
 from core.demo_model import _vocab, ensure_demo_model, write_demo_model
-from core.llama_build import find_cached_binary
-
-from .cluster_files import free_port, wait_healthy
+from core.engines.llama_rpc.build import find_cached_binary
+from tests.cluster_files import free_port, wait_healthy
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 from core.cluster import Cluster
 from core.config import NodeConfig, load_config
 from core.doctor import _bind_check, run_doctor
-
-from .cluster_files import free_port, toml_text
+from tests.cluster_files import free_port, toml_text
 
 
 def test_bind_warnings() -> None:
@@ -48,7 +47,7 @@ async def test_a_running_worker_is_asked_its_protocol(tmp_path: Path) -> None:
     """A real HELLO to our running worker, compared with the coordinator's build."""
     import pytest
 
-    from core.llama_build import find_cached_binary
+    from core.engines.llama_rpc.build import find_cached_binary
 
     if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
         pytest.skip("llama.cpp not built: run `torbiz-tui build-llama`")

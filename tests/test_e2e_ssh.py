@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from core.config import load_config
-from core.llama_build import find_cached_binary
-
-from .cluster_files import llama_processes_with, ssh_cluster_file
+from core.engines.llama_rpc.build import find_cached_binary
+from tests.cluster_files import llama_processes_with, ssh_cluster_file
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """Fault injection on a real loopback cluster: real sshd nodes, real rpc-servers, a real
-llama-server with the demo model, supervised by core.supervisor with recovery on.
+llama-server with the demo model, supervised by core.supervision.supervisor with recovery on.
 
 Each test asserts when the fault was noticed, how it ended (recovered, or a clear degraded
 state), that no process is duplicated or orphaned, and that the nodes' logs are kept.
@@ -25,14 +25,13 @@ import pytest
 from core.cluster import Cluster
 from core.config import ClusterConfig, load_config
 from core.demo_model import ensure_demo_model
-from core.llama_build import find_cached_binary
-from core.placement import make_placement
-from core.probe import probe_node
-from core.recovery import DEGRADED, RECOVERED, RecoveryResult, last_recovery
+from core.engines.llama_rpc.build import find_cached_binary
+from core.engines.llama_rpc.recovery import DEGRADED, RECOVERED, RecoveryResult, last_recovery
+from core.planning.placement import make_placement
+from core.reach.probe import probe_node
 from core.status import Notice
-from core.supervisor import BACKOFF_MAX, Detection, Supervisor
-
-from .cluster_files import llama_processes_with, ssh_cluster_file
+from core.supervision.supervisor import BACKOFF_MAX, Detection, Supervisor
+from tests.cluster_files import llama_processes_with, ssh_cluster_file
 
 pytestmark = pytest.mark.integration
 

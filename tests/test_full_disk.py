@@ -10,8 +10,7 @@ import pytest
 
 from core.cluster import Cluster
 from core.config import load_config
-
-from .cluster_files import free_port, llama_processes_with, toml_text
+from tests.cluster_files import free_port, llama_processes_with, toml_text
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.layer_map import COORDINATOR, LOADED, PLAN, SWARM, llama_map, petals_map
+from core.planning.layer_map import COORDINATOR, LOADED, PLAN, SWARM, llama_map, petals_map
 from core.status import LayerShare
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.llama_build import (
+from core.engines.llama_rpc.build import (
     LlamaBuildError,
     build_llama,
     cmake_configure_args,

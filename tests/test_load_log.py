@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.demo_model import write_demo_model
-from core.llama_build import find_cached_binary
-from core.load_log import (
+from core.engines.llama_rpc.build import find_cached_binary
+from core.supervision.load_log import (
     HOST,
     MIB,
     LoadReport,
@@ -22,8 +22,7 @@ from core.load_log import (
     parse_load_log,
     tensor_split_for,
 )
-
-from .cluster_files import free_port, start_test_workers, stop_all, wait_for_load
+from tests.cluster_files import free_port, start_test_workers, stop_all, wait_for_load
 
 DATA = Path(__file__).parent / "data" / "load_logs"
 W1, W2, W3 = "127.0.0.1:51301", "127.0.0.1:51302", "127.0.0.1:51303"

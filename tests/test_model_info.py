@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from core.demo_model import write_demo_model
-from core.model_info import (
+from core.planning.model_info import (
     ModelInfo,
     ModelInfoError,
     cache_row_bytes,

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .petals_cluster import cli, core_call, petals_cluster_file, tiny_llama_spec, write_model
-from .petals_swarm import Netns, skip_reason
+from tests.petals_cluster import cli, core_call, petals_cluster_file, tiny_llama_spec, write_model
+from tests.petals_swarm import Netns, skip_reason
 
 
 def _skip_reason() -> str | None:

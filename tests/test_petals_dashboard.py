@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .petals_cluster import cli, petals_cluster_file, tiny_llama_spec, write_model
-from .petals_swarm import Netns, skip_reason
-from .test_tui_e2e_tmux import COLUMNS, ROWS, Tmux, row
+from tests.petals_cluster import cli, petals_cluster_file, tiny_llama_spec, write_model
+from tests.petals_swarm import Netns, skip_reason
+from tests.test_tui_e2e_tmux import COLUMNS, ROWS, Tmux, row
 
 pytestmark = pytest.mark.skipif(
     skip_reason() is not None or not os.access("/usr/sbin/sshd", os.X_OK),

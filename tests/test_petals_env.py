@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .petals_swarm import Netns, PetalsSwarm, skip_reason
+from tests.petals_swarm import Netns, PetalsSwarm, skip_reason
 
 _SKIP = skip_reason()
 pytestmark = [pytest.mark.integration,

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import psutil
 
-from core import detached
 from core.cluster import Cluster
 from core.config import load_config
 from core.doctor import FAIL, OK, Check, _petals_node_checks, _same_petals_version
-from core.probe import probe_node
-from core.transport import LocalTransport
-
-from .cluster_files import free_port, toml_text
+from core.reach import detached
+from core.reach.probe import probe_node
+from core.reach.transport import LocalTransport
+from tests.cluster_files import free_port, toml_text
 
 
 def _cluster(tmp_path: Path, python: str) -> Cluster:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from core import petals_swarm
-from core.backends import petals as backend
 from core.config import ConfigError, load_config, parse_config
-from core.planner import NodeBudget, PlanRefused, plan_layers
-from core.probe import NodeProbe
+from core.engines.petals import commands as backend
+from core.engines.petals import swarm as petals_swarm
+from core.planning.planner import NodeBudget, PlanRefused, plan_layers
+from core.reach.probe import NodeProbe
 
 GIB = 1 << 30
 
@@ -176,7 +176,7 @@ def test_explain_server_log_clock() -> None:
 
 def test_provision_venv_of_the_node_python() -> None:
     from core.config import NodeConfig
-    from core.petals_provision import ProvisionError, node_venv
+    from core.engines.petals.provision import ProvisionError, node_venv
 
     assert node_venv(NodeConfig("a", "10.0.0.1", backend="petals")) == \
         "~/.cache/torbiz/petals-venv"

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from core.demo_model import ensure_demo_model
-
-from .cluster_files import free_port, toml_text
+from tests.cluster_files import free_port, toml_text
 
 
 def _config(tmp_path: Path, plan: dict, **node_keys: object) -> Path:

@@ -13,10 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.demo_model import write_demo_model
-from core.llama_build import find_cached_binary
-from core.load_log import HOST, MIB, llama_layer_split, parse_load_log, tensor_split_for
-from core.model_info import ModelInfo, describe_bytes, read_gguf_info
-from core.planner import (
+from core.engines.llama_rpc.build import find_cached_binary
+from core.planning.model_info import ModelInfo, describe_bytes, read_gguf_info
+from core.planning.planner import (
     NodeBudget,
     Plan,
     PlanRefused,
@@ -24,9 +23,9 @@ from core.planner import (
     layer_costs,
     plan_layers,
 )
-
-from .cluster_files import free_port, start_test_workers, stop_all, wait_for_load
-from .test_model_info import LLAMA2_70B_Q4K_BLOCK, llama2_70b_q4k
+from core.supervision.load_log import HOST, MIB, llama_layer_split, parse_load_log, tensor_split_for
+from tests.cluster_files import free_port, start_test_workers, stop_all, wait_for_load
+from tests.test_model_info import LLAMA2_70B_Q4K_BLOCK, llama2_70b_q4k
 
 GIB = 1 << 30
 LOAD_LOGS = Path(__file__).parent / "data" / "load_logs"

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import probe
-from core.backends.llama_rpc import resolve_binary_sh
 from core.config import NodeConfig, SshOptions
 from core.doctor import CLOCK_TOLERANCE_S
-from core.llama_build import find_cached_binary
-from core.probe import (
+from core.engines.llama_rpc.build import find_cached_binary
+from core.engines.llama_rpc.rpc import resolve_binary_sh
+from core.reach import probe
+from core.reach.probe import (
     Gpu,
     decode_answer,
     parse_cgroup_memory,
@@ -32,7 +32,7 @@ from core.probe import (
     probe_node,
     probe_script,
 )
-from core.transport import LocalTransport, SshTransport, Transport, TransportError
+from core.reach.transport import LocalTransport, SshTransport, Transport, TransportError
 
 DATA = Path(__file__).parent / "data" / "probe"
 MIB = 1024 * 1024

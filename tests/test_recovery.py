@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from core.demo_model import ensure_demo_model
-from core.model_info import read_gguf_info
-from core.placement import COORDINATOR, Placement
-from core.planner import NodeBudget, plan_layers
-from core.recovery import RecoveryResult, format_recovery, sticky_spans
+from core.engines.llama_rpc.recovery import RecoveryResult, format_recovery, sticky_spans
+from core.planning.model_info import read_gguf_info
+from core.planning.placement import COORDINATOR, Placement
+from core.planning.planner import NodeBudget, plan_layers
 
 MIB = 1 << 20
 BEFORE = {"a": [0, 3], "b": [3, 3], "c": [6, 2]}  # the demo model's 8 blocks on three workers
@@ -83,7 +83,7 @@ def test_core_recovery_imports_no_textual(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    code = "import core.recovery, sys; assert 'textual' not in sys.modules"
+    code = "import core.engines.llama_rpc.recovery, sys; assert 'textual' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[1])
 
@@ -102,7 +102,7 @@ def test_recover_is_on_by_default_and_a_checked_cluster_key(tmp_path: Path) -> N
 def test_supervisor_without_recovery_has_no_recoverer(tmp_path: Path) -> None:
     from core.cluster import Cluster
     from core.config import parse_config
-    from core.supervisor import Supervisor
+    from core.supervision.supervisor import Supervisor
 
     nodes = [{"name": "a", "host": "127.0.0.1", "transport": "local"}]
     off = parse_config({"cluster": {"recover": False}, "nodes": nodes}, tmp_path / "c.toml")

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from core import detached
 from core.config import NodeConfig
-from core.shell import path_word, quote_argv
-from core.transport import LocalTransport
-
-from .cluster_files import ssh_transport_for
+from core.reach import detached
+from core.reach.shell import path_word, quote_argv
+from core.reach.transport import LocalTransport
+from tests.cluster_files import ssh_transport_for
 
 HOSTILE = ["; touch {c}", "$(touch {c})", "`touch {c}`", "'; touch {c}; '", '"; touch {c}; "',
            "a\ntouch {c}", "ünï çødé {c}", "__ARGV__ __RESOLVE__ {c}", "-rf {c}"]

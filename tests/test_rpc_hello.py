@@ -10,10 +10,9 @@ import time
 
 import pytest
 
-from core.backends.llama_rpc import HelloError, hello
-from core.llama_build import find_cached_binary
-
-from .cluster_files import free_port
+from core.engines.llama_rpc.build import find_cached_binary
+from core.engines.llama_rpc.rpc import HelloError, hello
+from tests.cluster_files import free_port
 
 
 @pytest.fixture

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from core import rpc_version
-from core.backends.llama_rpc import RpcVersion
 from core.cluster import Cluster, ClusterError
 from core.config import load_config
-from core.llama_build import find_cached_binary
-
-from .cluster_files import toml_text
+from core.engines.llama_rpc import rpc_version
+from core.engines.llama_rpc.build import find_cached_binary
+from core.engines.llama_rpc.rpc import RpcVersion
+from tests.cluster_files import toml_text
 
 
 def test_llama_servers_own_acceptance_rule() -> None:

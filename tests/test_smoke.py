@@ -9,8 +9,7 @@ import pytest
 
 from core.config import load_config
 from core.smoke import SmokeError, smoke_generate
-
-from .cluster_files import free_port, toml_text
+from tests.cluster_files import free_port, toml_text
 
 
 def config_at(tmp_path: Path, port: int):  # type: ignore[no-untyped-def]

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from core.config import NodeConfig, SshOptions
-from core.transport import SshTransport, TransportError
-
-from .cluster_files import ssh_transport_for
+from core.reach.transport import SshTransport, TransportError
+from tests.cluster_files import ssh_transport_for
 
 
 async def test_ssh_config_alias_supplies_hostname_port_user_and_key(tmp_path: Path,
@@ -84,7 +83,7 @@ async def test_invalid_utf8_output_is_kept_with_replacement(tmp_path: Path,
 
 
 async def test_local_timeout_kills_the_whole_command() -> None:
-    from core.transport import LocalTransport
+    from core.reach.transport import LocalTransport
 
     transport = LocalTransport(NodeConfig(name="l", host="127.0.0.1", transport="local"))
     started = time.monotonic()

@@ -14,7 +14,7 @@ import asyncssh
 import psutil
 import pytest
 
-from .sshd_cluster import SSHD, AddressInUse, SshdCluster, SshdError, root_login_problem
+from tests.sshd_cluster import SSHD, AddressInUse, SshdCluster, SshdError, root_login_problem
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,10 @@ import pytest
 from core.cluster import Cluster
 from core.config import load_config
 from core.demo_model import ensure_demo_model
-from core.llama_build import find_cached_binary
+from core.engines.llama_rpc.build import find_cached_binary
 from core.status import Notice
-from core.supervisor import Supervisor
-
-from .cluster_files import free_port, llama_processes_with, ssh_cluster_file, toml_text
+from core.supervision.supervisor import Supervisor
+from tests.cluster_files import free_port, llama_processes_with, ssh_cluster_file, toml_text
 
 pytestmark = pytest.mark.integration
 

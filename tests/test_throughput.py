@@ -18,10 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.demo_model import write_demo_model
-from core.llama_build import find_cached_binary
-from core.throughput import ThroughputMonitor, parse_metrics, parse_slots
-
-from .cluster_files import free_port, wait_healthy
+from core.engines.llama_rpc.build import find_cached_binary
+from core.supervision.throughput import ThroughputMonitor, parse_metrics, parse_slots
+from tests.cluster_files import free_port, wait_healthy
 
 DATA = Path(__file__).parent / "data" / "metrics"
 

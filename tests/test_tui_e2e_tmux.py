@@ -19,11 +19,10 @@ import pytest
 
 from core.cluster import Cluster
 from core.config import ClusterConfig, load_config
-from core.llama_build import find_cached_binary
+from core.engines.llama_rpc.build import find_cached_binary
 from core.status import READY
-
-from .cluster_files import llama_processes_with, processes_under, toml_text
-from .test_tui_pilot import free_ports
+from tests.cluster_files import llama_processes_with, processes_under, toml_text
+from tests.test_tui_pilot import free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -175,8 +174,7 @@ def test_plan_up_layer_map_and_throughput_over_ssh(tmp_path: Path, sshd_cluster,
     import httpx
 
     from core.demo_model import ensure_demo_model
-
-    from .cluster_files import ssh_cluster_file
+    from tests.cluster_files import ssh_cluster_file
 
     if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
         pytest.skip("llama.cpp not built: run `torbiz-tui build-llama`")

@@ -18,6 +18,8 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from tests.cluster_files import toml_text
+from tests.test_tui_pilot import wait_until
 from tui.app import TorbizApp, make_app
 from tui.screens.logs import LogsScreen
 from tui.widgets.load_progress import LoadProgress
@@ -25,9 +27,6 @@ from tui.widgets.log_pane import LogPane
 from tui.widgets.log_view import LogView
 from tui.widgets.node_table import SPINNER, NodeTable
 from tui.widgets.status_line import StatusLine
-
-from .cluster_files import toml_text
-from .test_tui_pilot import wait_until
 
 SIZE = (140, 40)
 
@@ -189,9 +188,9 @@ async def test_event_log_screen_gets_new_notices(config: ClusterConfig) -> None:
 
 async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
         config: ClusterConfig) -> None:
-    from core.layer_map import llama_map
+    from core.planning.layer_map import llama_map
     from core.status import LayerShare
-    from core.throughput import SlotProgress, ThroughputSample
+    from core.supervision.throughput import SlotProgress, ThroughputSample
     from tui.widgets.layer_map import CELL, LayerMapView
     from tui.widgets.throughput_panel import ThroughputPanel
 
@@ -240,7 +239,7 @@ def test_uptime_shows_whole_minutes_hours_and_days() -> None:
 
 
 def test_resource_cells_name_gpus_from_the_probe_never_from_words() -> None:
-    from core.probe import Gpu, NodeProbe
+    from core.reach.probe import Gpu, NodeProbe
     from tui.app import describe_resources
 
     def probe(gpus: tuple[Gpu, ...] = ()) -> NodeProbe:

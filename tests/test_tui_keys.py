@@ -15,17 +15,16 @@ from textual.widgets import Footer, Input
 
 from core.cluster import Cluster
 from core.config import ClusterConfig, load_config
-from core.llama_build import find_cached_binary
+from core.engines.llama_rpc.build import find_cached_binary
 from core.status import READY, STOPPED
+from tests import test_tui_pilot as parts
+from tests.cluster_files import llama_processes_with, processes_under, ssh_cluster_file
 from tui.app import CHANGES_CLUSTER, ConfirmScreen, QuitScreen, TorbizApp, make_app
 from tui.screens.help import HelpScreen
 from tui.screens.logs import LogsScreen
 from tui.widgets.log_view import LogView
 from tui.widgets.node_filter import NodeFilter
 from tui.widgets.status_line import StatusLine
-
-from . import test_tui_pilot as parts
-from .cluster_files import llama_processes_with, processes_under, ssh_cluster_file
 
 pytestmark = pytest.mark.integration
 

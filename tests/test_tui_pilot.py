@@ -18,14 +18,13 @@ from textual.worker import WorkerState
 from core.cluster import Cluster
 from core.config import ClusterConfig, load_config
 from core.demo_model import ensure_demo_model
-from core.llama_build import find_cached_binary
+from core.engines.llama_rpc.build import find_cached_binary
 from core.status import READY, STOPPED, NodeStatus
+from tests.cluster_files import llama_processes_with, processes_under, ssh_cluster_file, toml_text
 from tui.app import ConfirmScreen, QuitScreen, TorbizApp, make_app
 from tui.widgets.coordinator_bar import CoordinatorBar
 from tui.widgets.log_pane import MAX_LINES, LogPane
 from tui.widgets.node_table import NodeTable
-
-from .cluster_files import llama_processes_with, processes_under, ssh_cluster_file, toml_text
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from core.config import ClusterConfig, load_config
-from core.layer_map import llama_map
+from core.planning.layer_map import llama_map
 from core.status import (
     FAILED,
     READY,
@@ -30,12 +30,11 @@ from core.status import (
     NodeStatus,
     Notice,
 )
-from core.throughput import SlotProgress, ThroughputSample
+from core.supervision.throughput import SlotProgress, ThroughputSample
+from tests.cluster_files import toml_text
 from tui.app import TorbizApp, make_app
 from tui.screens.logs import LogsScreen
 from tui.widgets.node_filter import NodeFilter
-
-from .cluster_files import toml_text
 
 SIZE = (140, 40)
 

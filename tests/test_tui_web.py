@@ -27,10 +27,9 @@ import aiohttp
 import psutil
 import pytest
 
+from tests.cluster_files import toml_text
+from tests.test_tui_pilot import free_ports
 from tui.text import sanitize
-
-from .cluster_files import toml_text
-from .test_tui_pilot import free_ports
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,8 @@ import pytest
 
 from core.config import load_config
 from core.demo_model import ensure_demo_model
-from core.llama_build import find_cached_binary
-
-from .cluster_files import free_port, llama_processes_with, processes_under, ssh_cluster_file
+from core.engines.llama_rpc.build import find_cached_binary
+from tests.cluster_files import free_port, llama_processes_with, processes_under, ssh_cluster_file
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +48,7 @@ def test_loopback_workers_through_ssh_tunnels(tmp_path: Path, sshd_cluster) -> N
         endpoints = rpc[rpc.index("--rpc") + 1].split(",")
         assert all(e.startswith("127.0.0.1:") for e in endpoints)
         assert not {int(e.rsplit(":", 1)[1]) for e in endpoints} & set(ports.values())
-        tunnels = [p for p in processes_under(state) if "core.tunnel" in p.cmdline()]
+        tunnels = [p for p in processes_under(state) if "core.reach.tunnel" in p.cmdline()]
         assert len(tunnels) == 2
         reply = httpx.post(f"http://127.0.0.1:{config.coordinator.port}/v1/chat/completions",
                            timeout=120, json={"messages": [{"role": "user", "content": "hi"}],
@@ -59,4 +58,4 @@ def test_loopback_workers_through_ssh_tunnels(tmp_path: Path, sshd_cluster) -> N
         down = cli("-c", str(cfg), "down")
     assert down.returncode == 0, down.stderr
     assert llama_processes_with([f"-p {p}" for p in ports.values()]) == []
-    assert [p for p in processes_under(state) if "core.tunnel" in p.cmdline()] == []
+    assert [p for p in processes_under(state) if "core.reach.tunnel" in p.cmdline()] == []

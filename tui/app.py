@@ -19,14 +19,14 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from core.backends.petals import dht_prefix
 from core.bringup import NothingStarted, plan_now, plan_text, preflight_and_plan
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, NodeConfig
-from core.layer_map import LayerMap
-from core.petals_swarm import PetalsError, is_petals_cluster
-from core.placement import PlacementError, PlanRefused
-from core.probe import NodeProbe, probe_node
+from core.engines.petals.commands import dht_prefix
+from core.engines.petals.swarm import PetalsError, is_petals_cluster
+from core.planning.layer_map import LayerMap
+from core.planning.placement import PlacementError, PlanRefused
+from core.reach.probe import NodeProbe, probe_node
 from core.smoke import SmokeError, smoke_generate
 from core.status import (
     FAILED,
@@ -40,25 +40,24 @@ from core.status import (
     NodeStatus,
     Notice,
 )
-from core.supervisor import Supervisor
-from core.throughput import ThroughputSample
-
-from .commands import DashboardCommands
-from .log_stream import follow_forever
-from .screens.dialogs import ConfirmScreen, QuitScreen
-from .screens.help import HelpScreen, HelpSection
-from .screens.logs import LogSource, LogsScreen
-from .screens.main import MainScreen
-from .screens.plan import PlanScreen
-from .text import sanitize
-from .widgets.coordinator_bar import CoordinatorBar
-from .widgets.layer_map import LayerMapView
-from .widgets.load_progress import LoadProgress
-from .widgets.log_pane import MAX_LINES, LogPane
-from .widgets.node_filter import NodeFilter
-from .widgets.node_table import PROBING, STOPPING, NodeTable
-from .widgets.status_line import StatusLine
-from .widgets.throughput_panel import ThroughputPanel
+from core.supervision.supervisor import Supervisor
+from core.supervision.throughput import ThroughputSample
+from tui.commands import DashboardCommands
+from tui.log_stream import follow_forever
+from tui.screens.dialogs import ConfirmScreen, QuitScreen
+from tui.screens.help import HelpScreen, HelpSection
+from tui.screens.logs import LogSource, LogsScreen
+from tui.screens.main import MainScreen
+from tui.screens.plan import PlanScreen
+from tui.text import sanitize
+from tui.widgets.coordinator_bar import CoordinatorBar
+from tui.widgets.layer_map import LayerMapView
+from tui.widgets.load_progress import LoadProgress
+from tui.widgets.log_pane import MAX_LINES, LogPane
+from tui.widgets.node_filter import NodeFilter
+from tui.widgets.node_table import PROBING, STOPPING, NodeTable
+from tui.widgets.status_line import StatusLine
+from tui.widgets.throughput_panel import ThroughputPanel
 
 REFRESH_INTERVAL = 1.0  # seconds between the end of one refresh and the start of the next
 REFRESH_MAX_BACKOFF = 30.0

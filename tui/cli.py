@@ -15,8 +15,8 @@ from core.bringup import NothingStarted, plan_now, preflight_and_plan
 from core.cluster import Cluster, ClusterError
 from core.config import ClusterConfig, ConfigError, load_config
 from core.doctor import DoctorReport, run_doctor
-from core.petals_swarm import is_petals_cluster
-from core.placement import PlacementError, PlanRefused, format_placement
+from core.engines.petals.swarm import is_petals_cluster
+from core.planning.placement import PlacementError, PlanRefused, format_placement
 from core.smoke import SMOKE_PROMPT, SmokeError, smoke_generate
 from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
 
@@ -174,7 +174,7 @@ async def _status(config: ClusterConfig, as_json: bool) -> int:
         status = await cluster.status(detail=as_json)
     finally:
         await cluster.close()
-    from core.recovery import format_recovery, last_recovery
+    from core.engines.llama_rpc.recovery import format_recovery, last_recovery
 
     recovery = last_recovery(cluster)
     if as_json:
@@ -190,8 +190,8 @@ async def _status(config: ClusterConfig, as_json: bool) -> int:
 async def _watch(config: ClusterConfig, interval: float, recover: bool) -> int:
     """Print every fault the supervisor notices, and every recovery, one line each, until
     interrupted."""
-    from core.recovery import RecoveryResult, format_recovery
-    from core.supervisor import Detection, Supervisor
+    from core.engines.llama_rpc.recovery import RecoveryResult, format_recovery
+    from core.supervision.supervisor import Detection, Supervisor
 
     cluster = Cluster(config)
     supervisor = Supervisor(cluster, interval=interval, recover=recover and config.recover)
@@ -225,8 +225,8 @@ async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int) -> i
             async for line in source:
                 print(line, flush=True)
         else:
-            from core import detached
-            from core.coordinator import coordinator_state_dir, local_transport
+            from core.engines.llama_rpc.coordinator import coordinator_state_dir, local_transport
+            from core.reach import detached
 
             if node == "coordinator":
                 tail = await detached.log_tail(local_transport(),
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     config_arg = getattr(args, "sub_config", None) or args.config
     try:
         if args.command == "build-llama":
-            from core.llama_build import LlamaBuildError, build_llama
+            from core.engines.llama_rpc.build import LlamaBuildError, build_llama
 
             try:
                 bin_dir = build_llama(portable=args.portable, progress=print)

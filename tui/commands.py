@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, cast
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 if TYPE_CHECKING:
-    from .app import PaletteCommand, TorbizApp
+    from tui.app import PaletteCommand, TorbizApp
 
 
 class DashboardCommands(Provider):

@@ -1,5 +1,6 @@
 """Headless commands for clusters of `backend = "petals"` nodes: plan, up, the block map in
-`status`, and `petals-generate`. tui/cli.py dispatches here; the work is in core.petals_swarm."""
+`status`, and `petals-generate`. tui/cli.py dispatches here; the work is in
+core.engines.petals.swarm."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import asyncio
 import json
 import sys
 
-from core import petals_swarm
 from core.cluster import Cluster
 from core.config import ClusterConfig
 from core.doctor import run_doctor
-from core.planner import PlanRefused
-from core.probe import NodeProbe, probe_nodes
+from core.engines.petals import swarm as petals_swarm
+from core.planning.planner import PlanRefused
+from core.reach.probe import NodeProbe, probe_nodes
+from core.reach.transport import TransportError
 from core.status import READY, ClusterStatus
-from core.transport import TransportError
 
 
 async def probe_petals_nodes(cluster: Cluster) -> dict[str, NodeProbe]:
@@ -148,7 +149,7 @@ async def _up(config: ClusterConfig, force: bool) -> int:
 
 async def provision(config: ClusterConfig, name: str, petals: bool) -> int:
     """Build the Petals environment on a node (scripts/petals-env.sh run there)."""
-    from core.petals_provision import ProvisionError, provision_petals
+    from core.engines.petals.provision import ProvisionError, provision_petals
 
     if not petals:
         print("error: say what to provision: --petals (the only environment so far)",

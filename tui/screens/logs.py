@@ -15,12 +15,12 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
-from ..log_stream import follow_forever
-from ..text import sanitize
-from ..widgets.log_view import LogView
+from tui.log_stream import follow_forever
+from tui.text import sanitize
+from tui.widgets.log_view import LogView
 
 if TYPE_CHECKING:
-    from ..app import TorbizApp
+    from tui.app import TorbizApp
 
 SourceKind = Literal["node", "coordinator", "events"]
 

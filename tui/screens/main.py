@@ -8,14 +8,14 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
-from ..widgets.coordinator_bar import CoordinatorBar
-from ..widgets.layer_map import LayerMapView
-from ..widgets.load_progress import LoadProgress
-from ..widgets.log_pane import LogPane
-from ..widgets.node_filter import NodeFilter
-from ..widgets.node_table import NodeTable
-from ..widgets.status_line import StatusLine
-from ..widgets.throughput_panel import ThroughputPanel
+from tui.widgets.coordinator_bar import CoordinatorBar
+from tui.widgets.layer_map import LayerMapView
+from tui.widgets.load_progress import LoadProgress
+from tui.widgets.log_pane import LogPane
+from tui.widgets.node_filter import NodeFilter
+from tui.widgets.node_table import NodeTable
+from tui.widgets.status_line import StatusLine
+from tui.widgets.throughput_panel import ThroughputPanel
 
 
 class MainScreen(Screen[None]):

@@ -8,8 +8,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from core.status import STATES, STOPPED, CoordinatorStatus
-
-from ..text import sanitize
+from tui.text import sanitize
 
 
 class CoordinatorBar(Static):

@@ -6,9 +6,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from core.layer_map import COORDINATOR, LOADED, PLAN, SWARM, LayerMap
-
-from ..text import sanitize
+from core.planning.layer_map import COORDINATOR, LOADED, PLAN, SWARM, LayerMap
+from tui.text import sanitize
 
 # Distinct on dark and light themes; red stays for errors, grey for the coordinator's CPU.
 PALETTE = ("dodger_blue2", "dark_orange", "medium_purple2", "spring_green3", "gold3",

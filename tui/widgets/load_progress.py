@@ -11,7 +11,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Label, ProgressBar
 
-from ..text import sanitize
+from tui.text import sanitize
 
 
 class LoadProgress(Horizontal):

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from rich.text import Text
 
-from ..text import sanitize
-from .log_view import MAX_LINES, LogView
+from tui.text import sanitize
+from tui.widgets.log_view import MAX_LINES, LogView
 
 __all__ = ["MAX_LINES", "LogPane"]
 

@@ -20,7 +20,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.timer import Timer
 
-from ..redraw import FLOOD_INTERVAL, FLOOD_LINES, LOG_INTERVAL, until_next_slot
+from tui.redraw import FLOOD_INTERVAL, FLOOD_LINES, LOG_INTERVAL, until_next_slot
 
 MAX_LINES = 5_000
 MAX_LINE_CHARS = 4_096  # one runaway line must not cost more than a screenful

@@ -25,9 +25,8 @@ from textual.strip import Strip
 from textual.timer import Timer
 
 from core.status import FAILED, READY, STARTING, STATES, STOPPED, UNREACHABLE, NodeStatus
-
-from ..redraw import TABLE_INTERVAL, until_next_slot
-from ..text import sanitize
+from tui.redraw import TABLE_INTERVAL, until_next_slot
+from tui.text import sanitize
 
 # States of ours, shown while the core has not spoken yet or is busy on the node.
 PROBING = "probing"  # until the first refresh says what the node really is

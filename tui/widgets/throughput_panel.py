@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
-from core.throughput import ThroughputSample
+from core.supervision.throughput import ThroughputSample
 
 HISTORY = 120  # samples kept (the app polls once a second: two minutes)
 

@@ -24,16 +24,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .backends import llama_rpc
-from .cluster import PLACEMENT_FILE, Cluster, Span
-from .config import NodeConfig
-from .coordinator import coordinator_state_dir
-from .placement import COORDINATOR, Placement, PlacementError, PlanRefused, make_placement
-from .planner import layer_costs
-from .probe import NodeProbe, probe_node
-from .state_file import read_json, write_json
-from .status import FAILED, READY, STOPPED, UNREACHABLE
-from .transport import TransportError
+from core.cluster import PLACEMENT_FILE, Cluster, Span
+from core.config import NodeConfig
+from core.engines.llama_rpc import rpc as llama_rpc
+from core.engines.llama_rpc.coordinator import coordinator_state_dir
+from core.planning.placement import (
+    COORDINATOR,
+    Placement,
+    PlacementError,
+    PlanRefused,
+    make_placement,
+)
+from core.planning.planner import layer_costs
+from core.reach.probe import NodeProbe, probe_node
+from core.reach.transport import TransportError
+from core.state_file import read_json, write_json
+from core.status import FAILED, READY, STOPPED, UNREACHABLE
 
 RECOVERY_FILE = "recovery.json"  # the last recovery's outcome, for `status` from any shell
 LOCK_FILE = "recovery.lock"

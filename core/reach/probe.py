@@ -20,9 +20,9 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .backends import llama_rpc
-from .shell import quote
-from .transport import Transport
+from core.engines.llama_rpc import rpc as llama_rpc
+from core.reach.shell import quote
+from core.reach.transport import Transport
 
 MIB = 1024 * 1024
 MAX_RAM_BYTES = 1 << 50  # 1 PiB: anything above is garbage, not a machine

@@ -8,7 +8,8 @@ the next request, so a lost worker is reported at once, naming the node and its 
 words.
 
 With recovery on (`[cluster] recover`, the default), `run` also hands every fault to
-core.recovery: the coordinator is restarted over the workers still ready, one recovery at a
+core.engines.llama_rpc.recovery: the coordinator is restarted over the workers still ready, one
+recovery at a
 time, while checks go on. An unreachable node is retried with backoff (0.5 s doubling to 8 s),
 so a dead sshd is not hammered but a returning one is noticed within seconds.
 """
@@ -21,9 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .cluster import Cluster
-from .recovery import Recoverer, RecoveryResult
-from .status import FAILED, READY, UNREACHABLE, NodeStatus
+from core.cluster import Cluster
+from core.engines.llama_rpc.recovery import Recoverer, RecoveryResult
+from core.status import FAILED, READY, UNREACHABLE, NodeStatus
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 8.0

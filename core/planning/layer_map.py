@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .status import LayerShare
+from core.status import LayerShare
 
 COORDINATOR = "coordinator"  # the span the coordinator's own CPU holds
 

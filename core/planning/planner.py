@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .model_info import ModelInfo, describe_bytes
+from core.planning.model_info import ModelInfo, describe_bytes
 
 POLICIES = ("pack", "spread")
 KV_CELL_PAD = 256  # llama.cpp rounds the context (the KV cells) up to a multiple of this

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from .config import NodeConfig
-from .shell import sh_c
+from core.config import NodeConfig
+from core.reach.shell import sh_c
 
 MAX_OUTPUT = 1 << 20  # bytes kept from one command's stdout/stderr
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import psutil
 
-from .config import ClusterConfig, NodeConfig
-from .model_info import ModelInfo, ModelInfoError, read_gguf_info
-from .planner import NodeBudget, Plan, PlanRefused, plan_layers
-from .probe import NodeProbe
+from core.config import ClusterConfig, NodeConfig
+from core.planning.model_info import ModelInfo, ModelInfoError, read_gguf_info
+from core.planning.planner import NodeBudget, Plan, PlanRefused, plan_layers
+from core.reach.probe import NodeProbe
 
 GIB = 1 << 30
 DEFAULT_RAM_RESERVE_GB = 1.0  # the OS, sshd and the worker process itself

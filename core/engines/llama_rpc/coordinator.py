@@ -10,12 +10,12 @@ from pathlib import Path
 
 import httpx
 
-from . import detached
-from .config import ClusterConfig, NodeConfig
-from .llama_build import COORDINATOR_NAME, find_cached_binary
-from .load_log import tensor_split_for
-from .status import FAILED, READY, STARTING, STOPPED, CoordinatorStatus
-from .transport import LocalTransport
+from core.config import ClusterConfig, NodeConfig
+from core.engines.llama_rpc.build import COORDINATOR_NAME, find_cached_binary
+from core.reach import detached
+from core.reach.transport import LocalTransport
+from core.status import FAILED, READY, STARTING, STOPPED, CoordinatorStatus
+from core.supervision.load_log import tensor_split_for
 
 COORDINATOR_DIR = "_coordinator"  # node names start with a letter or digit, so never collide
 

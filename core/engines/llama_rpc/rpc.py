@@ -9,9 +9,13 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..config import NodeConfig
-from ..llama_build import LLAMA_CPP_PYTHON_VERSION, RPC_SERVER_NAMES, find_cached_binary
-from ..shell import path_word, quote
+from core.config import NodeConfig
+from core.engines.llama_rpc.build import (
+    LLAMA_CPP_PYTHON_VERSION,
+    RPC_SERVER_NAMES,
+    find_cached_binary,
+)
+from core.reach.shell import path_word, quote
 
 RPC_CMD_HELLO = 14
 RPC_CONN_CAPS_SIZE = 24

@@ -23,16 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import detached
-from .backends import petals as backend
-from .config import ClusterConfig, NodeConfig
-from .model_info import ModelInfo, ModelInfoError, read_hf_info
-from .placement import table_lines
-from .planner import NodeBudget, Plan, plan_layers
-from .probe import NodeProbe
-from .shell import path_word
-from .state_file import read_json, write_json
-from .status import (
+from core.config import ClusterConfig, NodeConfig
+from core.engines.petals import commands as backend
+from core.planning.model_info import ModelInfo, ModelInfoError, read_hf_info
+from core.planning.placement import table_lines
+from core.planning.planner import NodeBudget, Plan, plan_layers
+from core.reach import detached
+from core.reach.probe import NodeProbe
+from core.reach.shell import path_word
+from core.reach.transport import TransportError
+from core.state_file import read_json, write_json
+from core.status import (
     FAILED,
     READY,
     STARTING,
@@ -43,10 +44,9 @@ from .status import (
     NodeStatus,
     rounded_ms,
 )
-from .transport import TransportError
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from core.cluster import Cluster
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -59,7 +59,7 @@ DEFAULT_RESERVE_GB = 1.0
 # Spawn to every block ONLINE: loading a large model's blocks can take minutes.
 READY_TIMEOUT = float(os.environ.get("TORBIZ_PETALS_READY_TIMEOUT", "180"))
 STOP_GRACE = 10.0  # SIGINT to the main pid, then KILL the group and its recorded descendants
-SIDE = Path(__file__).resolve().parent / "petals_side"
+SIDE = Path(__file__).resolve().parent / "side"
 SWARM_FILE = "swarm.json"
 
 
@@ -754,7 +754,7 @@ def _log_tail(path: Path, size: int = 8192) -> list[str]:
 async def plan_and_up(cluster: Cluster) -> tuple[PetalsPlacement, list[NodeStatus]]:
     """Probe every Petals node, plan, start the swarm (what `up` does without the preflight).
     Raises PetalsError (probe, model), PlanRefused, TransportError."""
-    from .probe import probe_nodes
+    from core.reach.probe import probe_nodes
 
     try:
         probes = await probe_nodes({n.name: cluster.transport(n.name)

@@ -1,7 +1,7 @@
 """Detached processes on a node: start in their own process group with a pidfile and a log file
 under a state directory, find them again from any later session, stop the whole group.
 
-Everything here builds POSIX sh scripts (quoted by core.shell) and parses their answers; the
+Everything here builds POSIX sh scripts (quoted by core.reach.shell) and parses their answers; the
 transport runs them. The scripts print one `TORBIZ <word> ...` line that says what happened.
 """
 
@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .shell import path_word, quote, quote_argv
-from .transport import Transport, TransportError
+from core.reach.shell import path_word, quote, quote_argv
+from core.reach.transport import Transport, TransportError
 
 LOG_NAME = "log"
 PID_NAME = "pid"

@@ -14,8 +14,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..config import ClusterConfig, NodeConfig
-from ..shell import path_word, quote, quote_argv
+from core.config import ClusterConfig, NodeConfig
+from core.reach.shell import path_word, quote, quote_argv
 
 DEFAULT_PYTHON = "~/.cache/torbiz/petals-venv/bin/python"
 IDENTITY_NAME = "identity.key"

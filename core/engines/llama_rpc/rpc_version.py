@@ -19,8 +19,8 @@ import re
 import socket
 from pathlib import Path
 
-from .backends.llama_rpc import HelloError, RpcVersion, hello
-from .llama_build import RPC_SERVER_NAMES
+from core.engines.llama_rpc.build import RPC_SERVER_NAMES
+from core.engines.llama_rpc.rpc import HelloError, RpcVersion, hello
 
 _DEFINE = re.compile(r"#define\s+RPC_PROTO_(MAJOR|MINOR|PATCH)_VERSION\s+(\d+)")
 _cache: dict[tuple[str, float], RpcVersion | None] = {}

@@ -15,12 +15,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .backends import petals as backend
-from .config import NodeConfig
-from .shell import path_word, quote
-from .transport import SshTransport, Transport, TransportError
+from core.config import NodeConfig
+from core.engines.petals import commands as backend
+from core.reach.shell import path_word, quote
+from core.reach.transport import SshTransport, Transport, TransportError
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "petals-env.sh"
+SCRIPT = Path(__file__).resolve().parent / "petals-env.sh"
 REMOTE_DIR = ".cache/torbiz/provision"  # relative to the remote user's home (SFTP's cwd)
 EXIT_MARK = "TORBIZ-EXIT "
 

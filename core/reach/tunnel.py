@@ -1,7 +1,7 @@
 """An SSH local port forward to a worker that listens only on its node's 127.0.0.1
 (`rpc_bind = "loopback"`), so no RPC port is open on the network.
 
-It runs as its own detached process (`python -m core.tunnel`), like the coordinator it serves,
+It runs as its own detached process (`python -m core.reach.tunnel`), like the coordinator it serves,
 so both outlive the dashboard. It writes the local port it listens on to a file, keeps that
 port across SSH reconnects (with backoff), and exits on SIGTERM.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import asyncssh
 
-from .config import ConfigError, load_config
-from .transport import SshTransport, TransportError
+from core.config import ConfigError, load_config
+from core.reach.transport import SshTransport, TransportError
 
 PORT_FILE = "port"
 
@@ -60,7 +60,7 @@ async def run_tunnel(config_path: Path, node_name: str, port_file: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.tunnel")
+    parser = argparse.ArgumentParser(prog="python -m core.reach.tunnel")
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--node", required=True)
     parser.add_argument("--port-file", required=True, type=Path)
