@@ -3,14 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
-STOPPED = "stopped"
-STARTING = "starting"
-READY = "ready"
-FAILED = "failed"
-UNREACHABLE = "unreachable"
-STATES = (STOPPED, STARTING, READY, FAILED, UNREACHABLE)
+
+class NodeState(str, Enum):
+    """A node's worker (or server) as the core last saw it; compares equal to its value."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"  # the worker died or could not start (the error says why)
+    UNREACHABLE = "unreachable"  # the node refused or closed the connection
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Level(str, Enum):
+    """How loud a notice is in the operator's event log."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STOPPED = NodeState.STOPPED
+STARTING = NodeState.STARTING
+READY = NodeState.READY
+FAILED = NodeState.FAILED
+UNREACHABLE = NodeState.UNREACHABLE
+STATES = tuple(NodeState)
+CoordinatorState = NodeState  # the coordinator goes through the same states
 
 
 def rounded_ms(seconds: float) -> int:
@@ -26,7 +53,7 @@ class NodeStatus:
     name: str
     host: str
     backend: str
-    state: str = STOPPED
+    state: NodeState = STOPPED
     pid: int | None = None
     endpoint: str = ""
     error: str = ""
@@ -36,7 +63,7 @@ class NodeStatus:
 
 @dataclass(frozen=True)
 class CoordinatorStatus:
-    state: str = STOPPED
+    state: NodeState = STOPPED
     url: str = ""
     pid: int | None = None
     error: str = ""
@@ -123,9 +150,20 @@ class Notice:
     """A line for the operator's event log; level is info, warning or error."""
 
     text: str
-    level: str = "info"
+    level: Level = Level.INFO
     node: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Event = NodeChanged | CoordinatorChanged | Notice
+@dataclass(frozen=True)
+class CoordinatorLoading:
+    """The coordinator is loading the model: seconds since it started, how far the load log
+    has got (a coarse fraction from the stage reached, None before any loading line), and
+    what its /health answered (None: nothing yet)."""
+
+    seconds: float
+    fraction: float | None = None
+    health_code: int | None = None
+
+
+Event = NodeChanged | CoordinatorChanged | CoordinatorLoading | Notice

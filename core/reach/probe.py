@@ -17,10 +17,9 @@ import re
 import secrets
 import time
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from core.engines.llama_rpc import rpc as llama_rpc
 from core.reach.shell import quote
 from core.reach.transport import Transport
 
@@ -481,14 +480,23 @@ def _ram(sections: dict[str, str], errors: list[str]) -> tuple[int, int, str]:
     return cgroup.limit_bytes, limited, f"cgroup {cgroup.version}"
 
 
-def _worker(text: str | None, transport: Transport, errors: list[str]) -> str | None:
+@dataclass(frozen=True)
+class WorkerLookup:
+    """How the probe finds an engine's worker program: sh that sets $bin (or prints
+    "TORBIZ error WORD"), and the sentence for such a WORD."""
+
+    resolve_sh: str
+    explain: Callable[[str], str]
+
+
+def _worker(text: str | None, lookup: WorkerLookup | None, errors: list[str]) -> str | None:
     if text is None:
         return None
     lines = [ln for ln in text.split("\n") if ln.strip()]
     first = lines[0].strip() if lines else ""
     if first.startswith("TORBIZ error"):
         word = first.removeprefix("TORBIZ error").strip()
-        errors.append(llama_rpc.explain_resolve_error(transport.node, word))
+        errors.append(lookup.explain(word) if lookup else f"worker lookup: {word}")
         return None
     if not first.startswith("/") and not first.startswith("~"):
         errors.append(f"the worker binary lookup printed {_snippet(text)}")
@@ -497,15 +505,13 @@ def _worker(text: str | None, transport: Transport, errors: list[str]) -> str | 
 
 
 async def probe_node(transport: Transport, *, timeout: float = 30.0,
-                     extra_path: str | None = None) -> NodeProbe:
-    """Everything the planner and the preflight need from one node, in one round trip."""
+                     extra_path: str | None = None,
+                     worker: WorkerLookup | None = None) -> NodeProbe:
+    """Everything the planner and the preflight need from one node, in one round trip;
+    `worker` also finds the engine's worker program there."""
     node = transport.node
     marker = secrets.token_hex(8)
-    resolve: str | None = None
-    if node.backend == "llama-rpc":
-        resolve = (llama_rpc.local_resolve_sh(node) if transport.is_local
-                   else llama_rpc.resolve_binary_sh(node))
-    script = probe_script(marker, resolve, extra_path)
+    script = probe_script(marker, worker.resolve_sh if worker else None, extra_path)
     t0 = time.time()
     p0 = time.perf_counter()
     result = await transport.run(script, timeout=timeout)
@@ -542,21 +548,24 @@ async def probe_node(transport: Transport, *, timeout: float = 30.0,
                    if "darwin-sysctl" in sections else 0, errors)
     ram_total, ram_available, ram_source = _ram(sections, errors)
     gpus = _tool_gpus("nvidia-smi", sections, errors) + _tool_gpus("rocm-smi", sections, errors)
-    worker = _worker(sections.get("worker"), transport, errors)
+    found = _worker(sections.get("worker"), worker, errors)
     return NodeProbe(
         node=node.name, os=os_name, arch=arch, cores=cores,
         ram_total_bytes=ram_total, ram_available_bytes=ram_available, gpus=tuple(gpus),
-        clock_offset_s=clock_offset, rtt_s=rtt, worker_binary=worker, worker_version=None,
+        clock_offset_s=clock_offset, rtt_s=rtt, worker_binary=found, worker_version=None,
         errors=tuple(errors), clock_resolution_s=resolution, ram_source=ram_source,
     )
 
 
-async def probe_nodes(transports: Mapping[str, Transport]) -> dict[str, NodeProbe]:
+async def probe_nodes(transports: Mapping[str, Transport],
+                      lookups: Mapping[str, WorkerLookup | None] | None = None
+                      ) -> dict[str, NodeProbe]:
     """Every node's probe, in parallel (node name -> its transport); the first node that cannot
     be reached raises its TransportError (str: "node: reason")."""
     names = list(transports)
-    results = await asyncio.gather(*(probe_node(transports[name]) for name in names),
-                                   return_exceptions=True)
+    found = lookups or {}
+    results = await asyncio.gather(*(probe_node(transports[name], worker=found.get(name))
+                                     for name in names), return_exceptions=True)
     probes: dict[str, NodeProbe] = {}
     for name, result in zip(names, results, strict=True):
         if isinstance(result, BaseException):

@@ -8,7 +8,7 @@ the next request, so a lost worker is reported at once, naming the node and its 
 words.
 
 With recovery on (`[cluster] recover`, the default), `run` also hands every fault to
-core.engines.llama_rpc.recovery: the coordinator is restarted over the workers still ready, one
+the engine's recoverer: the coordinator is restarted over the workers still ready, one
 recovery at a
 time, while checks go on. An unreachable node is retried with backoff (0.5 s doubling to 8 s),
 so a dead sshd is not hammered but a returning one is noticed within seconds.
@@ -21,10 +21,19 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from core.cluster import Cluster
-from core.engines.llama_rpc.recovery import Recoverer, RecoveryResult
-from core.status import FAILED, READY, UNREACHABLE, NodeStatus
+from core.status import FAILED, READY, UNREACHABLE, Level, NodeStatus
+from core.supervision.recovery_record import RecoveryResult
+
+
+class Recoverer(Protocol):
+    """What an engine that can recover hands the supervisor (Engine.recoverer)."""
+
+    def saw_ready(self, pid: int | None) -> None: ...
+
+    async def maybe_recover(self, detected_at: float | None = None) -> RecoveryResult | None: ...
 
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 8.0
@@ -51,7 +60,9 @@ class Supervisor:
         self.detections: list[Detection] = []
         self._known_bad: set[str] = set()
         enabled = cluster.config.recover if recover is None else recover
-        self.recoverer: Recoverer | None = Recoverer(cluster) if enabled else None
+        self.recoverer: Recoverer | None = (cluster.engine.recoverer(cluster)
+                                            if enabled and cluster.capabilities.can_recover
+                                            else None)
         self._recovery: asyncio.Task[RecoveryResult | None] | None = None
         self._first_seen: float | None = None  # the first detection no recovery has seen yet
         self._retry_at: dict[str, float] = {}  # unreachable node -> next SSH attempt
@@ -159,7 +170,7 @@ class Supervisor:
         try:
             result = await recoverer.maybe_recover(detected_at)
         except Exception as exc:  # a recovery bug must never stop the supervision
-            self.cluster.notice(f"recovery failed unexpectedly: {exc!r}", "error")
+            self.cluster.notice(f"recovery failed unexpectedly: {exc!r}", Level.ERROR)
             return None
         if result is not None and report is not None:
             report(result)

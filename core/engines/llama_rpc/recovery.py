@@ -19,15 +19,16 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from core.cluster import PLACEMENT_FILE, Cluster, Span
-from core.config import NodeConfig
+from core.config import ClusterConfig, NodeConfig
+from core.engines.base import Span
 from core.engines.llama_rpc import rpc as llama_rpc
 from core.engines.llama_rpc.coordinator import coordinator_state_dir
+from core.engines.llama_rpc.serving import PLACEMENT_FILE
 from core.planning.placement import (
     COORDINATOR,
     Placement,
@@ -40,62 +41,77 @@ from core.reach.probe import NodeProbe, probe_node
 from core.reach.transport import TransportError
 from core.state_file import read_json, write_json
 from core.status import FAILED, READY, STOPPED, UNREACHABLE
+from core.supervision.recovery_record import (
+    DEGRADED,
+    FAILED_RECOVERY,
+    RECOVERED,
+    RECOVERY_FILE,
+    RecoveryResult,
+)
 
-RECOVERY_FILE = "recovery.json"  # the last recovery's outcome, for `status` from any shell
 LOCK_FILE = "recovery.lock"
 CONFIRM_DELAY = 0.3  # a stop by another process removes the pidfile just after the group died
 ENDPOINT_RECHECK = 5.0  # seconds between port checks of a worker whose node is unreachable
 
-RECOVERED, DEGRADED, FAILED_RECOVERY = "recovered", "degraded", "failed"
+if TYPE_CHECKING:
+    from core.reach.probe import WorkerLookup
+    from core.reach.transport import Transport
+    from core.status import CoordinatorStatus, Level, NodeStatus
 
 
-@dataclass(frozen=True)
-class RecoveryResult:
-    """How one recovery ended. `outcome`: recovered, degraded (the rest cannot hold the model:
-    nothing restarted) or failed (the restart itself failed)."""
+class RecoveryHost(Protocol):
+    """The cluster as a recovery sees it: its statuses and the operations it may call."""
 
-    outcome: str
-    lost: tuple[str, ...]  # workers left out
-    workers: tuple[str, ...]  # workers the restarted coordinator uses
-    spans: tuple[Span, ...]
-    recovered_after: float | None  # seconds from the fault's detection to /health 200
-    reason: str  # what happened, as a sentence
-    at: float  # wall-clock time (time.time()) the recovery ended
-    missing_bytes: int = 0  # degraded: memory the rest lacks
+    config: ClusterConfig
+    nodes: dict[str, NodeStatus]
+    coordinator: CoordinatorStatus
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["spans"] = [list(s) for s in self.spans]
-        return data
+    def transport(self, name: str) -> Transport: ...
+
+    def notice(self, text: str, level: Level | str = ..., node: str | None = None,
+               extra: dict[str, Any] | None = None) -> None: ...
+
+    async def probe_node(self, name: str) -> NodeStatus: ...
+
+    async def refresh_coordinator(self) -> CoordinatorStatus: ...
+
+    async def stop_coordinator(self) -> CoordinatorStatus: ...
+
+    async def start_coordinator(self, *, timeout: float = ...,
+                                spans: Sequence[Span] | None = None) -> CoordinatorStatus: ...
 
 
-def _state_dir(cluster: Cluster) -> Path:
+class RecoveringEngine(Protocol):
+    """What the recovery needs of the llama.cpp engine."""
+
+    def nodes(self) -> list[NodeConfig]: ...
+
+    def worker_lookup(self, node: NodeConfig, is_local: bool) -> WorkerLookup | None: ...
+
+    async def layer_shares(self) -> tuple[LayerShare, ...]: ...
+
+
+class _HasConfig(Protocol):
+    @property
+    def config(self) -> ClusterConfig: ...
+
+
+def _state_dir(cluster: _HasConfig) -> Path:
     return Path(coordinator_state_dir(cluster.config)).expanduser()
 
 
-def last_recovery(cluster: Cluster) -> dict[str, Any] | None:
+def last_recovery(cluster: _HasConfig) -> dict[str, Any] | None:
     """The last recovery recorded for this cluster on this machine, or None."""
     return read_json(_state_dir(cluster) / RECOVERY_FILE)
-
-
-def format_recovery(record: dict[str, Any]) -> str:
-    """One line about a recovery record, for `status` and `watch`."""
-    when = time.strftime("%H:%M:%S", time.localtime(float(record.get("at", 0))))
-    lost = ", ".join(record.get("lost", ())) or "none"
-    outcome = record.get("outcome", "?")
-    if outcome == RECOVERED:
-        workers = ", ".join(record.get("workers", ())) or "none"
-        return (f"recovered at {when} in {float(record.get('recovered_after') or 0):.1f} s: "
-                f"coordinator restarted over {workers} (left out: {lost})")
-    return f"{outcome} at {when} (lost: {lost}): {record.get('reason', '')}"
 
 
 class Recoverer:
     """Decides when a recovery is needed and runs it. `detected_at` (time.monotonic()) is
     when the supervisor noticed the fault; recovery times are measured from it."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: RecoveryHost, engine: RecoveringEngine) -> None:
         self.cluster = cluster
+        self.engine = engine
         self.results: list[RecoveryResult] = []
         self._attempted: set[tuple[int | None, frozenset[str]]] = set()
         self._endpoint_checked: dict[str, tuple[float, bool]] = {}  # node -> (when, answers)
@@ -114,7 +130,7 @@ class Recoverer:
         endpoints = placement.get("endpoints")
         if isinstance(endpoints, dict):
             return [str(name) for name in endpoints]
-        return [n.name for n in self.cluster.config.nodes if n.backend == "llama-rpc"]
+        return [n.name for n in self.engine.nodes()]
 
     def _used_endpoints(self) -> dict[str, str]:
         placement = read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
@@ -231,8 +247,8 @@ class Recoverer:
                 if lost else "the coordinator exited")
         cluster.notice(f"recovering: {what}; re-planning over the workers still ready",
                        "warning")
-        remaining = [n for n in cluster.config.nodes if n.backend == "llama-rpc"
-                     and n.name not in lost and cluster.nodes[n.name].state == READY]
+        remaining = [n for n in self.engine.nodes()
+                     if n.name not in lost and cluster.nodes[n.name].state == READY]
         try:
             spans = await self._plan(remaining, running)
         except PlanRefused as exc:
@@ -260,11 +276,13 @@ class Recoverer:
         """Spans over `remaining`, from their free memory now. A worker serving the running
         coordinator frees what it holds when that coordinator stops: count it as free."""
         cluster = self.cluster
-        results = await asyncio.gather(*(probe_node(cluster.transport(n.name))
+        results = await asyncio.gather(*(probe_node(cluster.transport(n.name),
+                                                    worker=self.engine.worker_lookup(
+                                                        n, cluster.transport(n.name).is_local))
                                          for n in remaining), return_exceptions=True)
         held: dict[str, int] = {}
         if running:
-            for share in await cluster.layer_shares():
+            for share in await self.engine.layer_shares():
                 held[share.node] = share.model_bytes + share.kv_bytes + share.compute_bytes
         probes: dict[str, NodeProbe] = {}
         usable = []

@@ -1,0 +1,225 @@
+"""The one interface every engine implements, and the narrow handle the cluster gives it.
+
+An engine knows how its workers start, stop and report, how it plans and brings a cluster up,
+what its layer map is and how it generates. Code outside core/engines never asks an engine's
+name: it reads `capabilities`. An engine never reaches into the cluster: it gets an
+EngineContext (transports, state directories, the last known status, a way to report)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from core.checks import Check
+from core.config import ClusterConfig, NodeConfig
+from core.planning.layer_map import LayerMap
+from core.reach.probe import NodeProbe, WorkerLookup
+from core.reach.transport import Transport
+from core.status import (
+    ClusterStatus,
+    CoordinatorStatus,
+    Event,
+    Level,
+    NodeState,
+    NodeStatus,
+)
+from core.supervision.throughput import ThroughputSample
+
+Span = tuple[str, int, int]  # (node, first block, number of blocks)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do; the dashboard and the CLI decide from these, never from a name."""
+
+    has_coordinator: bool  # a local process serves the API (llama-server); else the swarm does
+    can_recover: bool  # restarts its coordinator over the workers left when one is lost
+    has_throughput: bool  # live tokens/s from the coordinator's metrics
+    node_start_needs_plan: bool  # a node can only start on blocks a cluster `up` planned
+    coordinator_label: str  # what the dashboard's bar calls the serving side
+    worker_label: str  # "worker" (rpc-server) or "server" (Petals)
+    map_interval_s: float  # how often the layer map is worth reading while it runs
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """A plan as the operator sees it: the engine's table, its JSON, and the spans `up` places
+    (node, first block, count) in the engine's order."""
+
+    text: str
+    json: dict[str, Any]
+    spans: tuple[Span, ...]
+    summary: str  # one line for the event log ("alpha 0-11, beta 12-23")
+    detail: Any = None  # the engine's own plan object, handed back to `up` unchanged
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    tokens: int
+    seconds: float  # the generation's own time when the engine reports it, else wall time
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def port_taken(host: str, port: int, setting: str) -> str:
+    """The one sentence for a worker port held by a program the cluster did not start."""
+    return (f"port {port} on {host} is already in use by a program this cluster did not "
+            f"start: stop it or set another {setting}")
+
+
+class EngineError(Exception):
+    """An engine refused or failed; the message is a sentence for the operator."""
+
+
+class EngineContext(Protocol):
+    """What the cluster lends an engine. Nothing else of the cluster is reachable."""
+
+    @property
+    def config(self) -> ClusterConfig: ...
+
+    def transport(self, name: str) -> Transport: ...
+
+    def node_state_dir(self, node: NodeConfig) -> str: ...
+
+    def last_status(self, name: str) -> NodeStatus: ...
+
+    def report(self, status: NodeStatus) -> NodeStatus: ...
+
+    def report_coordinator(self, status: CoordinatorStatus) -> CoordinatorStatus: ...
+
+    def emit(self, event: Event) -> None: ...
+
+    def notice(self, text: str, level: Level = Level.INFO, node: str | None = None) -> None: ...
+
+    async def start_node(self, name: str, *, timeout: float) -> NodeStatus: ...
+
+
+class Engine(abc.ABC):
+    """One inference engine behind the cluster. Subclasses set `name` and `capabilities`."""
+
+    name: str
+    capabilities: Capabilities
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def config(self) -> ClusterConfig:
+        return self.ctx.config
+
+    def status(self, node: NodeConfig, state: NodeState, pid: int | None = None,
+               error: str = "", **extra: Any) -> NodeStatus:
+        """Report a node's state through the context (it emits a change event)."""
+        return self.ctx.report(NodeStatus(node.name, node.host, node.backend, state, pid,
+                                          node.endpoint, error, **extra))
+
+    # ---- nodes ------------------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeConfig]:
+        """The nodes this engine runs (every node of the cluster file, by the config's rule)."""
+        return list(self.config.nodes)
+
+    @abc.abstractmethod
+    def worker_lookup(self, node: NodeConfig, is_local: bool) -> WorkerLookup | None:
+        """The sh that finds the node's worker program for the probe, or None."""
+
+    @abc.abstractmethod
+    async def probe_node(self, node: NodeConfig) -> NodeStatus:
+        """The node's state from its pidfile (works from a fresh process); TransportError when
+        the node cannot be reached."""
+
+    @abc.abstractmethod
+    async def start_node(self, node: NodeConfig, timeout: float) -> NodeStatus:
+        """Start the node's worker and wait until it serves (or failed); TransportError."""
+
+    @abc.abstractmethod
+    async def stop_node(self, node: NodeConfig) -> NodeStatus:
+        """Stop the node's worker and everything it started; TransportError."""
+
+    # ---- the serving side (engines without a coordinator answer "stopped" and do nothing) ----
+
+    def coordinator_url(self) -> str:
+        """Where clients reach the cluster's API ("" when the engine has no coordinator)."""
+        return ""
+
+    def coordinator_log_dir(self) -> str | None:
+        """The local state directory whose log is the coordinator's, or None."""
+        return None
+
+    async def throughput(self) -> ThroughputSample | None:
+        """A live sample of the serving side's rates, or None when the engine has none."""
+        return None
+
+    def recoverer(self, host: Any) -> Any:
+        """What restarts the serving side after a lost worker (capabilities.can_recover), or
+        None. `host` is the cluster, as supervision sees it."""
+        return None
+
+    def last_recovery(self) -> dict[str, Any] | None:
+        """The last recovery recorded on this machine (a RecoveryResult's JSON), or None."""
+        return None
+
+    async def refresh_coordinator(self) -> CoordinatorStatus:
+        return CoordinatorStatus(NodeState.STOPPED)
+
+    async def start_coordinator(self, spans: Sequence[Span] | None,
+                                timeout: float) -> CoordinatorStatus:
+        raise EngineError(f"a {self.name} cluster has no coordinator to start")
+
+    async def stop_coordinator(self) -> CoordinatorStatus:
+        return CoordinatorStatus(NodeState.STOPPED)
+
+    # ---- the whole cluster ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def plan(self, probes: dict[str, NodeProbe]) -> PlanView:
+        """The plan from each node's probe; EngineError when it cannot be made."""
+
+    @abc.abstractmethod
+    async def up(self, plan: PlanView) -> list[NodeStatus]:
+        """Start what the plan places and whatever serves it; the nodes' final statuses."""
+
+    @abc.abstractmethod
+    async def layer_map(self) -> LayerMap:
+        """Which node holds which block now."""
+
+    @abc.abstractmethod
+    async def status_detail(self, base: ClusterStatus) -> ClusterStatus:
+        """`base` with the engine's detail: layer shares, throughput, block map."""
+
+    @abc.abstractmethod
+    async def generate(self, prompt: str, tokens: int, timeout: float) -> Generation:
+        """A short generation through the running cluster; EngineError with a sentence."""
+
+    @abc.abstractmethod
+    async def cluster_checks(self) -> list[Check]:
+        """The doctor's checks of this machine's part (binaries, model, keys)."""
+
+    @abc.abstractmethod
+    async def node_checks(self, node: NodeConfig, probe: NodeProbe,
+                          clock_offset_s: float) -> list[Check]:
+        """The doctor's checks of one reachable node (binary, clock, port, protocol)."""
+
+    def bind_check(self, node: NodeConfig) -> Check:
+        """Where the node's worker would listen, as a doctor check (before any connection)."""
+        return Check(node.name, "bind", "ok", "")
+
+    def summarize_checks(self, checks: list[Check]) -> list[Check]:
+        """Checks across nodes (e.g. the same version everywhere); none by default."""
+        return []
+
+    def warnings(self) -> list[str]:
+        """Sentences to show wherever the cluster starts (an exposed port, say)."""
+        return []
+
+    async def node_memory(self, node: NodeConfig) -> int:
+        """What the node's worker takes now, in bytes (0: unknown)."""
+        return 0
+
+    async def close(self) -> None:  # noqa: B027 - most engines hold nothing to release
+        """Release what the engine holds (monitors, HTTP clients)."""

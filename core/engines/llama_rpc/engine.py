@@ -1,0 +1,310 @@
+"""The llama.cpp RPC engine: rpc-server workers on the nodes, llama-server here."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.checks import Check
+from core.config import NodeConfig
+from core.engines.base import (
+    Capabilities,
+    Engine,
+    EngineContext,
+    EngineError,
+    Generation,
+    PlanView,
+    Span,
+    port_taken,
+)
+from core.engines.llama_rpc import doctor, generate
+from core.engines.llama_rpc import rpc as llama_rpc
+from core.engines.llama_rpc.coordinator import (
+    CoordinatorError,
+    auth_headers,
+    coordinator_state_dir,
+    coordinator_url,
+)
+from core.engines.llama_rpc.recovery import Recoverer, RecoveryHost, last_recovery
+from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, placement_file
+from core.planning.layer_map import LayerMap, llama_map
+from core.planning.placement import (
+    Placement,
+    PlacementError,
+    PlanRefused,
+    format_placement,
+    make_placement,
+)
+from core.reach import detached
+from core.reach.probe import NodeProbe, WorkerLookup
+from core.state_file import read_json
+from core.status import (
+    ClusterStatus,
+    CoordinatorStatus,
+    LayerShare,
+    NodeState,
+    NodeStatus,
+    rounded_ms,
+)
+from core.supervision.load_log import LoadReport, parse_load_log
+from core.supervision.throughput import ThroughputMonitor, ThroughputSample
+
+
+def _parse_coordinator_log(path: Path, max_bytes: int = 64 << 20) -> LoadReport:
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - max_bytes))
+            data = log.read()
+    except OSError:
+        return LoadReport()
+    start = data.rfind(b"torbiz-start")
+    return parse_load_log(data[max(0, start):].splitlines())
+
+
+class LlamaRpcEngine(Engine):
+    name = "llama-rpc"
+    capabilities = Capabilities(
+        has_coordinator=True, can_recover=True, has_throughput=True,
+        node_start_needs_plan=False, coordinator_label="coordinator", worker_label="worker",
+        map_interval_s=2.0)
+
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx)
+        self.runner = CoordinatorRunner(ctx, self.nodes())
+        self._throughput: ThroughputMonitor | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    def nodes(self) -> list[NodeConfig]:
+        return [n for n in self.config.nodes if n.backend == self.name]
+
+    def worker_lookup(self, node: NodeConfig, is_local: bool) -> WorkerLookup | None:
+        return WorkerLookup(llama_rpc.local_resolve_sh(node) if is_local
+                            else llama_rpc.resolve_binary_sh(node),
+                            lambda word: llama_rpc.explain_resolve_error(node, word))
+
+    # ---- nodes ------------------------------------------------------------------------------
+
+    async def _listening(self, node: NodeConfig, proc: detached.ProcessState) -> bool:
+        """The node says whether its worker listens; only a node that cannot tell (no /proc)
+        is probed over the network."""
+        if proc.port != "unknown":
+            return proc.port == "listening"
+        return await llama_rpc.port_open(node.rpc_host or node.host, node.rpc_port)
+
+    def _started_at(self, name: str, proc: detached.ProcessState) -> float | None:
+        """The process's start on our clock; kept from the last probe when it agrees within
+        2 s (ps counts whole seconds), so an unchanged worker stays an unchanged status."""
+        if proc.elapsed_s is None:
+            return None
+        started = float(round(time.time() - proc.elapsed_s))
+        previous = self.ctx.last_status(name)
+        if previous.pid == proc.pid and previous.started_at is not None \
+                and abs(previous.started_at - started) <= 2:
+            return previous.started_at
+        return started
+
+    async def probe_node(self, node: NodeConfig) -> NodeStatus:
+        transport = self.ctx.transport(node.name)
+        state_dir = self.ctx.node_state_dir(node)
+        asked = time.monotonic()
+        proc = await detached.status(transport, state_dir, llama_rpc.listen_address(node))
+        probe_ms = rounded_ms(time.monotonic() - asked)
+        if proc.state == "running":
+            ready = await self._listening(node, proc)
+            return self.status(node, NodeState.READY if ready else NodeState.STARTING, proc.pid,
+                               started_at=self._started_at(node.name, proc), probe_ms=probe_ms)
+        if proc.state == "dead":
+            tail = await detached.log_tail(transport, state_dir)
+            return self.status(node, NodeState.FAILED, proc.pid,
+                               llama_rpc.explain_worker_log(tail))
+        previous = self.ctx.last_status(node.name)
+        if previous.state == NodeState.FAILED and previous.pid is None:
+            return previous  # a start that failed before spawning keeps its reason
+        return self.status(node, NodeState.STOPPED)
+
+    async def start_node(self, node: NodeConfig, timeout: float) -> NodeStatus:
+        transport = self.ctx.transport(node.name)
+        state_dir = self.ctx.node_state_dir(node)
+        resolve = (llama_rpc.local_resolve_sh(node) if transport.is_local
+                   else llama_rpc.resolve_binary_sh(node))
+        # One round trip: reuse a live worker, or check the port, find the binary, start it
+        # and wait briefly for it to listen.
+        proc = await detached.spawn(transport, state_dir, llama_rpc.rpc_server_args(node),
+                                    env={"LLAMA_CACHE": "cache"}, resolve=resolve,
+                                    listen=llama_rpc.listen_address(node))
+        if proc.state == "taken":
+            return self.status(node, NodeState.FAILED, None,
+                               port_taken(node.rpc_host or node.host, node.rpc_port, "rpc_port"))
+        if proc.state == "dead":
+            tail = await detached.log_tail(transport, state_dir)
+            return self.status(node, NodeState.FAILED, proc.pid,
+                               llama_rpc.explain_worker_log(tail))
+        if proc.state != "running":
+            error = proc.error
+            if error in ("missing", "notexec"):
+                error = llama_rpc.explain_resolve_error(node, error)
+            return self.status(node, NodeState.FAILED, None, error)
+        if await self._listening(node, proc):
+            return self.status(node, NodeState.READY, proc.pid)
+        self.status(node, NodeState.STARTING, proc.pid)
+        return await self._wait_listening(node, proc.pid, timeout)
+
+    async def _wait_listening(self, node: NodeConfig, pid: int | None,
+                              timeout: float) -> NodeStatus:
+        """Ready means the port accepts connections; rpc-server's exit code proves nothing."""
+        transport = self.ctx.transport(node.name)
+        state_dir = self.ctx.node_state_dir(node)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = await detached.status(transport, state_dir, llama_rpc.listen_address(node))
+            if proc.state != "running":
+                tail = await detached.log_tail(transport, state_dir)
+                return self.status(node, NodeState.FAILED, pid,
+                                   llama_rpc.explain_worker_log(tail))
+            if await self._listening(node, proc):
+                return self.status(node, NodeState.READY, pid)
+            await asyncio.sleep(0.25)
+        host, port = node.rpc_host or node.host, node.rpc_port
+        return self.status(node, NodeState.FAILED, pid,
+                           f"worker runs (pid {pid}) but does not listen on {host}:{port} after "
+                           f"{timeout:g} s; see `torbiz-tui logs {node.name}`")
+
+    async def stop_node(self, node: NodeConfig) -> NodeStatus:
+        result = await detached.stop(self.ctx.transport(node.name), self.ctx.node_state_dir(node))
+        if result.error:
+            return self.status(node, NodeState.FAILED, result.pid, result.error)
+        return self.status(node, NodeState.STOPPED)
+
+    # ---- the coordinator --------------------------------------------------------------------
+
+    async def refresh_coordinator(self) -> CoordinatorStatus:
+        return await self.runner.status()
+
+    async def start_coordinator(self, spans: Sequence[Span] | None,
+                                timeout: float) -> CoordinatorStatus:
+        try:
+            return await self.runner.start(spans, timeout)
+        except CoordinatorError as exc:
+            raise EngineError(str(exc)) from None
+
+    async def stop_coordinator(self) -> CoordinatorStatus:
+        return await self.runner.stop()
+
+    def coordinator_url(self) -> str:
+        return coordinator_url(self.config)
+
+    def coordinator_log_dir(self) -> str | None:
+        return coordinator_state_dir(self.config)
+
+    # ---- plan and up ------------------------------------------------------------------------
+
+    async def plan(self, probes: dict[str, NodeProbe]) -> PlanView:
+        try:
+            placement = await make_placement(self.config, probes)
+        except (PlacementError, PlanRefused) as exc:
+            raise EngineError(str(exc)) from exc
+        return plan_view(placement, self.config.plan.policy)
+
+    async def up(self, plan: PlanView) -> list[NodeStatus]:
+        names = [name for name, _, count in plan.spans if count > 0]
+        return await asyncio.gather(*(self.ctx.start_node(n, timeout=30.0) for n in names))
+
+    # ---- what runs --------------------------------------------------------------------------
+
+    async def load_report(self) -> LoadReport:
+        """The coordinator's latest load, parsed from its own log file (read from the last
+        start, not a tail: request lines would push the load block out of any tail)."""
+        return await asyncio.to_thread(_parse_coordinator_log, coordinator_log(self.config))
+
+    async def layer_shares(self) -> tuple[LayerShare, ...]:
+        return (await self._shares_and_report())[0]
+
+    async def _shares_and_report(self) -> tuple[tuple[LayerShare, ...], LoadReport]:
+        placement, report = await asyncio.gather(
+            asyncio.to_thread(read_json, placement_file(self.config)), self.load_report())
+        endpoints: dict[str, str] = placement.get("endpoints", {}) if placement else {}
+        planned: dict[str, list[int]] = placement.get("plan", {}) if placement else {}
+        shares = []
+        for node in self.nodes():
+            endpoint = endpoints.get(node.name, node.endpoint)
+            device = report.device(endpoint)
+            span = planned.get(node.name)
+            first, count = (span[0], span[1]) if span else (None, None)
+            shares.append(LayerShare(
+                node.name, endpoint, first, count,
+                device.layers if device else None,
+                device.model_bytes if device else 0,
+                device.kv_bytes if device else 0,
+                device.compute_bytes if device else 0))
+        return tuple(shares), report
+
+    async def layer_map(self) -> LayerMap:
+        """Which node holds which block now: what llama-server loaded, else the plan."""
+        shares, report = await self._shares_and_report()
+        return llama_map(shares, report.offloaded[1] - 1 if report.offloaded else None)
+
+    async def throughput(self) -> ThroughputSample | None:
+        if self._throughput is None:
+            self._http = httpx.AsyncClient(timeout=5.0, trust_env=False,
+                                           headers=auth_headers(self.config))
+            self._throughput = ThroughputMonitor(coordinator_url(self.config), client=self._http)
+        return await self._throughput.poll()
+
+    async def status_detail(self, base: ClusterStatus) -> ClusterStatus:
+        if base.coordinator.state == NodeState.STOPPED:
+            return base
+        layers, sample = await asyncio.gather(self.layer_shares(), self.throughput())
+        return replace(base, layers=layers,
+                       throughput=asdict(sample) if sample is not None else None)
+
+    async def generate(self, prompt: str, tokens: int, timeout: float) -> Generation:
+        return await generate.through_coordinator(self.config, prompt, tokens, timeout)
+
+    # ---- doctor -----------------------------------------------------------------------------
+
+    async def cluster_checks(self) -> list[Check]:
+        return await doctor.coordinator_checks(self.config)
+
+    async def node_checks(self, node: NodeConfig, probe: NodeProbe,
+                          clock_offset_s: float) -> list[Check]:
+        return await doctor.node_checks(self.ctx, node, probe, clock_offset_s)
+
+    def bind_check(self, node: NodeConfig) -> Check:
+        return doctor.bind_check(node)
+
+    def warnings(self) -> list[str]:
+        return [f"{c.part}: {c.message}" for c in map(doctor.bind_check, self.nodes())
+                if c.level == "warning"]
+
+    def recoverer(self, host: RecoveryHost) -> Recoverer:
+        return Recoverer(host, self)
+
+    def last_recovery(self) -> dict[str, Any] | None:
+        return last_recovery(self.ctx)
+
+    async def close(self) -> None:
+        if self._throughput is not None:
+            await self._throughput.aclose()
+            self._throughput = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+def plan_view(placement: Placement, policy: str) -> PlanView:
+    spans = tuple(placement.plan.rpc_spans())
+    summary = f"plan ({policy}): " + ", ".join(
+        f"{name} blocks {first}-{first + count - 1}" for name, first, count in spans)
+    return PlanView(format_placement(placement),
+                    {"plan": asdict(placement.plan),
+                     "budgets": [asdict(b) for b in placement.budgets],
+                     "devices": placement.devices,
+                     "spans": [list(s) for s in spans]},
+                    spans, summary, placement)

@@ -1,0 +1,215 @@
+"""The operations an operator asks for, the one place the CLI and the dashboard both call:
+doctor, plan, up, down, status, generate, and the per-node start / stop / restart.
+
+Each returns a typed result or raises OperationError with one sentence per problem; nothing
+here prints. What differs between engines is asked of the engine's capabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from core.checks import DoctorReport
+from core.cluster import Cluster, ClusterError
+from core.doctor import run_doctor
+from core.engines.base import EngineError, Generation, PlanView
+from core.reach.probe import NodeProbe, probe_node, probe_nodes
+from core.reach.transport import TransportError
+from core.status import ClusterStatus, CoordinatorStatus, Level, NodeState, NodeStatus
+
+SMOKE_PROMPT = "The capital of France is"
+
+
+class OperationError(ClusterError):
+    """An operation refused or failed: `problems` one sentence each; `stage` says where
+    ("preflight", "plan", "start", "generate", ...); `started_nothing` when nothing changed."""
+
+    def __init__(self, problems: list[str], stage: str = "",
+                 started_nothing: bool = False) -> None:
+        super().__init__(problems)
+        self.stage = stage
+        self.started_nothing = started_nothing
+
+
+@dataclass(frozen=True)
+class UpResult:
+    status: ClusterStatus
+    plan: PlanView | None  # None: started with --force, llama.cpp splits by free memory
+    warnings: tuple[str, ...]
+
+
+# ---- probes -----------------------------------------------------------------------------------
+
+async def probe(cluster: Cluster, names: Iterable[str] | None = None) -> dict[str, NodeProbe]:
+    """Each node's probe (cores, memory, GPUs, clock, the worker binary), in parallel;
+    OperationError naming the first node that cannot be reached."""
+    engine = cluster.engine
+    chosen = [cluster.config.node(n) for n in names] if names is not None else engine.nodes()
+    transports = {n.name: cluster.transport(n.name) for n in chosen}
+    lookups = {n.name: engine.worker_lookup(n, transports[n.name].is_local) for n in chosen}
+    try:
+        return await probe_nodes(transports, lookups)
+    except TransportError as exc:
+        raise OperationError([str(exc)], "probe") from None
+
+
+async def probe_one(cluster: Cluster, name: str, *, timeout: float = 20.0) -> NodeProbe:
+    """One node's probe (TransportError when it cannot be reached)."""
+    node = cluster.config.node(name)
+    transport = cluster.transport(name)
+    return await probe_node(transport, timeout=timeout,
+                            worker=cluster.engine.worker_lookup(node, transport.is_local))
+
+
+# ---- doctor and plan ----------------------------------------------------------------------------
+
+async def doctor(cluster: Cluster) -> DoctorReport:
+    return await run_doctor(cluster, cluster.engine)
+
+
+async def plan(cluster: Cluster, probes: dict[str, NodeProbe] | None = None) -> PlanView:
+    """The plan as it would be made now, starting nothing."""
+    found = probes if probes is not None else await probe(cluster)
+    try:
+        return await cluster.engine.plan(found)
+    except EngineError as exc:
+        raise OperationError([str(exc)], "plan", started_nothing=True) from None
+
+
+async def preflight_and_plan(cluster: Cluster) -> PlanView:
+    """The doctor's checks, then the plan; OperationError (nothing started) when either
+    refuses."""
+    report = await doctor(cluster)
+    if report.failed:
+        raise OperationError([f"{c.part}: {c.message}" for c in report.failed], "preflight",
+                             started_nothing=True)
+    return await plan(cluster, report.probes)
+
+
+# ---- up and down --------------------------------------------------------------------------------
+
+async def up(cluster: Cluster, *, force: bool = False,
+             planned: PlanView | None = None) -> UpResult:
+    """Preflight and plan (or the plan given), then only the plan's workers, then the serving
+    side placed exactly as planned. With `force` the preflight is skipped and, where the engine
+    can start workers without a plan, so is the plan (llama.cpp then splits by free memory)."""
+    caps = cluster.capabilities
+    if planned is not None:
+        chosen: PlanView | None = planned
+    elif force:
+        chosen = await plan(cluster) if caps.node_start_needs_plan else None
+    else:
+        chosen = await preflight_and_plan(cluster)
+    warnings = tuple(cluster.engine.warnings())
+    for warning in warnings:
+        cluster.notice(warning, Level.WARNING)
+    if chosen is not None:
+        cluster.notice(chosen.summary)
+        try:
+            workers = await cluster.engine.up(chosen)
+        except EngineError as exc:
+            raise OperationError([str(exc)], "start") from None
+    else:
+        workers = await cluster.start_workers()
+    failed = [w for w in workers if w.state != NodeState.READY]
+    if failed:
+        raise OperationError([f"{w.name}: {w.error}" for w in failed], "start")
+    coordinator = cluster.coordinator
+    if caps.has_coordinator:
+        coordinator = await cluster.start_coordinator(
+            spans=chosen.spans if chosen is not None else None)
+        if coordinator.state != NodeState.READY:
+            raise OperationError([f"coordinator: {coordinator.error}"], "coordinator")
+    status = ClusterStatus(cluster.config.name, tuple(cluster.nodes.values()), coordinator)
+    return UpResult(status, chosen, warnings)
+
+
+async def down(cluster: Cluster) -> ClusterStatus:
+    """Stop the serving side, then every worker; OperationError names what did not stop."""
+    try:
+        return await cluster.down()
+    except ClusterError as exc:
+        raise OperationError(exc.problems, "stop") from None
+
+
+def running_workers(cluster: Cluster) -> list[str]:
+    return [n.name for n in cluster.nodes.values() if n.state == NodeState.READY]
+
+
+# ---- status -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StatusReport:
+    status: ClusterStatus
+    recovery: dict[str, Any] | None  # the last recovery recorded on this machine
+
+    @property
+    def healthy(self) -> bool:
+        status = self.status
+        nodes_ready = all(n.state == NodeState.READY for n in status.nodes)
+        if status.blocks or status.unserved:
+            return nodes_ready and not status.unserved
+        if self.serving_side_expected:
+            return nodes_ready and status.coordinator.state == NodeState.READY
+        return nodes_ready
+
+    serving_side_expected: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.status.to_json(), "recovery": self.recovery}
+
+
+async def status(cluster: Cluster, *, detail: bool = False) -> StatusReport:
+    found = await cluster.status(detail=detail)
+    return StatusReport(found, cluster.engine.last_recovery(),
+                        cluster.capabilities.has_coordinator)
+
+
+# ---- nodes and the coordinator one at a time ---------------------------------------------
+
+async def start_node(cluster: Cluster, name: str) -> NodeStatus:
+    return await cluster.start_node(name)
+
+
+async def stop_node(cluster: Cluster, name: str) -> NodeStatus:
+    return await cluster.stop_node(name)
+
+
+async def restart_node(cluster: Cluster, name: str) -> NodeStatus:
+    stopped = await cluster.stop_node(name)
+    if stopped.state != NodeState.STOPPED:
+        return stopped
+    return await cluster.start_node(name)
+
+
+async def start_coordinator(cluster: Cluster) -> CoordinatorStatus:
+    """The coordinator by itself: placed as planned when the plan's workers are all ready,
+    else llama.cpp's own split over the ready workers (said in the event log)."""
+    try:
+        planned = await plan(cluster)
+    except OperationError as exc:
+        cluster.notice(f"coordinator without a plan: {'; '.join(exc.problems)}", Level.WARNING)
+        return await cluster.start_coordinator()
+    not_ready = [name for name, _, count in planned.spans
+                 if count and cluster.nodes[name].state != NodeState.READY]
+    if not_ready:
+        cluster.notice(f"coordinator without the plan: {', '.join(not_ready)} not ready "
+                       "(llama.cpp splits by the workers' free memory)", Level.WARNING)
+        return await cluster.start_coordinator()
+    return await cluster.start_coordinator(spans=planned.spans)
+
+
+async def stop_coordinator(cluster: Cluster) -> CoordinatorStatus:
+    return await cluster.stop_coordinator()
+
+
+# ---- generate -----------------------------------------------------------------------------------
+
+async def generate(cluster: Cluster, prompt: str = SMOKE_PROMPT, tokens: int = 16,
+                   timeout: float = 120.0) -> Generation:
+    """A short generation through the running cluster; OperationError with a sentence."""
+    try:
+        return await cluster.engine.generate(prompt, tokens, timeout)
+    except EngineError as exc:
+        raise OperationError([str(exc)], "generate") from None

@@ -1,0 +1,45 @@
+"""What a recovery left behind: its outcome as a typed record (also written to recovery.json
+beside the coordinator, for `status` from any shell) and its one-line description."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from core.engines.base import Span
+
+RECOVERY_FILE = "recovery.json"  # the last recovery's outcome, for `status` from any shell
+RECOVERED, DEGRADED, FAILED_RECOVERY = "recovered", "degraded", "failed"
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """How one recovery ended. `outcome`: recovered, degraded (the rest cannot hold the model:
+    nothing restarted) or failed (the restart itself failed)."""
+
+    outcome: str
+    lost: tuple[str, ...]  # workers left out
+    workers: tuple[str, ...]  # workers the restarted coordinator uses
+    spans: tuple[Span, ...]
+    recovered_after: float | None  # seconds from the fault's detection to /health 200
+    reason: str  # what happened, as a sentence
+    at: float  # wall-clock time (time.time()) the recovery ended
+    missing_bytes: int = 0  # degraded: memory the rest lacks
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spans"] = [list(s) for s in self.spans]
+        return data
+
+
+def format_recovery(record: dict[str, Any]) -> str:
+    """One line about a recovery record, for `status` and `watch`."""
+    when = time.strftime("%H:%M:%S", time.localtime(float(record.get("at", 0))))
+    lost = ", ".join(record.get("lost", ())) or "none"
+    outcome = record.get("outcome", "?")
+    if outcome == RECOVERED:
+        workers = ", ".join(record.get("workers", ())) or "none"
+        return (f"recovered at {when} in {float(record.get('recovered_after') or 0):.1f} s: "
+                f"coordinator restarted over {workers} (left out: {lost})")
+    return f"{outcome} at {when} (lost: {lost}): {record.get('reason', '')}"
