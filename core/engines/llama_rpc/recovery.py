@@ -56,7 +56,7 @@ ENDPOINT_RECHECK = 5.0  # seconds between port checks of a worker whose node is 
 if TYPE_CHECKING:
     from core.reach.probe import WorkerLookup
     from core.reach.transport import Transport
-    from core.status import CoordinatorStatus, Level, NodeStatus
+    from core.status import CoordinatorStatus, LayerShare, Level, NodeStatus
 
 
 class RecoveryHost(Protocol):
