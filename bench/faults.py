@@ -37,14 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
+from core import operations  # noqa: E402
 from core.cluster import Cluster  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.demo_model import ensure_demo_model, write_demo_model  # noqa: E402
 from core.engines.llama_rpc.build import find_cached_binary  # noqa: E402
-from core.engines.llama_rpc.recovery import RecoveryResult  # noqa: E402
 from core.planning.placement import make_placement  # noqa: E402
 from core.reach.probe import probe_node  # noqa: E402
 from core.supervision.load_log import tensor_split_for  # noqa: E402
+from core.supervision.recovery_record import RecoveryResult  # noqa: E402
 from core.supervision.supervisor import Detection, Supervisor  # noqa: E402
 from tests.cluster_files import ssh_cluster_file  # noqa: E402
 from tests.sshd_cluster import SshdCluster  # noqa: E402
@@ -112,7 +113,7 @@ async def _plan_up(cluster: Cluster) -> None:
     names = [n.name for n in cluster.config.nodes]
     probes = await asyncio.gather(*(probe_node(cluster.transport(n)) for n in names))
     placement = await make_placement(cluster.config, dict(zip(names, probes, strict=True)))
-    await cluster.up(placement.plan.rpc_spans())
+    await operations.up(cluster, spans=placement.plan.rpc_spans())
 
 
 async def fault_table(workdir: Path) -> list[Row]:

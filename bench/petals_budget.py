@@ -1,17 +1,15 @@
-"""Predicted vs measured memory of one CPU Petals server holding 2, 4 and 8 blocks of a tiny and
-a larger random Llama: the planner's prediction (core.engines.petals.swarm: the server process with
-its
-handlers, plus the blocks at Petals' own size) against the PSS of the server's whole process tree
-after a short generation through it (the model has exactly that many blocks, so one server
-serves it all). Measured right after start, the PSS does not grow with the blocks: the weights
-are mapped from the safetensors file and become resident only when inference touches them.
-The attention cache is left out of the prediction: a short generation allocates a few KiB of
-it, and the plan counts the full cache on top as a worst case.
+"""Predicted vs measured memory of one CPU Petals server holding 2, 4 and 8 blocks of a tiny and a
+larger random Llama: the planner's prediction (core.engines.petals.placement: the server process
+with its handlers, plus the blocks at Petals' own size) against the PSS of the server's whole
+process tree after a short generation through it (the model has exactly that many blocks, so one
+server serves it all). Measured right after start, the PSS does not grow with the blocks: the
+weights are mapped from the safetensors file and become resident only when inference touches
+them. The attention cache is left out of the prediction: a short generation allocates a few KiB
+of it, and the plan counts the full cache on top as a worst case.
 
-    .venv/bin/python bench/petals_budget.py [--handlers 2] [--blocks 2,4,8]
+.venv/bin/python bench/petals_budget.py [--handlers 2] [--blocks 2,4,8]
 
-Needs root (a loopback-only network namespace) and the Petals venv (scripts/petals-env.sh).
-"""
+Needs root (a loopback-only network namespace) and the Petals venv (scripts/petals-env.sh)."""
 
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.config import parse_config  # noqa: E402
-from core.engines.petals import swarm as petals_swarm  # noqa: E402
+from core.engines.petals import placement as petals_swarm  # noqa: E402
 from core.planning.model_info import read_hf_info  # noqa: E402
 from tests.petals_swarm import PetalsSwarm, skip_reason  # noqa: E402
 

@@ -18,6 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core import operations
 from core.cluster import Cluster  # noqa: E402
 from core.config import load_config  # noqa: E402
 from core.demo_model import write_demo_model  # noqa: E402
@@ -28,7 +29,7 @@ from tests.sshd_cluster import SshdCluster  # noqa: E402
 async def tokens_per_second(config_path: Path, tokens: int, repeat: int) -> float:
     cluster = Cluster(load_config(config_path))
     try:
-        await cluster.up()
+        await operations.up(cluster, force=True)
         rates = []
         async with httpx.AsyncClient(timeout=300) as client:
             for _ in range(repeat + 1):

@@ -6,16 +6,18 @@ here prints. What differs between engines is asked of the engine's capabilities.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from core.checks import DoctorReport
 from core.cluster import Cluster, ClusterError
+from core.config import NodeConfig
 from core.doctor import run_doctor
-from core.engines.base import EngineError, Generation, PlanView
+from core.engines.base import EngineError, Generation, PlanView, Span
+from core.reach import detached
 from core.reach.probe import NodeProbe, probe_node, probe_nodes
-from core.reach.transport import TransportError
+from core.reach.transport import LocalTransport, TransportError
 from core.status import ClusterStatus, CoordinatorStatus, Level, NodeState, NodeStatus
 
 SMOKE_PROMPT = "The capital of France is"
@@ -89,12 +91,16 @@ async def preflight_and_plan(cluster: Cluster) -> PlanView:
 
 # ---- up and down --------------------------------------------------------------------------------
 
-async def up(cluster: Cluster, *, force: bool = False,
-             planned: PlanView | None = None) -> UpResult:
+async def up(cluster: Cluster, *, force: bool = False, planned: PlanView | None = None,
+             spans: Sequence[Span] | None = None) -> UpResult:
     """Preflight and plan (or the plan given), then only the plan's workers, then the serving
     side placed exactly as planned. With `force` the preflight is skipped and, where the engine
     can start workers without a plan, so is the plan (llama.cpp then splits by free memory)."""
     caps = cluster.capabilities
+    if spans is not None:  # a placement decided elsewhere (a test, a benchmark, a recovery)
+        planned = PlanView("", {"spans": [list(s) for s in spans]}, tuple(spans),
+                           "plan: " + ", ".join(f"{n} blocks {f}-{f + c - 1}"
+                                                for n, f, c in spans if c))
     if planned is not None:
         chosen: PlanView | None = planned
     elif force:
@@ -213,3 +219,54 @@ async def generate(cluster: Cluster, prompt: str = SMOKE_PROMPT, tokens: int = 1
         return await cluster.engine.generate(prompt, tokens, timeout)
     except EngineError as exc:
         raise OperationError([str(exc)], "generate") from None
+
+
+# ---- logs -----------------------------------------------------------------------------------
+
+COORDINATOR_PART = "coordinator"  # the name `logs` takes for the coordinator's own log
+
+
+def _coordinator_dir(cluster: Cluster) -> str:
+    state_dir = cluster.engine.coordinator_log_dir()
+    if state_dir is None:
+        raise OperationError([f"a {cluster.capabilities.coordinator_label} has no log of its "
+                              "own: name a node"], "logs")
+    return state_dir
+
+
+async def log_tail(cluster: Cluster, part: str, lines: int) -> list[str]:
+    """The last `lines` lines of a node's worker log, or of the coordinator's."""
+    if part == COORDINATOR_PART:
+        local = LocalTransport(NodeConfig(name="coordinator", host="127.0.0.1",
+                                          transport="local"))
+        return await detached.log_tail(local, _coordinator_dir(cluster), lines)
+    node = cluster.config.node(part)
+    return await detached.log_tail(cluster.transport(part), cluster.node_state_dir(node), lines)
+
+
+def follow_log(cluster: Cluster, part: str, lines: int) -> AsyncIterator[str]:
+    """Its history, then every new line, until the caller stops iterating."""
+    if part == COORDINATOR_PART:
+        _coordinator_dir(cluster)
+        return cluster.follow_coordinator_log(lines)
+    cluster.config.node(part)
+    return cluster.follow_log(part, lines)
+
+
+# ---- provisioning -----------------------------------------------------------------------------
+
+async def provision_petals(cluster: Cluster, name: str,
+                           progress: Callable[[str], None]) -> tuple[str, str]:
+    """Build the Petals environment on a node (the recipe run there); (venv, versions)."""
+    from core.engines.petals.engine import PetalsEngine
+    from core.engines.petals.provision import ProvisionError, provision_petals
+
+    node = cluster.config.node(name)
+    try:
+        venv = await provision_petals(cluster.transport(name), node, progress)
+        info = await PetalsEngine(cluster).node_info(node)
+    except (ProvisionError, TransportError) as exc:
+        raise OperationError([str(exc)], "provision") from None
+    if info.error:
+        raise OperationError([f"{name}: built {venv}, but {info.error}"], "provision")
+    return venv, f"python {info.python}, petals {info.petals}, torch {info.torch}"

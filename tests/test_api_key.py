@@ -9,6 +9,7 @@ import httpx
 import psutil
 import pytest
 
+from core import operations
 from core.cluster import Cluster
 from core.config import load_config
 from core.demo_model import ensure_demo_model
@@ -53,14 +54,14 @@ async def test_key_from_the_environment_guards_the_api(tmp_path: Path,
     config = load_config(path)
     cluster = Cluster(config)
     try:
-        await cluster.up()
+        await operations.up(cluster, force=True)
         url = cluster.coordinator.url
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
         ok = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
                         headers={"Authorization": f"Bearer {SECRET}"})
         assert ok.status_code == 200
-        assert (await cluster.poll_throughput()) is not None  # the monitor sends the key
+        assert (await cluster.engine.throughput()) is not None  # the monitor sends the key
         for proc in psutil.process_iter(["cmdline"]):
             assert SECRET not in " ".join(proc.info["cmdline"] or [])
     finally:

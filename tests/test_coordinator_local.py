@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from core import operations
 from core.cluster import Cluster
 from core.config import load_config
 from core.demo_model import ensure_demo_model
@@ -136,7 +137,7 @@ async def test_spans_place_exactly_the_planned_blocks(tmp_path: Path) -> None:
         # Blocks 0-1 stay on this machine's CPU, w0 holds 2, w1 holds 3-7, w2 is left out.
         status = await cluster.start_coordinator(spans=[("w0", 2, 1), ("w1", 3, 5)])
         assert status.state == "ready", status.error
-        shares = {s.node: s for s in await cluster.layer_shares()}
+        shares = {s.node: s for s in await cluster.engine.layer_shares()}
         assert (shares["w0"].planned_first, shares["w0"].planned_layers) == (2, 1)
         assert shares["w0"].layers == 1 and shares["w1"].layers == 5
         assert shares["w2"].layers is None and shares["w2"].model_bytes == 0
@@ -147,8 +148,8 @@ async def test_spans_place_exactly_the_planned_blocks(tmp_path: Path) -> None:
 
 
 def test_gapped_spans_are_refused() -> None:
-    from core.cluster import _check_spans
     from core.engines.llama_rpc.coordinator import CoordinatorError
+    from core.engines.llama_rpc.serving import check_spans as _check_spans
 
     _check_spans([("a", 0, 3), ("b", 3, 5)])
     with pytest.raises(CoordinatorError, match="not contiguous at b"):
@@ -161,10 +162,10 @@ async def test_a_plan_without_workers_runs_on_the_coordinator_alone(
     spans are empty, no worker starts, and llama-server runs with no --rpc (-ngl 0)."""
     cluster = Cluster(load_config(local_cluster_file))
     try:
-        status = await cluster.up(spans=())
+        status = await operations.up(cluster, spans=())
         assert status.coordinator.state == "ready"
         assert all(n.state != "ready" for n in status.nodes)
-        report = await cluster.load_report()
+        report = await cluster.engine.load_report()
         assert report.finished and [d.endpoint for d in report.devices] == ["CPU"]
         assert report.devices[0].layers == 8  # every block of the demo model
     finally:

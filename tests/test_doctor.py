@@ -6,7 +6,8 @@ from pathlib import Path
 
 from core.cluster import Cluster
 from core.config import NodeConfig, load_config
-from core.doctor import _bind_check, run_doctor
+from core.engines.llama_rpc.doctor import bind_check as _bind_check
+from core.operations import doctor as run_doctor
 from tests.cluster_files import free_port, toml_text
 
 

@@ -22,14 +22,16 @@ from typing import Any
 import httpx
 import pytest
 
+from core import operations
 from core.cluster import Cluster
 from core.config import ClusterConfig, load_config
 from core.demo_model import ensure_demo_model
 from core.engines.llama_rpc.build import find_cached_binary
-from core.engines.llama_rpc.recovery import DEGRADED, RECOVERED, RecoveryResult, last_recovery
+from core.engines.llama_rpc.recovery import last_recovery
 from core.planning.placement import make_placement
 from core.reach.probe import probe_node
 from core.status import Notice
+from core.supervision.recovery_record import DEGRADED, RECOVERED, RecoveryResult
 from core.supervision.supervisor import BACKOFF_MAX, Detection, Supervisor
 from tests.cluster_files import llama_processes_with, ssh_cluster_file
 
@@ -88,7 +90,7 @@ async def plan_and_up(cluster: Cluster) -> tuple[tuple[str, int, int], ...]:
     probes = await asyncio.gather(*(probe_node(cluster.transport(n)) for n in names))
     placement = await make_placement(cluster.config, dict(zip(names, probes, strict=True)))
     spans = placement.plan.rpc_spans()
-    await cluster.up(spans)
+    await operations.up(cluster, spans=spans)
     return spans
 
 
@@ -193,7 +195,7 @@ async def test_worker_killed_during_generation_recovers_over_the_rest(supervised
     cluster = s.cluster
     old_coordinator = cluster.coordinator.pid
     before = {sh.node: (sh.planned_first, sh.planned_layers)
-              for sh in await cluster.layer_shares()}
+              for sh in await cluster.engine.layer_shares()}
     s.supervisor.interval = 0.5
     s.start()
     first = asyncio.Event()

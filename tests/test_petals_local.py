@@ -10,9 +10,10 @@ from pathlib import Path
 
 import psutil
 
+from core.checks import FAIL, OK, Check
 from core.cluster import Cluster
 from core.config import load_config
-from core.doctor import FAIL, OK, Check, _petals_node_checks, _same_petals_version
+from core.engines.petals.doctor import same_petals_version as _same_petals_version
 from core.reach import detached
 from core.reach.probe import probe_node
 from core.reach.transport import LocalTransport
@@ -33,7 +34,7 @@ async def test_clock_offset_is_refused_with_node_offset_and_fix(tmp_path: Path) 
     node = cluster.config.node("p0")
     try:
         probe = replace(await probe_node(cluster.transport("p0")), clock_offset_s=61.5)
-        checks = await _petals_node_checks(cluster, node, cluster.transport("p0"), probe, 61.5)
+        checks = await cluster.engine.node_checks(node, probe, probe.clock_offset_s)
     finally:
         await cluster.close()
     by_name = {c.name: c for c in checks}

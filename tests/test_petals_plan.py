@@ -9,7 +9,8 @@ import pytest
 
 from core.config import ConfigError, load_config, parse_config
 from core.engines.petals import commands as backend
-from core.engines.petals import swarm as petals_swarm
+from core.engines.petals import dht
+from core.engines.petals import placement as petals_placement
 from core.planning.planner import NodeBudget, PlanRefused, plan_layers
 from core.reach.probe import NodeProbe
 
@@ -56,7 +57,7 @@ def _probe(free_gib: float) -> NodeProbe:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_block_bytes_match_petals_get_block_size(tmp_path: Path, name: str, model: dict,
                                                  dtype: str) -> None:
-    info = petals_swarm.petals_model(load_config(_config(tmp_path, model, dtype=dtype)))
+    info = petals_placement.petals_model(load_config(_config(tmp_path, model, dtype=dtype)))
     assert info.sizes_from == "config"
     assert set(info.layer_bytes) == {PETALS_BLOCK_SIZE[name, dtype]}
     assert info.embedding_bytes == 0 and info.output_bytes == 0  # the client holds those
@@ -65,36 +66,36 @@ def test_block_bytes_match_petals_get_block_size(tmp_path: Path, name: str, mode
 def test_attention_cache_matches_petals_server_arithmetic(tmp_path: Path) -> None:
     # petals.server.server: 2 * hidden_size * attn_cache_tokens // num_key_value_groups * bytes
     config = load_config(_config(tmp_path, LLAMA2_70B, extra="attn_cache_tokens = 8192"))
-    info = petals_swarm.petals_model(config)
+    info = petals_placement.petals_model(config)
     petals_cache = 2 * 8192 * 8192 // (64 // 8) * 2
-    assert info.kv_bytes(1, 8192, petals_swarm.cache_type("bfloat16")) == petals_cache
+    assert info.kv_bytes(1, 8192, petals_placement.cache_type("bfloat16")) == petals_cache
 
 
 async def test_plan_70b_over_four_cpu_nodes(tmp_path: Path) -> None:
     path = _config(tmp_path, LLAMA2_70B, nodes=4)
     config = load_config(path)
-    placement = await petals_swarm.make_petals_placement(
+    placement = await petals_placement.make_petals_placement(
         config, {f"n{i}": _probe(48) for i in range(4)})
     spans = placement.spans()
     assert [s[1] for s in spans] == [0, 20, 40, 60] and {s[2] for s in spans} == {20}
     per_block = PETALS_BLOCK_SIZE["70b", "bfloat16"] + 2 * 8192 * 8192 // 8 * 2
-    overhead = petals_swarm.process_bytes(config)
+    overhead = petals_placement.process_bytes(config)
     assert placement.predicted_bytes("n0") == 20 * per_block + overhead
     # Each node: 48 GiB free - 1 GiB reserve - the server process >= 20 blocks, < 80.
     assert placement.budgets[0].budget_bytes == 47 * GIB - overhead
-    text = petals_swarm.format_petals_placement(placement)
+    text = petals_placement.format_petals_placement(placement)
     assert "0:20 (20)" in text and "60:80 (20)" in text
 
 
 async def test_plan_refuses_when_the_swarm_is_too_small(tmp_path: Path) -> None:
     config = load_config(_config(tmp_path, LLAMA2_70B, nodes=2))
     with pytest.raises(PlanRefused) as refused:
-        await petals_swarm.make_petals_placement(config, {"n0": _probe(48), "n1": _probe(48)})
+        await petals_placement.make_petals_placement(config, {"n0": _probe(48), "n1": _probe(48)})
     assert refused.value.missing_bytes > 0
 
 
 def test_plan_layers_is_the_same_planner(tmp_path: Path) -> None:
-    info = petals_swarm.petals_model(load_config(_config(tmp_path, LLAMA2_7B)))
+    info = petals_placement.petals_model(load_config(_config(tmp_path, LLAMA2_7B)))
     block = PETALS_BLOCK_SIZE["7b", "bfloat16"]
     plan = plan_layers(info, [NodeBudget("a", 10 * block, 0), NodeBudget("b", 100 * block, 0)],
                        context=1, cache_type="bf16", policy="spread")
@@ -157,15 +158,15 @@ def test_block_map_marks_dead_and_missing_blocks_unserved(tmp_path: Path) -> Non
         return {"peer_id": peer, "state": state, "alive": alive, "throughput": 1.0,
                 "version": "2.2.0.post1"}
 
-    snapshot = petals_swarm.Snapshot(0.0, ((server("Qa"),), (server("Qa"),),
+    snapshot = dht.Snapshot(0.0, ((server("Qa"),), (server("Qa"),),
                                            (server("Qb", alive=False),), ()))
-    blocks, unserved = petals_swarm.block_map(config, swarm, snapshot)
+    blocks, unserved = dht.block_map(config, swarm, snapshot)
     assert unserved == (2, 3)
     assert blocks[0].servers[0].node == "n0"
-    n0 = petals_swarm.node_share(config, swarm, blocks, config.node("n0"))
+    n0 = dht.node_share(config, swarm, blocks, config.node("n0"))
     assert (n0.first_layer, n0.layers, n0.state, n0.planned_first, n0.planned_layers) == \
         (0, 2, "ONLINE", 0, 2)
-    n1 = petals_swarm.node_share(config, swarm, blocks, config.node("n1"))
+    n1 = dht.node_share(config, swarm, blocks, config.node("n1"))
     assert (n1.first_layer, n1.layers, n1.state) == (2, 1, "dead")
 
 

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.config import NodeConfig, SshOptions
-from core.doctor import CLOCK_TOLERANCE_S
 from core.engines.llama_rpc.build import find_cached_binary
+from core.engines.llama_rpc.doctor import CLOCK_TOLERANCE_S
 from core.engines.llama_rpc.rpc import resolve_binary_sh
 from core.reach import probe
 from core.reach.probe import (

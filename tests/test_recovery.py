@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from core.demo_model import ensure_demo_model
-from core.engines.llama_rpc.recovery import RecoveryResult, format_recovery, sticky_spans
+from core.engines.llama_rpc.recovery import sticky_spans
 from core.planning.model_info import read_gguf_info
 from core.planning.placement import COORDINATOR, Placement
 from core.planning.planner import NodeBudget, plan_layers
+from core.supervision.recovery_record import RecoveryResult, format_recovery
 
 MIB = 1 << 20
 BEFORE = {"a": [0, 3], "b": [3, 3], "c": [6, 2]}  # the demo model's 8 blocks on three workers

@@ -1,4 +1,4 @@
-"""core/smoke.py against a coordinator that is not there or not llama-server."""
+"""operations.generate against a coordinator that is not there or not llama-server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from core.cluster import Cluster
 from core.config import load_config
-from core.smoke import SmokeError, smoke_generate
+from core.operations import OperationError as SmokeError
+from core.operations import generate
 from tests.cluster_files import free_port, toml_text
 
 
@@ -24,7 +26,7 @@ def config_at(tmp_path: Path, port: int):  # type: ignore[no-untyped-def]
 async def test_no_coordinator_is_a_sentence(tmp_path: Path) -> None:
     with pytest.raises(SmokeError,
                        match=r"nothing answers at http://127.0.0.1:\d+: is the coordinator up"):
-        await smoke_generate(config_at(tmp_path, free_port()), timeout=5)
+        await generate(Cluster(config_at(tmp_path, free_port())), timeout=5)
 
 
 async def test_a_server_that_is_not_llama_server(tmp_path: Path) -> None:
@@ -40,7 +42,7 @@ async def test_a_server_that_is_not_llama_server(tmp_path: Path) -> None:
     port = server.sockets[0].getsockname()[1]
     try:
         with pytest.raises(SmokeError, match="not an OpenAI completion"):
-            await smoke_generate(config_at(tmp_path, port), timeout=5)
+            await generate(Cluster(config_at(tmp_path, port)), timeout=5)
     finally:
         server.close()
         await server.wait_closed()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from core import operations
 from core.cluster import Cluster
 from core.config import load_config
 from core.demo_model import ensure_demo_model
@@ -52,7 +53,7 @@ async def test_killed_worker_is_detected_and_the_coordinator_marked_degraded(
     cluster.subscribe(lambda e: notices.append(e) if isinstance(e, Notice) else None)
     supervisor = Supervisor(cluster, interval=0.5)
     try:
-        await cluster.up()
+        await operations.up(cluster, force=True)
         assert await supervisor.check_once() == []
         victim = cluster.nodes["w1"].pid
         assert victim

@@ -7,18 +7,16 @@ import asyncio
 import json
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import core
-from core.bringup import NothingStarted, plan_now, preflight_and_plan
-from core.cluster import Cluster, ClusterError
+from core import operations
+from core.cluster import Cluster
 from core.config import ClusterConfig, ConfigError, load_config
-from core.doctor import DoctorReport, run_doctor
-from core.engines.petals.swarm import is_petals_cluster
-from core.planning.placement import PlacementError, PlanRefused, format_placement
-from core.smoke import SMOKE_PROMPT, SmokeError, smoke_generate
-from core.status import READY, ClusterStatus, Event, NodeChanged, Notice
+from core.operations import SMOKE_PROMPT, OperationError
+from core.status import NodeState
+from tui.cli_format import format_doctor, format_status, print_event, print_problems
+from tui.text import sanitize
 
 DEMO_CONFIG = Path(core.__file__).resolve().parent / "demo" / "demo.toml"
 
@@ -49,48 +47,10 @@ def load_cluster_config(explicit: str | None) -> ClusterConfig:
     return config
 
 
-def _print_event(event: Event) -> None:
-    if isinstance(event, Notice):
-        if event.level == "error":
-            return  # the command's own error lines say it once
-        prefix = {"error": "error: ", "warning": "warning: "}.get(event.level, "")
-        print(f"{prefix}{event.text}", file=sys.stderr, flush=True)
-    elif isinstance(event, NodeChanged) and event.status.state == "starting" \
-            and event.status.pid is None:
-        print(f"{event.status.name}: starting worker on {event.status.endpoint}",
-              file=sys.stderr, flush=True)
-
-
-def format_status(status: ClusterStatus) -> str:
-    rows = [("NODE", "HOST", "BACKEND", "STATE", "PID", "ENDPOINT", "ERROR")]
-    for n in status.nodes:
-        rows.append((n.name, n.host, n.backend, n.state, str(n.pid or "-"), n.endpoint,
-                     n.error))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
-             for r in rows]
-    c = status.coordinator
-    lines.append("")
-    lines.append(f"coordinator: {c.state}  {c.url}  pid {c.pid or '-'}"
-                 + (f"  {c.error}" if c.error else ""))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def format_doctor(report: DoctorReport) -> str:
-    marks = {"ok": "ok  ", "warning": "WARN", "failed": "FAIL"}
-    lines = [f"{marks[c.level]}  {c.part:<14} {c.name:<8} {c.message}" for c in report.checks]
-    failed = len(report.failed)
-    lines.append("")
-    lines.append("all checks passed" if not failed else
-                 f"{failed} check{'s' if failed > 1 else ''} failed: fix them, or "
-                 "`up --force` to start anyway")
-    return "\n".join(lines)
-
-
 async def _doctor(config: ClusterConfig, as_json: bool) -> int:
     cluster = Cluster(config)
     try:
-        report = await run_doctor(cluster)
+        report = await operations.doctor(cluster)
     finally:
         await cluster.close()
     print(json.dumps(report.to_json(), indent=2) if as_json else format_doctor(report))
@@ -100,97 +60,96 @@ async def _doctor(config: ClusterConfig, as_json: bool) -> int:
 async def _plan(config: ClusterConfig, as_json: bool) -> int:
     cluster = Cluster(config)
     try:
-        placement = await plan_now(cluster)
-    except (PlacementError, PlanRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        planned = await operations.plan(cluster)
+    except OperationError as exc:
+        print_problems(exc.problems)
         return 1
     finally:
         await cluster.close()
-    if as_json:
-        print(json.dumps({"plan": asdict(placement.plan),
-                          "budgets": [asdict(b) for b in placement.budgets],
-                          "devices": placement.devices,
-                          "spans": placement.plan.rpc_spans()}, indent=2))
-    else:
-        print(format_placement(placement))
+    print(json.dumps(planned.json, indent=2) if as_json else planned.text)
     return 0
 
 
-async def _with_cluster(config: ClusterConfig, verbose: bool, action: str,
-                        force: bool = False) -> int:
+async def _up(config: ClusterConfig, force: bool) -> int:
     cluster = Cluster(config)
-    if verbose:
-        cluster.subscribe(_print_event)
+    cluster.subscribe(print_event)
     try:
-        spans = None
-        if action == "up" and not force:
-            try:
-                placement = await preflight_and_plan(cluster)
-            except NothingStarted as exc:
-                for problem in exc.problems:
-                    print(f"error: {problem}", file=sys.stderr)
-                print("preflight failed: nothing was started (`up --force` skips it)"
-                      if exc.stage == "preflight" else
-                      "nothing was started (`up --force` lets llama.cpp split by the free "
-                      "memory workers report)", file=sys.stderr)
-                return 1
-            assert placement is not None  # Petals clusters go to tui/petals_commands.py
-            spans = placement.plan.rpc_spans()
-            print(format_placement(placement), file=sys.stderr, flush=True)
-        if action == "up":
-            status = await cluster.up(spans)
-            print(f"cluster {config.name} is up: {status.coordinator.url}")
-        elif action == "down":
-            await cluster.down()
-            print(f"cluster {config.name} is down: nothing left running")
+        result = await operations.up(cluster, force=force)
+        if result.plan is not None:
+            print(result.plan.text, file=sys.stderr, flush=True)
+        where = (result.status.coordinator.url if cluster.capabilities.has_coordinator
+                 else result.plan.summary if result.plan else "")
+        print(f"cluster {config.name} is up: {where}")
         return 0
-    except ClusterError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        running = [n.name for n in cluster.nodes.values() if n.state == READY]
-        if action == "up" and running:
-            print(f"workers still running: {', '.join(running)} "
+    except OperationError as exc:
+        print_problems(exc.problems)
+        if exc.started_nothing:
+            print("preflight failed: nothing was started (`up --force` skips it)"
+                  if exc.stage == "preflight" else
+                  "nothing was started" + ("" if cluster.capabilities.node_start_needs_plan
+                                           else " (`up --force` lets llama.cpp split by the "
+                                           "free memory workers report)"), file=sys.stderr)
+            return 1
+        running = operations.running_workers(cluster)
+        if running:
+            label = cluster.capabilities.worker_label
+            print(f"{label}s still running: {', '.join(running)} "
                   "(`torbiz-tui down` stops them)", file=sys.stderr)
         return 1
     finally:
         await cluster.close()
 
 
-async def _generate(config: ClusterConfig, prompt: str, tokens: int) -> int:
+async def _down(config: ClusterConfig) -> int:
+    cluster = Cluster(config)
+    cluster.subscribe(print_event)
     try:
-        result = await smoke_generate(config, tokens, prompt)
-    except SmokeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        await operations.down(cluster)
+        print(f"cluster {config.name} is down: nothing left running")
+        return 0
+    except OperationError as exc:
+        print_problems(exc.problems)
         return 1
-    print(result.text)
+    finally:
+        await cluster.close()
+
+
+async def _generate(config: ClusterConfig, prompt: str, tokens: int) -> int:
+    cluster = Cluster(config)
+    try:
+        result = await operations.generate(cluster, prompt, tokens)
+    except OperationError as exc:
+        print_problems(exc.problems)
+        return 1
+    finally:
+        await cluster.close()
+    print(sanitize(result.text))
     print(f"{result.tokens} tokens in {result.seconds:.2f} s: {result.tokens_per_s:.1f} "
           "tokens/s", file=sys.stderr)
     return 0
 
 
 async def _status(config: ClusterConfig, as_json: bool) -> int:
+    from core.supervision.recovery_record import format_recovery
+
     cluster = Cluster(config)
     try:
-        status = await cluster.status(detail=as_json)
+        report = await operations.status(cluster, detail=True)
     finally:
         await cluster.close()
-    from core.engines.llama_rpc.recovery import format_recovery, last_recovery
-
-    recovery = last_recovery(cluster)
     if as_json:
-        print(json.dumps({**status.to_json(), "recovery": recovery}, indent=2))
+        print(json.dumps(report.to_json(), indent=2))
     else:
-        print(format_status(status))
-        if recovery is not None:
-            print(f"last recovery: {format_recovery(recovery)}")
-    healthy = all(n.state == READY for n in status.nodes) and status.coordinator.state == READY
-    return 0 if healthy else 3
+        print(format_status(report.status))
+        if report.recovery is not None:
+            print(f"last recovery: {sanitize(format_recovery(report.recovery))}")
+    return 0 if report.healthy else 3
 
 
 async def _watch(config: ClusterConfig, interval: float, recover: bool) -> int:
     """Print every fault the supervisor notices, and every recovery, one line each, until
     interrupted."""
-    from core.engines.llama_rpc.recovery import RecoveryResult, format_recovery
+    from core.supervision.recovery_record import RecoveryResult, format_recovery
     from core.supervision.supervisor import Detection, Supervisor
 
     cluster = Cluster(config)
@@ -198,15 +157,15 @@ async def _watch(config: ClusterConfig, interval: float, recover: bool) -> int:
 
     def report(item: Detection | RecoveryResult) -> None:
         if isinstance(item, RecoveryResult):
-            print(f"recovery: {format_recovery(item.to_json())}", flush=True)
+            print(f"recovery: {sanitize(format_recovery(item.to_json()))}", flush=True)
         else:
-            print(f"{item.part}: {item.state}: {item.reason}", flush=True)
+            print(f"{item.part}: {item.state}: {sanitize(item.reason)}", flush=True)
 
     try:
         first = await cluster.status()
         print(f"watching cluster {config.name}: "
-              f"{sum(n.state == READY for n in first.nodes)}/{len(first.nodes)} workers ready, "
-              f"coordinator {first.coordinator.state}; recovery "
+              f"{sum(n.state == NodeState.READY for n in first.nodes)}/{len(first.nodes)} "
+              f"workers ready, coordinator {first.coordinator.state}; recovery "
               f"{'on' if supervisor.recoverer else 'off'}", flush=True)
         await supervisor.run(report)
         return 0
@@ -217,27 +176,37 @@ async def _watch(config: ClusterConfig, interval: float, recover: bool) -> int:
 async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int) -> int:
     cluster = Cluster(config)
     try:
-        if node != "coordinator":
-            config.node(node)  # a clear error for an unknown name
         if follow:
-            source = (cluster.follow_coordinator_log(lines) if node == "coordinator"
-                      else cluster.follow_log(node, lines))
-            async for line in source:
-                print(line, flush=True)
+            async for line in operations.follow_log(cluster, node, lines):
+                print(sanitize(line), flush=True)
         else:
-            from core.engines.llama_rpc.coordinator import coordinator_state_dir, local_transport
-            from core.reach import detached
-
-            if node == "coordinator":
-                tail = await detached.log_tail(local_transport(),
-                                               coordinator_state_dir(config), lines)
-            else:
-                tail = await detached.log_tail(cluster.transport(node),
-                                               cluster.node_state_dir(config.node(node)), lines)
-            print("\n".join(tail))
+            tail = await operations.log_tail(cluster, node, lines)
+            print("\n".join(sanitize(line) for line in tail))
         return 0
+    except OperationError as exc:
+        print_problems(exc.problems)
+        return 2
     finally:
         await cluster.close()
+
+
+async def _provision(config: ClusterConfig, name: str, petals: bool) -> int:
+    if not petals:
+        print("error: say what to provision: --petals (the only environment so far)",
+              file=sys.stderr)
+        return 2
+    config.node(name)
+    cluster = Cluster(config)
+    try:
+        venv, info = await operations.provision_petals(
+            cluster, name, lambda line: print(sanitize(line), flush=True))
+    except OperationError as exc:
+        print_problems(exc.problems)
+        return 1
+    finally:
+        await cluster.close()
+    print(f"{name}: Petals environment ready in {venv}: {info}")
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -333,23 +302,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = load_cluster_config(config_arg)
         if args.command == "provision":
-            from tui import petals_commands
-
-            return asyncio.run(petals_commands.provision(config, args.node, args.petals))
-        if args.command == "generate":
+            return asyncio.run(_provision(config, args.node, args.petals))
+        if args.command in ("generate", "petals-generate"):
             return asyncio.run(_generate(config, args.prompt, args.new_tokens))
-        if args.command == "petals-generate":
-            from tui import petals_commands
-
-            return asyncio.run(petals_commands.generate(config, args.prompt, args.new_tokens))
-        if args.command in ("up", "plan", "status") and is_petals_cluster(config):
-            from tui import petals_commands
-
-            return petals_commands.run(args.command, config, getattr(args, "json", False),
-                                       getattr(args, "force", False))
-        if args.command in ("up", "down"):
-            return asyncio.run(_with_cluster(config, True, args.command,
-                                             getattr(args, "force", False)))
+        if args.command == "up":
+            return asyncio.run(_up(config, args.force))
+        if args.command == "down":
+            return asyncio.run(_down(config))
         if args.command == "plan":
             return asyncio.run(_plan(config, args.json))
         if args.command == "doctor":
