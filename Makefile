@@ -11,11 +11,13 @@ demo: setup
 
 test:
 	scripts/setup.sh --with-test-tools
+	.venv/bin/lint-imports
 	.venv/bin/python -m pytest -q -ra
 
 lint: setup
 	.venv/bin/ruff check core tui tests bench
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 bench: setup
 	.venv/bin/python bench/bringup.py

@@ -40,6 +40,14 @@ class UpResult:
     plan: PlanView | None  # None: started with --force, llama.cpp splits by free memory
     warnings: tuple[str, ...]
 
+    @property
+    def nodes(self) -> tuple[NodeStatus, ...]:
+        return self.status.nodes
+
+    @property
+    def coordinator(self) -> CoordinatorStatus:
+        return self.status.coordinator
+
 
 # ---- probes -----------------------------------------------------------------------------------
 
@@ -270,3 +278,16 @@ async def provision_petals(cluster: Cluster, name: str,
     if info.error:
         raise OperationError([f"{name}: built {venv}, but {info.error}"], "provision")
     return venv, f"python {info.python}, petals {info.petals}, torch {info.torch}"
+
+
+# ---- binaries ---------------------------------------------------------------------------------
+
+def build_llama(*, portable: bool, progress: Callable[[str], None]) -> str:
+    """Build rpc-server and llama-server into the cache; the directory, or OperationError."""
+    from core.engines.llama_rpc.build import LlamaBuildError
+    from core.engines.llama_rpc.build import build_llama as build
+
+    try:
+        return str(build(portable=portable, progress=progress))
+    except LlamaBuildError as exc:
+        raise OperationError([str(exc)], "build") from None

@@ -285,12 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     config_arg = getattr(args, "sub_config", None) or args.config
     try:
         if args.command == "build-llama":
-            from core.engines.llama_rpc.build import LlamaBuildError, build_llama
-
             try:
-                bin_dir = build_llama(portable=args.portable, progress=print)
-            except LlamaBuildError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                bin_dir = operations.build_llama(portable=args.portable, progress=print)
+            except OperationError as exc:
+                print_problems(exc.problems)
                 return 1
             print(f"binaries in {bin_dir}")
             return 0
