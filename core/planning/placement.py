@@ -4,7 +4,6 @@ works with, and the plan `up` follows."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -13,6 +12,7 @@ from core.config import ClusterConfig, NodeConfig
 from core.planning.model_info import ModelInfo, ModelInfoError, read_gguf_info
 from core.planning.planner import NodeBudget, Plan, PlanRefused, plan_layers
 from core.reach.probe import NodeProbe
+from core.units import format_bytes, table_lines
 
 GIB = 1 << 30
 DEFAULT_RAM_RESERVE_GB = 1.0  # the OS, sshd and the worker process itself
@@ -105,33 +105,20 @@ def format_placement(placement: Placement) -> str:
         blocks = (f"{share.first_layer}-{share.last_layer} ({share.n_layers})"
                   if share and share.n_layers else "-")
         rows.append((budget.name, placement.devices.get(budget.name, "?"),
-                     _gib(budget.available_bytes), _gib(budget.reserve_bytes),
-                     _gib(budget.budget_bytes), blocks,
-                     _gib(share.weight_bytes) if share else "-",
-                     _gib(share.kv_bytes) if share else "-",
-                     _gib(share.total_bytes) if share else "-"))
+                     format_bytes(budget.available_bytes), format_bytes(budget.reserve_bytes),
+                     format_bytes(budget.budget_bytes), blocks,
+                     format_bytes(share.weight_bytes) if share else "-",
+                     format_bytes(share.kv_bytes) if share else "-",
+                     format_bytes(share.total_bytes) if share else "-"))
     lines = table_lines(rows)
     model = placement.model
     lines.append("")
     lines.append(f"model {model.name or model.path}: {model.n_layers} blocks, "
-                 f"{_gib(model.total_bytes)} of weights; context {plan.context}, KV cache "
+                 f"{format_bytes(model.total_bytes)} of weights; context {plan.context}, KV cache "
                  f"{plan.cache_type}; policy {plan.policy}")
     if plan.unused:
         lines.append(f"not used: {', '.join(plan.unused)}")
     return "\n".join(lines)
-
-
-def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows as left-aligned columns two spaces apart (the first row is the header)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-            for r in rows]
-
-
-def _gib(value: int) -> str:
-    if value >= GIB:
-        return f"{value / GIB:.2f} GiB"
-    return f"{value / (1 << 20):.1f} MiB"
 
 
 __all__ = ["Placement", "PlacementError", "PlanRefused", "format_placement", "make_placement"]

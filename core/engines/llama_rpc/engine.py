@@ -33,6 +33,7 @@ from core.engines.llama_rpc.coordinator import (
 )
 from core.engines.llama_rpc.recovery import Recoverer, RecoveryHost, last_recovery
 from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, placement_file
+from core.local_log import since_last_start
 from core.planning.layer_map import LayerMap, llama_map
 from core.planning.placement import (
     Placement,
@@ -57,15 +58,7 @@ from core.supervision.throughput import ThroughputMonitor, ThroughputSample
 
 
 def _parse_coordinator_log(path: Path, max_bytes: int = 64 << 20) -> LoadReport:
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, 2)
-            log.seek(max(0, log.tell() - max_bytes))
-            data = log.read()
-    except OSError:
-        return LoadReport()
-    start = data.rfind(b"torbiz-start")
-    return parse_load_log(data[max(0, start):].splitlines())
+    return parse_load_log(since_last_start(path, max_bytes).splitlines())
 
 
 class LlamaRpcEngine(Engine):

@@ -26,6 +26,7 @@ from core.engines.llama_rpc.coordinator import (
     health,
     local_transport,
 )
+from core.local_log import since_last_start
 from core.reach import detached, tunnel
 from core.state_file import write_json
 from core.status import CoordinatorLoading, CoordinatorStatus, Level, NodeState
@@ -229,12 +230,5 @@ class CoordinatorRunner:
 
 def _log_progress(path: Path, max_bytes: int = 4 << 20) -> float | None:
     """The load log's stage as a fraction, from the last start marker on (a bounded tail)."""
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, 2)
-            log.seek(max(0, log.tell() - max_bytes))
-            data = log.read()
-    except OSError:
-        return None
-    start = data.rfind(b"torbiz-start")
-    return load_progress(data[max(0, start):].decode(errors="replace").splitlines())
+    text = since_last_start(path, max_bytes).decode(errors="replace")
+    return load_progress(text.splitlines())

@@ -22,6 +22,7 @@ from core.engines.petals.local import (
     side_env,
 )
 from core.engines.petals.swarm_file import read_swarm, swarm_dir, swarm_peers
+from core.local_log import tail_lines
 
 
 async def generate(config: ClusterConfig, prompt: str, new_tokens: int,
@@ -77,16 +78,6 @@ async def _read_answer(proc: asyncio.subprocess.Process, log: Path) -> Any:
         if text.startswith(backend.JSON_MARK):
             return json.loads(text[len(backend.JSON_MARK):])
     await proc.wait()
-    tail = (await asyncio.to_thread(_log_tail, log) or ["no output"])[-1][:300]
+    tail = (await asyncio.to_thread(tail_lines, log) or ["no output"])[-1][:300]
     raise PetalsError(f"the Petals client failed (exit {proc.returncode}): {tail} "
                       f"(log: {log})")
-
-
-def _log_tail(path: Path, size: int = 8192) -> list[str]:
-    try:
-        with open(path, "rb") as file:
-            file.seek(0, 2)
-            file.seek(max(0, file.tell() - size))
-            return [ln for ln in file.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return []
