@@ -5,7 +5,12 @@ textual-serve renders with xterm.js on a canvas, so the page's DOM holds no text
 protocol instead: a script installed before the page's own records what the server sends over
 the websocket (what xterm.js draws), and the page's own markers say the terminal exists and
 has drawn (`.xterm-screen canvas`, and the `-first-byte` class textual.js sets once output
-arrived). A screenshot is kept next to the test's temporary files for a human to look at."""
+arrived). A screenshot is kept next to the test's temporary files for a human to look at.
+
+Who gets in (tui/web_access.py): the browser that opened the printed URL, and nothing else. Pages
+of other origins, served by the test's own little web server on another 127.0.0.x port, try the
+websocket in the same Chromium and write what happened into their title; plain HTTP and
+websocket clients check Host, Origin, the token and the cookie's flags on the real headers."""
 
 from __future__ import annotations
 

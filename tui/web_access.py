@@ -90,20 +90,21 @@ def _refuse(reason: str) -> web.Response:
 def access_guard(access: WebAccess) -> Middleware:
     """An aiohttp middleware that lets through only this run's own page and websocket."""
     again = f"open the URL `torbiz-tui web` printed when it started ({access.origin}/?token=...)"
+    hosts, canonical_hosts = access.hosts, access.canonical_hosts
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get(hdrs.HOST, "").lower()
-        if host not in access.hosts:
+        if host not in hosts:
             return _refuse(f"this dashboard answers only at {access.origin} (the request named "
                            "another address; through an SSH tunnel keep the same port)")
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is not None and origin != access.origin:
-            return _refuse(f"requests from another site's page are refused (Origin {origin!r})")
+            return _refuse(f"requests from another origin's page are refused (Origin {origin!r})")
         websocket = request.headers.get(hdrs.UPGRADE, "").lower() == "websocket"
         if websocket and origin is None:
             return _refuse("a websocket must come from the dashboard's own page (no Origin)")
-        if host not in access.canonical_hosts:  # localhost or [::1]: the page lives at one origin
+        if host not in canonical_hosts:  # localhost or [::1]: the page lives at one origin
             if websocket:
                 return _refuse(f"the dashboard's websocket is at {access.origin}")
             raise web.HTTPTemporaryRedirect(f"{access.origin}{request.path_qs}")
