@@ -321,9 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             from tui.web import serve_dashboard
 
             path, _ = resolve_config_path(config_arg)
-            print(f"serving the dashboard of cluster {config.name} on "
-                  f"http://127.0.0.1:{args.port} (Ctrl-C stops the server; the cluster keeps "
-                  "running)", file=sys.stderr)
+            print(f"serving the dashboard of cluster {config.name} on 127.0.0.1 port {args.port} "
+                  "(Ctrl-C stops the server; the cluster keeps running)", file=sys.stderr)
             return serve_dashboard(path, config.name, port=args.port,
                                    read_only=args.read_only, log_lines=args.log_lines)
         from tui.app import run_dashboard
