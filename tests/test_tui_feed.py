@@ -14,6 +14,7 @@ from core.status import (
     STARTING,
     STOPPED,
     UNREACHABLE,
+    CoordinatorLoading,
     CoordinatorStatus,
     NodeStatus,
     Notice,
@@ -22,6 +23,7 @@ from tests.cluster_files import toml_text
 from tests.test_tui_pilot import wait_until
 from tui.app import TorbizApp, make_app
 from tui.screens.logs import LogsScreen
+from tui.screens.main import MainScreen
 from tui.widgets.load_progress import LoadProgress
 from tui.widgets.log_pane import LogPane
 from tui.widgets.log_view import LogView
@@ -42,9 +44,9 @@ def synthetic_config(tmp_path: Path, names: list[str]) -> ClusterConfig:
 
 
 def node(config: ClusterConfig, name: str, state: str, pid: int | None = None,
-         error: str = "") -> TorbizApp.NodeUpdated:
+         error: str = "") -> MainScreen.NodeUpdated:
     n = config.node(name)
-    return TorbizApp.NodeUpdated(NodeStatus(n.name, n.host, n.backend, state, pid, n.endpoint,
+    return MainScreen.NodeUpdated(NodeStatus(n.name, n.host, n.backend, state, pid, n.endpoint,
                                             error))
 
 
@@ -64,12 +66,12 @@ async def test_status_line_counts_states(config: ClusterConfig) -> None:
         assert "4 nodes" in status_text(app)
         for name, state in (("gpu-a", READY), ("gpu-b", READY), ("cpu-c", STARTING),
                             ("cpu-d", FAILED)):
-            app.post_message(node(config, name, state))
+            app.main.post_message(node(config, name, state))
         # The status line redraws on the shared redraw clock (tui/redraw.py), not at once.
         await wait_until(pilot, lambda: "2 ready  ·  1 starting  ·  1 failed" in status_text(app),
                          "the counts")
-        app.post_message(node(config, "cpu-d", UNREACHABLE, error="no SSH answer"))
-        app.post_message(node(config, "cpu-c", STOPPED))
+        app.main.post_message(node(config, "cpu-d", UNREACHABLE, error="no SSH answer"))
+        app.main.post_message(node(config, "cpu-c", STOPPED))
         await wait_until(pilot, lambda: "1 unreachable" in status_text(app), "the new counts")
         text = status_text(app)
         assert "0 starting" in text and "0 failed" in text
@@ -80,8 +82,8 @@ async def test_spinner_turns_on_starting_rows_only(config: ClusterConfig) -> Non
     app = make_app(config, live=False)
     app.animation_level = "full"
     async with app.run_test(size=SIZE) as pilot:
-        app.post_message(node(config, "gpu-a", STARTING))
-        app.post_message(node(config, "gpu-b", READY))
+        app.main.post_message(node(config, "gpu-a", STARTING))
+        app.main.post_message(node(config, "gpu-b", READY))
         await pilot.pause()
         table = app.main.query_one(NodeTable)
         frames = set()
@@ -90,7 +92,7 @@ async def test_spinner_turns_on_starting_rows_only(config: ClusterConfig) -> Non
             await pilot.pause(0.15)
         assert len(frames) > 1 and frames <= set(SPINNER)
         assert table.get_cell("gpu-b", "state").plain == "● ready"
-        app.post_message(node(config, "gpu-a", READY))
+        app.main.post_message(node(config, "gpu-a", READY))
         await pilot.pause(0.3)
         assert table.get_cell("gpu-a", "state").plain == "● ready"
 
@@ -101,23 +103,23 @@ async def test_load_progress_shows_while_the_coordinator_starts(config: ClusterC
         progress = app.main.query_one(LoadProgress)
         await pilot.pause()
         assert not progress.display or not progress.has_class("-loading")
-        app.post_message(TorbizApp.CoordinatorUpdated(
+        app.main.post_message(MainScreen.CoordinatorUpdated(
             CoordinatorStatus(STARTING, "http://127.0.0.1:8181", 4242)))
         await pilot.pause()
         assert progress.has_class("-loading")
-        app.post_message(TorbizApp.NoticeReceived(Notice(
+        # The core's typed event while llama-server loads; its notice goes to the event log.
+        app.main.post_message(MainScreen.LoadingUpdated(CoordinatorLoading(15.2, None, 503)))
+        app.main.post_message(MainScreen.NoticeReceived(Notice(
             "coordinator loading the model (15 s, /health says 503)")))
         await pilot.pause()
         assert "15 s" in str(progress.query_one("#load-label").render())
         assert app.event_log[-1].endswith("coordinator loading the model (15 s, /health says "
                                           "503)")
-        # A fraction from the core (issue 3) makes the bar determinate.
-        app.post_message(TorbizApp.NoticeReceived(Notice(
-            "coordinator loading the model (20 s, /health says 503)",
-            extra={"load_progress": 0.5})))
+        # A fraction from the core (the load log's stage) makes the bar determinate.
+        app.main.post_message(MainScreen.LoadingUpdated(CoordinatorLoading(20.0, 0.5, 503)))
         await pilot.pause()
         assert progress.query_one("#load-bar").percentage == 0.5  # type: ignore[attr-defined]
-        app.post_message(TorbizApp.CoordinatorUpdated(
+        app.main.post_message(MainScreen.CoordinatorUpdated(
             CoordinatorStatus(READY, "http://127.0.0.1:8181", 4242)))
         await pilot.pause()
         assert not progress.has_class("-loading")
@@ -126,12 +128,13 @@ async def test_load_progress_shows_while_the_coordinator_starts(config: ClusterC
 async def test_a_flood_of_log_lines_is_bounded_and_follows(config: ClusterConfig) -> None:
     app = make_app(config, live=False, log_lines=1_000)
     async with app.run_test(size=SIZE) as pilot:
-        app.post_message(node(config, "gpu-a", READY, 101))
+        app.main.post_message(node(config, "gpu-a", READY, 101))
         await pilot.pause()
         pane = app.main.query_one(LogPane)
         assert pane.source == "gpu-a"
         for batch in range(20):
-            app.post_message(TorbizApp.LogLines("gpu-a", [f"{batch}:{i}" for i in range(500)]))
+            app.main.post_message(MainScreen.LogLines("gpu-a",
+                                                      [f"{batch}:{i}" for i in range(500)]))
         await pilot.pause()
         assert pane.line_count == 1_000
         assert pane.plain_lines()[-1] == "19:499"
@@ -174,14 +177,15 @@ async def test_log_view_search_wrap_and_trim() -> None:
 async def test_event_log_screen_gets_new_notices(config: ClusterConfig) -> None:
     app = make_app(config, live=False, clock=lambda: "12:00:00")
     async with app.run_test(size=SIZE) as pilot:
-        app.post_message(TorbizApp.NoticeReceived(Notice("gpu-a: worker ready", node="gpu-a")))
+        app.main.post_message(MainScreen.NoticeReceived(Notice("gpu-a: worker ready",
+                                                               node="gpu-a")))
         await pilot.pause()
         await pilot.press("e")
         await pilot.pause()
         assert isinstance(app.screen, LogsScreen)
         view = app.screen.query_one(LogView)
         assert view.plain_lines() == ["12:00:00 info    gpu-a: worker ready"]
-        app.post_message(TorbizApp.NoticeReceived(Notice("cpu-d: boom", "error", "cpu-d")))
+        app.main.post_message(MainScreen.NoticeReceived(Notice("cpu-d: boom", "error", "cpu-d")))
         await pilot.pause()
         assert view.plain_lines()[-1] == "12:00:00 error   cpu-d: boom"
 
@@ -200,7 +204,7 @@ async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
         assert "no model placed yet" in str(view.render())
         shares = [LayerShare("gpu-a", "10.0.0.1:50052", 2, 3, 3, 12 << 20),
                   LayerShare("gpu-b", "10.0.0.2:50052", 5, 3, 2, 8 << 20)]
-        app.post_message(TorbizApp.LayerMapUpdated(llama_map(shares, blocks=8)))
+        app.main.post_message(MainScreen.LayerMapUpdated(llama_map(shares, blocks=8)))
         await pilot.pause()
         text = view.render_map(view.map)  # type: ignore[arg-type]
         plain = text.plain
@@ -215,7 +219,7 @@ async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
 
         panel = app.main.query_one(ThroughputPanel)
         for rate in (5.0, 12.5):
-            app.post_message(TorbizApp.ThroughputUpdated(ThroughputSample(
+            app.main.post_message(MainScreen.ThroughputUpdated(ThroughputSample(
                 at=0.0, gen_tps=rate, prompt_tps=40.0, requests_processing=1,
                 requests_deferred=2, decoded_total=10, prompt_tokens_total=30, slots_decoding=1,
                 slots=(SlotProgress(0, 7, True, 33, 15, 20, 20, rate),))))
@@ -224,13 +228,13 @@ async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
         shown = " ".join(str(w.render()) for w in panel.query("Static"))
         assert "12.5 tok/s" in shown and "1 processing · 2 queued" in shown
         assert "slot 0: 33 tokens (15 left)" in shown
-        app.post_message(TorbizApp.ThroughputUpdated(None, "coordinator stopped"))
+        app.main.post_message(MainScreen.ThroughputUpdated(None, "coordinator stopped"))
         await pilot.pause()
         assert "coordinator stopped" in str(panel.query_one("#requests").render())
 
 
 def test_uptime_shows_whole_minutes_hours_and_days() -> None:
-    from tui.widgets.node_table import uptime
+    from tui.model import uptime
 
     assert uptime(None) == "-"
     assert [uptime(1000.0, now) for now in (1000.0, 1059.0, 1060.0, 1000.0 + 3599,
@@ -240,7 +244,7 @@ def test_uptime_shows_whole_minutes_hours_and_days() -> None:
 
 def test_resource_cells_name_gpus_from_the_probe_never_from_words() -> None:
     from core.reach.probe import Gpu, NodeProbe
-    from tui.app import describe_resources
+    from tui.model import describe_resources
 
     def probe(gpus: tuple[Gpu, ...] = ()) -> NodeProbe:
         return NodeProbe("n", "Linux", "x86_64", 8, 32 << 30, 20 << 30, gpus, 0.0, 0.01,
@@ -254,15 +258,24 @@ def test_resource_cells_name_gpus_from_the_probe_never_from_words() -> None:
 
 async def test_extra_cells_survive_status_changes_and_feed_the_filter(
         config: ClusterConfig) -> None:
+    from core.planning.layer_map import LOADED, LayerMap, MapSpan
+    from core.supervision.throughput import ThroughputSample
+
     app = make_app(config, live=False)
     async with app.run_test(size=SIZE) as pilot:
         table = app.main.query_one(NodeTable)
-        app.post_message(node(config, "gpu-a", READY, pid=41))
+        app.main.post_message(node(config, "gpu-a", READY, pid=41))
+        # The cells the node's status does not carry: the probe's, the map's, the rate's.
+        app.main.post_message(MainScreen.ResourcesUpdated("gpu-a", "RTX 4090", "20.5 GiB"))
+        app.main.post_message(MainScreen.LayerMapUpdated(
+            LayerMap(4, (MapSpan("gpu-a", 0, 4),), source=LOADED)))
+        app.main.post_message(MainScreen.ThroughputUpdated(ThroughputSample(
+            at=0.0, gen_tps=9.5, prompt_tps=0.0, requests_processing=1, requests_deferred=0,
+            decoded_total=10, prompt_tokens_total=0, slots_decoding=1)))
         await pilot.pause()
-        table.show_extra("gpu-a", device="RTX 4090", free="20.5 GiB", layers="0-3", tps="9.5")
         assert table.get_cell("gpu-a", "device").plain == "RTX 4090"
         assert table.get_cell("gpu-a", "tps").plain == "9.5"
-        app.post_message(node(config, "gpu-a", FAILED, pid=41, error="worker died"))
+        app.main.post_message(node(config, "gpu-a", FAILED, pid=41, error="worker died"))
         await pilot.pause()
         assert table.get_cell("gpu-a", "layers").plain == "0-3"  # kept across the change
         assert table.get_cell("gpu-a", "tps").plain == "-"  # not serving: no rate

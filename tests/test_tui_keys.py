@@ -22,6 +22,7 @@ from tests.cluster_files import llama_processes_with, processes_under, ssh_clust
 from tui.app import CHANGES_CLUSTER, ConfirmScreen, QuitScreen, TorbizApp, make_app
 from tui.screens.help import HelpScreen
 from tui.screens.logs import LogsScreen
+from tui.screens.main import MainScreen
 from tui.widgets.log_view import LogView
 from tui.widgets.node_filter import NodeFilter
 from tui.widgets.status_line import StatusLine
@@ -206,9 +207,9 @@ async def test_help_lists_every_key(local_cluster: ClusterConfig) -> None:
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
         shown = screen_text(app)
-        for binding in [*TorbizApp.BINDINGS, *LogsScreen.BINDINGS]:
+        for binding in [*MainScreen.BINDINGS, *TorbizApp.BINDINGS, *LogsScreen.BINDINGS]:
             assert binding.tooltip.split()[0] in shown  # type: ignore[union-attr]
-        for rows in (rows for _, rows in app.help_sections()):
+        for rows in (rows for _, rows in app.main.help_sections()):
             for _, what in rows:
                 assert what[:30] in shown, what
         await pilot.press("escape")
@@ -248,9 +249,9 @@ async def test_read_only_hides_actions_in_the_palette_and_help(
     app = make_app(local_cluster, read_only=True)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, refreshed(app), "the first refresh")
-        titles = [command.title for command in app.palette_commands()]
+        titles = [command.title for command in app.main.palette_commands()]
         assert "Jump to node beta" in titles
-        changing = {b.tooltip for b in TorbizApp.BINDINGS if b.action in CHANGES_CLUSTER}
+        changing = {b.tooltip for b in MainScreen.BINDINGS if b.action in CHANGES_CLUSTER}
         assert not changing & set(titles)
         await pilot.press("colon")
         await pilot.pause()
@@ -410,10 +411,10 @@ async def test_g_generates_through_the_cluster(model_cluster: ClusterConfig) -> 
     app = make_app(model_cluster)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, refreshed(app), "the first refresh")
-        assert app.check_action("generate", ()) is None  # greyed: nothing serves yet
+        assert app.main.check_action("generate", ()) is None  # greyed: nothing serves yet
         await pilot.press("u")
         await wait_until(pilot, lambda: app.cluster.coordinator.state == READY
-                         and app.check_action("generate", ()) is True, "the coordinator",
+                         and app.main.check_action("generate", ()) is True, "the coordinator",
                          timeout=120)
         await pilot.press("g")
         await wait_until(pilot, lambda: any("generated " in line for line in app.event_log),

@@ -22,6 +22,7 @@ from core.engines.llama_rpc.build import find_cached_binary
 from core.status import READY, STOPPED, NodeStatus
 from tests.cluster_files import llama_processes_with, processes_under, ssh_cluster_file, toml_text
 from tui.app import ConfirmScreen, QuitScreen, TorbizApp, make_app
+from tui.screens.main import MainScreen
 from tui.widgets.coordinator_bar import CoordinatorBar
 from tui.widgets.log_pane import MAX_LINES, LogPane
 from tui.widgets.node_table import NodeTable
@@ -279,10 +280,10 @@ async def test_remote_text_is_inert_and_the_log_is_bounded(local_cluster: Cluste
         await wait_until(pilot, refreshed(app), "the first refresh")
         await wait_until(pilot, lambda: pane(app).source == "alpha", "alpha's log")
         lines = [f"line {i}" for i in range(MAX_LINES + 1_000)] + [hostile]
-        app.post_message(TorbizApp.LogLines("alpha", lines))
-        app.post_message(TorbizApp.LogLines("beta", ["not the selected node"]))
+        app.main.post_message(MainScreen.LogLines("alpha", lines))
+        app.main.post_message(MainScreen.LogLines("beta", ["not the selected node"]))
         status = app.cluster.nodes["alpha"]
-        app.post_message(TorbizApp.NodeUpdated(NodeStatus(
+        app.main.post_message(MainScreen.NodeUpdated(NodeStatus(
             status.name, status.host, status.backend, "failed", None, status.endpoint, hostile)))
         await wait_until(pilot, lambda: table(app).state_of("alpha") == "failed", "the event")
 

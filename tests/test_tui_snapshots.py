@@ -25,6 +25,7 @@ from core.status import (
     STARTING,
     STOPPED,
     UNREACHABLE,
+    CoordinatorLoading,
     CoordinatorStatus,
     LayerShare,
     NodeStatus,
@@ -34,6 +35,7 @@ from core.supervision.throughput import SlotProgress, ThroughputSample
 from tests.cluster_files import toml_text
 from tui.app import TorbizApp, make_app
 from tui.screens.logs import LogsScreen
+from tui.screens.main import MainScreen
 from tui.widgets.node_filter import NodeFilter
 
 SIZE = (140, 40)
@@ -108,27 +110,28 @@ async def feed(pilot: Pilot[Any], coordinator: str = STARTING) -> None:
     await pilot.pause()
     for name, _, state, pid, error in NODES:
         node = app.config.node(name)
-        app.post_message(TorbizApp.NodeUpdated(NodeStatus(
+        app.main.post_message(MainScreen.NodeUpdated(NodeStatus(
             name, node.host, node.backend, state, pid, node.endpoint, error,
             probe_ms=40 + 10 * len(name) if pid else None)))
-    app.post_message(TorbizApp.CoordinatorUpdated(CoordinatorStatus(
+    app.main.post_message(MainScreen.CoordinatorUpdated(CoordinatorStatus(
         coordinator, "http://127.0.0.1:8181", 4200 if coordinator != STOPPED else None)))
-    app.post_message(TorbizApp.NoticeReceived(Notice(
+    app.main.post_message(MainScreen.NoticeReceived(Notice(
         "gpu-a: worker ready on 10.9.66.41:50052 (pid 4101)", node="gpu-a")))
-    app.post_message(TorbizApp.NoticeReceived(Notice(
+    app.main.post_message(MainScreen.NoticeReceived(Notice(
         "cpu-d: out of memory: the worker could not allocate 2048 MiB (see its log)", "error",
         "cpu-d")))
     if coordinator == STARTING:
-        app.post_message(TorbizApp.NoticeReceived(Notice(
+        app.main.post_message(MainScreen.LoadingUpdated(CoordinatorLoading(15.0, None, 503)))
+        app.main.post_message(MainScreen.NoticeReceived(Notice(
             "coordinator loading the model (15 s, /health says 503)")))
-    app.post_message(TorbizApp.LogLines("gpu-a", WORKER_LOG))
+    app.main.post_message(MainScreen.LogLines("gpu-a", WORKER_LOG))
     for name, device, free in (("gpu-a", "RTX 4090", "21.3 GiB"), ("gpu-b", "RTX 3090", "22.9 GiB"),
                                ("gpu-c", "RTX 3090", "23.1 GiB"), ("cpu-d", "CPU 16c", "3.2 GiB")):
-        app.post_message(TorbizApp.ResourcesUpdated(name, device, free))
+        app.main.post_message(MainScreen.ResourcesUpdated(name, device, free))
     if coordinator != STOPPED:
-        app.post_message(TorbizApp.LayerMapUpdated(llama_map(LAYERS, blocks=80)))
+        app.main.post_message(MainScreen.LayerMapUpdated(llama_map(LAYERS, blocks=80)))
         for rate in THROUGHPUT:
-            app.post_message(TorbizApp.ThroughputUpdated(ThroughputSample(
+            app.main.post_message(MainScreen.ThroughputUpdated(ThroughputSample(
                 at=0.0, gen_tps=rate, prompt_tps=rate * 6, requests_processing=1,
                 requests_deferred=0, decoded_total=500, prompt_tokens_total=900,
                 slots_decoding=1, slots=(SlotProgress(0, 12, True, 214, 298, 300, 86, rate),))))
@@ -233,7 +236,7 @@ def test_quit_dialog(snap_compare: Any, config: ClusterConfig) -> None:
 def test_plan_preview(snap_compare: Any, config: ClusterConfig) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await feed(pilot, coordinator=STOPPED)
-        pilot.app.post_message(TorbizApp.PlanReady(PLAN_TEXT, refused=False))
+        pilot.app.main.post_message(MainScreen.PlanReady(PLAN_TEXT, refused=False))
         await settle(pilot)
 
     assert snap_compare(still_app(config), terminal_size=SIZE, run_before=run_before)

@@ -3,17 +3,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-if TYPE_CHECKING:
-    from tui.app import PaletteCommand, TorbizApp
+
+@dataclass(frozen=True)
+class PaletteCommand:
+    title: str
+    help: str
+    run: Callable[[], object]
+
+
+@runtime_checkable
+class OffersCommands(Protocol):
+    """A screen whose commands the palette offers (the main screen)."""
+
+    def palette_commands(self) -> list[PaletteCommand]: ...
 
 
 class DashboardCommands(Provider):
     def _commands(self) -> list[PaletteCommand]:
-        return cast("TorbizApp", self.app).palette_commands()
+        screen = self.screen
+        return screen.palette_commands() if isinstance(screen, OffersCommands) else []
 
     async def discover(self) -> Hits:
         for command in self._commands():

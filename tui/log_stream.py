@@ -8,7 +8,11 @@ waits instead of growing memory.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from core.cluster import Cluster
 
 LOG_QUEUE = 2_000  # lines read ahead of the screen; the stream waits when it is full
 LOG_BATCH = 500  # most lines in one message
@@ -17,7 +21,7 @@ RETRY_START = 2.0
 RETRY_MAX = 30.0
 
 
-async def pump_batches(lines: AsyncIterator[str], deliver: Callable[[list[str]], None]) -> None:
+async def pump_batches(lines: AsyncIterator[str], deliver: Callable[[list[str]], object]) -> None:
     """Read `lines` until they end (or raise what the stream raised), delivering batches."""
     queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue(LOG_QUEUE)
 
@@ -53,8 +57,8 @@ async def pump_batches(lines: AsyncIterator[str], deliver: Callable[[list[str]],
 
 
 async def follow_forever(open_stream: Callable[[int], AsyncIterator[str]], history: int,
-                         deliver: Callable[[list[str]], None],
-                         note: Callable[[str], None]) -> None:
+                         deliver: Callable[[list[str]], object],
+                         note: Callable[[str], object]) -> None:
     """Stream `open_stream(history)`; when it ends or fails, say so and reopen it with backoff
     (without history: the lines already shown stay). Runs until cancelled."""
     backoff = RETRY_START
@@ -68,3 +72,38 @@ async def follow_forever(open_stream: Callable[[int], AsyncIterator[str]], histo
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, RETRY_MAX)
         history = 0
+
+
+SourceKind = Literal["node", "coordinator", "events"]
+
+
+@dataclass(frozen=True)
+class LogSource:
+    kind: SourceKind
+    node: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"node:{self.node}" if self.kind == "node" else self.kind
+
+
+class ClusterLogs:
+    """What the logs screen reads: the cluster's log streams and the dashboard's event log."""
+
+    def __init__(self, cluster: Cluster, event_log: Sequence[str], *, live: bool) -> None:
+        self.cluster = cluster
+        self.event_log = event_log
+        self.live = live  # False: no streams (snapshots, benchmarks)
+
+    def title(self, source: LogSource) -> str:
+        if source.kind == "node" and source.node is not None:
+            node = self.cluster.config.node(source.node)
+            return f"worker log · {node.name} · {node.endpoint}"
+        if source.kind == "coordinator":
+            return f"coordinator log · {self.cluster.coordinator.url}"
+        return "event log · every notice since the dashboard opened"
+
+    def open(self, source: LogSource, history: int) -> AsyncIterator[str]:
+        if source.node is not None:
+            return self.cluster.follow_log(source.node, history)
+        return self.cluster.follow_coordinator_log(history)

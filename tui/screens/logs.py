@@ -3,9 +3,9 @@ log, with follow, search and wrap."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Protocol, cast
 
 from rich.text import Text
 from textual import on, work
@@ -15,24 +15,25 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Input, Static
 
-from tui.log_stream import follow_forever
+from tui.log_stream import LogSource, SourceKind, follow_forever
 from tui.text import sanitize
 from tui.widgets.log_view import LogView
 
-if TYPE_CHECKING:
-    from tui.app import TorbizApp
-
-SourceKind = Literal["node", "coordinator", "events"]
+__all__ = ["LogSource", "LogSources", "LogsScreen"]
 
 
-@dataclass(frozen=True)
-class LogSource:
-    kind: SourceKind
-    node: str | None = None
+class LogSources(Protocol):
+    """What the screen reads its logs from (tui.log_stream.ClusterLogs)."""
 
     @property
-    def key(self) -> str:
-        return f"node:{self.node}" if self.kind == "node" else self.kind
+    def live(self) -> bool: ...  # False: no streams, only the event log
+
+    @property
+    def event_log(self) -> Iterable[str]: ...
+
+    def title(self, source: LogSource) -> str: ...
+
+    def open(self, source: LogSource, history: int) -> AsyncIterator[str]: ...
 
 
 class LogsScreen(ModalScreen[None]):
@@ -61,15 +62,13 @@ class LogsScreen(ModalScreen[None]):
         source: str
         text: str
 
-    def __init__(self, source: LogSource, node: str | None, history: int) -> None:
+    def __init__(self, source: LogSource, node: str | None, history: int,
+                 sources: LogSources) -> None:
         super().__init__()
         self.source = source
         self.node = node  # what `1` shows: the node selected on the dashboard
         self.history = history
-
-    @property
-    def torbiz(self) -> TorbizApp:
-        return cast("TorbizApp", self.app)
+        self.sources = sources
 
     def compose(self) -> ComposeResult:
         yield Static(id="logs-title")
@@ -96,25 +95,17 @@ class LogsScreen(ModalScreen[None]):
         view.clear()
         view.following = True
         if source.kind == "events":
-            view.append(self.torbiz.event_log)
+            view.append(self.sources.event_log)
             self.workers.cancel_group(self, "logs-screen")
-        elif self.torbiz.live:
+        elif self.sources.live:
             self._stream(source)
         self._show_title()
         self.refresh_bindings()
 
-    def _title(self) -> str:
-        if self.source.kind == "node" and self.source.node is not None:
-            node = self.torbiz.config.node(self.source.node)
-            return f"worker log · {node.name} · {node.endpoint}"
-        if self.source.kind == "coordinator":
-            return f"coordinator log · {self.torbiz.cluster.coordinator.url}"
-        return "event log · every notice since the dashboard opened"
-
     def _show_title(self) -> None:
         view = self.view
         text = Text(no_wrap=True, overflow="ellipsis")
-        text.append(sanitize(self._title()), style="bold")
+        text.append(sanitize(self.sources.title(self.source)), style="bold")
         text.append(f"   {view.line_count} lines (max {view.max_lines})")
         text.append("   follow " + ("on" if view.following else "off"))
         text.append("   wrap " + ("on" if view.wrap else "off"))
@@ -126,16 +117,8 @@ class LogsScreen(ModalScreen[None]):
 
     @work(exclusive=True, group="logs-screen", exit_on_error=False)
     async def _stream(self, source: LogSource) -> None:
-        cluster = self.torbiz.cluster
         key = source.key
-        name = source.node
-
-        def open_stream(history: int) -> AsyncIterator[str]:
-            if name is not None:
-                return cluster.follow_log(name, history)
-            return cluster.follow_coordinator_log(history)
-
-        await follow_forever(open_stream, self.history,
+        await follow_forever(lambda history: self.sources.open(source, history), self.history,
                              lambda lines: self.post_message(self.Lines(key, lines)),
                              lambda note: self.post_message(self.Note(key, note)))
 

@@ -1,4 +1,5 @@
-"""The coordinator bar: llama-server's state, URL, pid and error on one line."""
+"""The coordinator bar: llama-server's state, URL, pid and error on one line; an engine with no
+coordinator names its serving side (a Petals swarm) instead."""
 
 from __future__ import annotations
 
@@ -8,29 +9,30 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from core.status import STATES, STOPPED, CoordinatorStatus
+from tui.model import PROBING, STOPPING, CoordinatorRow, Serving
 from tui.text import sanitize
 
 
 class CoordinatorBar(Static):
     COMPONENT_CLASSES = {
         f"coordinator-bar--{name}"
-        for name in (*STATES, "probing", "stopping", "label", "error")
+        for name in (*STATES, PROBING, STOPPING, "label", "error")
     }
 
-    status: reactive[CoordinatorStatus] = reactive(CoordinatorStatus(STOPPED))
-    swarm: str = ""  # a Petals swarm's DHT prefix: no coordinator, the bar names the swarm
+    status: reactive[CoordinatorRow] = reactive(CoordinatorRow(CoordinatorStatus(), STOPPED))
+    serving: Serving | None = None  # no coordinator: the bar names the swarm
 
-    def watch_status(self, status: CoordinatorStatus) -> None:
+    def watch_status(self, status: CoordinatorRow) -> None:
         def style(name: str) -> Style:
             return self.get_component_rich_style(f"coordinator-bar--{name}", partial=True,
                                                  default=Style())
 
         text = Text(no_wrap=True, overflow="ellipsis")
-        if self.swarm:
-            text.append("Petals swarm ", style=style("label"))
-            text.append(sanitize(self.swarm), style="bold")
-            text.append("   no coordinator: clients join the swarm (torbiz-tui petals-generate)",
-                        style=style("label"))
+        if self.serving is not None:
+            text.append(f"{self.serving.title} ", style=style("label"))
+            text.append(sanitize(self.serving.name), style="bold")
+            text.append(f"   no coordinator: clients join the {self.serving.label} "
+                        "(torbiz-tui generate)", style=style("label"))
             self.update(text)
             return
         text.append("coordinator ", style=style("label"))

@@ -8,7 +8,6 @@ own row only; every other row is a cached strip.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,16 +23,12 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.timer import Timer
 
-from core.status import FAILED, READY, STARTING, STATES, STOPPED, UNREACHABLE, NodeStatus
+from core.status import FAILED, READY, STARTING, STATES, STOPPED, UNREACHABLE
+from tui.model import PROBING, STOPPING, NodeRow, node_cells
 from tui.redraw import TABLE_INTERVAL, until_next_slot
-from tui.text import sanitize
-
-# States of ours, shown while the core has not spoken yet or is busy on the node.
-PROBING = "probing"  # until the first refresh says what the node really is
-STOPPING = "stopping"  # while a stop is in flight (the core reports only the outcome)
 
 # A glyph before each state, so state reads without colour too; busy states spin.
-GLYPHS = {READY: "●", STOPPED: "○", FAILED: "✖", UNREACHABLE: "⚠"}
+GLYPHS: dict[str, str] = {READY: "●", STOPPED: "○", FAILED: "✖", UNREACHABLE: "⚠"}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 SPINNING = frozenset({STARTING, STOPPING, PROBING})
 SPIN_INTERVAL = 1 / 8
@@ -53,9 +48,6 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("endpoint", "ENDPOINT", None),
     ("error", "ERROR", 48),
 )
-# Cells that come from elsewhere than the node's status: the resource probe (device, free
-# memory), the layer map, the coordinator's throughput. Kept per node across status changes.
-EXTRA = ("device", "free", "layers", "tps")
 UPTIME_INTERVAL = 15.0  # seconds between uptime redraws (they show whole minutes)
 AUTO_MAX = 32
 FLEXIBLE, FLEXIBLE_MIN = "error", 12
@@ -63,24 +55,8 @@ PADDING = 1  # cells each side of a value
 FILTERED = ("name", "host", "backend", "device", "state", "endpoint", "error")
 
 
-def uptime(started_at: float | None, now: float | None = None) -> str:
-    """Whole minutes, hours, days: `<1m`, `42m`, `3h05`, `2d04h`."""
-    if started_at is None:
-        return "-"
-    seconds = max(0, int((time.time() if now is None else now) - started_at))
-    minutes = seconds // 60
-    if minutes < 1:
-        return "<1m"
-    if minutes < 60:
-        return f"{minutes}m"
-    hours = minutes // 60
-    if hours < 24:
-        return f"{hours}h{minutes % 60:02d}"
-    return f"{hours // 24}d{hours % 24:02d}h"
-
-
 class NodeTable(ScrollView, can_focus=True):
-    """Rows keyed by node name, in their first order; `show_node` redraws only the row that
+    """Rows keyed by node name, in their first order; `show_row` redraws only the row that
     changed. A filter hides the rows that do not match; what every node shows is kept for all
     nodes, filtered or not."""
 
@@ -130,8 +106,7 @@ class NodeTable(ScrollView, can_focus=True):
         self._base: Style | None = None
         self._cursor_style: Style | None = None
         self._dirty_timer: Timer | None = None
-        self._extra: dict[str, dict[str, str]] = {}
-        self._status: dict[str, NodeStatus] = {}
+        self._data: dict[str, NodeRow] = {}  # what each row draws, for the uptime ticks
 
     def on_mount(self) -> None:
         self.border_title = "nodes"
@@ -176,39 +151,10 @@ class NodeTable(ScrollView, can_focus=True):
         """The cell as drawn (glyph and all), for tests and tools."""
         return self._cell(key, self._shown[name][key])
 
-    def _cells(self, status: NodeStatus) -> dict[str, str]:
-        extra = self._extra.get(status.name, {})
-        running = status.state in (READY, STARTING)
-        return {
-            "name": sanitize(status.name),
-            "host": sanitize(status.host),
-            "backend": sanitize(status.backend),
-            "device": extra.get("device", "-"),
-            "free": extra.get("free", "-"),
-            "layers": extra.get("layers", "-"),
-            "state": sanitize(status.state),
-            "latency": f"{status.probe_ms}ms" if status.probe_ms is not None else "-",
-            "tps": extra.get("tps", "-") if status.state == READY else "-",
-            "uptime": uptime(status.started_at) if running else "-",
-            "endpoint": sanitize(status.endpoint),
-            "error": sanitize(status.error),
-        }
-
-    def show_extra(self, name: str, **cells: str) -> None:
-        """Cells the node's status does not carry (see EXTRA): device, free, layers, tps."""
-        extra = self._extra.setdefault(name, {})
-        cells = {key: sanitize(value) for key, value in cells.items() if key in EXTRA}
-        if all(extra.get(key) == value for key, value in cells.items()):
-            return
-        extra.update(cells)
-        status = self._status.get(name)
-        if status is not None:
-            self.show_node(status)
-
     def _tick_uptimes(self) -> None:
-        for status in self._status.values():
-            if status.started_at is not None:
-                self.show_node(status)
+        for row in self._data.values():
+            if row.status.started_at is not None:
+                self.show_row(row)
 
     def _cell(self, key: str, value: str) -> Text:
         if key != "state":
@@ -223,10 +169,10 @@ class NodeTable(ScrollView, can_focus=True):
         needle = self._filter.casefold()
         return not needle or any(needle in cells[key].casefold() for key in FILTERED)
 
-    def show_node(self, status: NodeStatus) -> None:
-        name = status.name
-        self._status[name] = status
-        cells = self._cells(status)
+    def show_row(self, row: NodeRow) -> None:
+        name = row.name
+        self._data[name] = row
+        cells = node_cells(row)
         shown = self._shown.get(name)
         if shown == cells:
             return

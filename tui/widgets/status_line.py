@@ -8,9 +8,9 @@ from textual.timer import Timer
 from textual.widgets import Static
 
 from core.status import FAILED, READY, STARTING, STOPPED, UNREACHABLE
+from tui.model import PROBING, STOPPING
 from tui.redraw import TABLE_INTERVAL, until_next_slot
 from tui.text import sanitize
-from tui.widgets.node_table import PROBING, STOPPING
 
 # In the order they are shown; a state with no node is still shown when it matters most.
 ORDER = (READY, STARTING, STOPPING, FAILED, UNREACHABLE, STOPPED, PROBING)
