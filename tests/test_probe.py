@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from core.config import NodeConfig, SshOptions
 from core.engines.llama_rpc.build import find_cached_binary
 from core.engines.llama_rpc.doctor import CLOCK_TOLERANCE_S
-from core.engines.llama_rpc.rpc import resolve_binary_sh
+from core.engines.llama_rpc.rpc import resolve_binary_sh, worker_lookup
+from core.engines.petals.engine import PetalsEngine
 from core.reach import probe
 from core.reach.probe import (
     Gpu,
@@ -301,7 +302,7 @@ def assert_this_machine(result: probe.NodeProbe) -> None:
 
 async def test_local_probe_of_this_machine() -> None:
     transport = local_transport()
-    result = await probe_node(transport)
+    result = await probe_node(transport, worker=worker_lookup(transport.node, True))
     assert_this_machine(result)
     assert result.errors == ()
     expected = find_cached_binary("ggml-rpc-server")
@@ -315,7 +316,7 @@ async def test_ssh_probe_of_a_real_node(sshd_cluster) -> None:
     try:
         await transport.connect()
         started = time.perf_counter()
-        result = await probe_node(transport)
+        result = await probe_node(transport, worker=worker_lookup(transport.node, False))
         elapsed = time.perf_counter() - started
     finally:
         await transport.close()
@@ -341,12 +342,17 @@ async def test_unreachable_node_raises_transport_error(tmp_path: Path) -> None:
 
 
 async def test_missing_worker_is_a_sentence_and_petals_nodes_skip_the_lookup() -> None:
-    result = await probe_node(local_transport(rpc_server="/nonexistent/rpc-server"))
+    missing = local_transport(rpc_server="/nonexistent/rpc-server")
+    result = await probe_node(missing, worker=worker_lookup(missing.node, True))
     assert result.worker_binary is None
     assert result.errors == ("rpc_server '/nonexistent/rpc-server' is not an executable file "
                              "there",)
     assert result.cores == os.cpu_count()
-    petals = await probe_node(local_transport(backend="petals"))
+    petals_transport = local_transport(backend="petals")
+    # the Petals engine has no worker program to look up (its python is the doctor's check)
+    lookup = PetalsEngine.worker_lookup(None, petals_transport.node, True)  # type: ignore[arg-type]
+    assert lookup is None
+    petals = await probe_node(petals_transport, worker=lookup)
     assert petals.worker_binary is None and petals.errors == ()
 
 

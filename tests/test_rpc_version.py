@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core.cluster import Cluster, ClusterError
+from core.cluster import Cluster
 from core.config import load_config
+from core.engines.base import EngineError
 from core.engines.llama_rpc import rpc_version
 from core.engines.llama_rpc.build import find_cached_binary
 from core.engines.llama_rpc.rpc import RpcVersion
@@ -105,8 +106,8 @@ async def test_a_worker_of_another_protocol_is_refused_before_llama_server_start
                                   model={"gguf": str(tmp_path / "m.gguf")}))
         cluster = Cluster(load_config(path))
         try:
-            with pytest.raises(ClusterError) as refused:
-                await cluster._check_workers_answer(
+            with pytest.raises(EngineError) as refused:
+                await cluster.engine.runner.check_workers_answer(
                     list(cluster.config.nodes), [f"127.0.0.1:{port}"], server)
         finally:
             await cluster.close()

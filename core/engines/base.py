@@ -73,7 +73,12 @@ def port_taken(host: str, port: int, setting: str) -> str:
 
 
 class EngineError(Exception):
-    """An engine refused or failed; the message is a sentence for the operator."""
+    """An engine refused or failed; the message is a sentence for the operator, `problems`
+    one sentence per node or part when there are several."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class EngineContext(Protocol):

@@ -7,7 +7,7 @@ import ipaddress
 
 from core.checks import FAIL, OK, WARN, Check
 from core.config import ClusterConfig, NodeConfig
-from core.engines.base import EngineContext, port_taken
+from core.engines.base import EngineContext
 from core.engines.llama_rpc import rpc as llama_rpc
 from core.engines.llama_rpc import rpc_version
 from core.engines.llama_rpc.coordinator import (
@@ -102,7 +102,9 @@ def port_check(node: NodeConfig, proc: detached.ProcessState, what: str) -> Chec
     if proc.state == "running":
         return Check(node.name, "port", OK, f"our {what} runs there (pid {proc.pid})")
     if proc.port == "listening":
-        return Check(node.name, "port", FAIL, port_taken(node.host, node.rpc_port, "rpc_port"))
+        return Check(node.name, "port", FAIL, f"port {node.rpc_port} is taken by a program this "
+                                              "cluster did not start: stop it or set another "
+                                              "rpc_port")
     return Check(node.name, "port", OK, f"port {node.rpc_port} is free")
 
 

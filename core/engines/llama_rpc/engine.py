@@ -78,9 +78,7 @@ class LlamaRpcEngine(Engine):
         return [n for n in self.config.nodes if n.backend == self.name]
 
     def worker_lookup(self, node: NodeConfig, is_local: bool) -> WorkerLookup | None:
-        return WorkerLookup(llama_rpc.local_resolve_sh(node) if is_local
-                            else llama_rpc.resolve_binary_sh(node),
-                            lambda word: llama_rpc.explain_resolve_error(node, word))
+        return llama_rpc.worker_lookup(node, is_local)
 
     # ---- nodes ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from core.engines.llama_rpc.build import (
     RPC_SERVER_NAMES,
     find_cached_binary,
 )
+from core.reach.probe import WorkerLookup
 from core.reach.shell import path_word, quote
 
 RPC_CMD_HELLO = 14
@@ -163,3 +164,9 @@ def explain_worker_log(lines: list[str]) -> str:
         return "the worker process is gone and its log says nothing"
     return f"the worker process is gone (killed, or crashed); its log's last line: " \
            f"{meaningful[-1][:200]!r}"
+
+
+def worker_lookup(node: NodeConfig, is_local: bool) -> WorkerLookup:
+    """How the probe finds rpc-server on the node (the cached build here, else PATH)."""
+    return WorkerLookup(local_resolve_sh(node) if is_local else resolve_binary_sh(node),
+                        lambda word: explain_resolve_error(node, word))

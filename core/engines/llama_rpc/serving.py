@@ -97,7 +97,7 @@ class CoordinatorRunner:
             workers = [config.node(name) for name, _, count in spans if count > 0]
             layers = [count for _, _, count in spans if count > 0]
         endpoints = await self._endpoints(workers)
-        await self._check_workers_answer(workers, endpoints, binary)
+        await self.check_workers_answer(workers, endpoints, binary)
         host = config.coordinator.host
         if await llama_rpc.port_open("127.0.0.1" if host in ("0.0.0.0", "::") else host,
                                      config.coordinator.port):
@@ -128,7 +128,7 @@ class CoordinatorRunner:
         problems = [f"{n.name}: {r}" for n, r in zip(workers, results, strict=True)
                     if isinstance(r, BaseException)]
         if problems:
-            raise EngineError("; ".join(problems))
+            raise EngineError("; ".join(problems), problems)
         return [str(r) for r in results]
 
     async def _tunnel_endpoint(self, node: NodeConfig) -> str:
@@ -156,7 +156,7 @@ class CoordinatorRunner:
         await asyncio.gather(*(detached.stop(local_transport(), tunnel_state_dir(self.config, n))
                                for n in self.rpc_nodes if n.rpc_bind == "loopback"))
 
-    async def _check_workers_answer(self, workers: list[NodeConfig], endpoints: list[str],
+    async def check_workers_answer(self, workers: list[NodeConfig], endpoints: list[str],
                                     binary: str) -> None:
         """Every worker must answer an RPC HELLO now, in a protocol the coordinator's build
         accepts. One that is serving another client never answers: a second coordinator would
@@ -183,7 +183,7 @@ class CoordinatorRunner:
 
         problems = [p for p in await asyncio.gather(*(probe(n) for n in workers)) if p]
         if problems:
-            raise EngineError("; ".join(problems))
+            raise EngineError("; ".join(problems), problems)
 
     async def wait_ready(self, pid: int | None, timeout: float) -> CoordinatorStatus:
         """Poll /health until 200; while it loads, a typed CoordinatorLoading event with the
