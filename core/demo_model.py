@@ -14,6 +14,8 @@ from core.engines.llama_rpc.build import cache_root
 
 DEMO_MODEL_NAME = "torbiz-demo.gguf"
 _SPACE = "\u2581"  # SentencePiece's word boundary
+_FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
+               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 _WORDS = ("the to of and in it is for on with you this that what how hello world model layer "
           "node nodes cluster token tokens worker server run be as at by from we an or if not "
           "all can one will my your have do go get make know take see come think look want "
@@ -57,11 +59,12 @@ def _vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
 def write_demo_model(path: Path, *, seed: int = 0, n_layer: int = 8, n_embd: int = 256,
                      n_head: int = 4, n_head_kv: int = 2, n_ff: int = 512, n_vocab: int = 512,
                      context: int = 2048, dtype: str = "f16") -> Path:
-    """Write the model; the same arguments always give a byte-identical file."""
+    """Write the model; the same arguments always give a byte-identical file. `dtype` "q4_0"
+    quantizes every matrix to Q4_0 (what CPUs with AVX2 or NEON repack), norms stay f32."""
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
-    if dtype not in ("f16", "f32"):
-        raise ValueError("dtype must be f16 or f32")
+    if dtype not in _FILE_TYPES:
+        raise ValueError("dtype must be f16, f32 or q4_0")
     if n_vocab < 300:
         raise ValueError("n_vocab must be at least 300 (3 control + 256 byte tokens + pieces)")
     path = Path(path)
@@ -82,8 +85,7 @@ def write_demo_model(path: Path, *, seed: int = 0, n_layer: int = 8, n_embd: int
     writer.add_head_count_kv(n_head_kv)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16"
-                         else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(_FILE_TYPES[dtype])
     tokens, scores, types = _vocab(n_vocab)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -95,25 +97,30 @@ def write_demo_model(path: Path, *, seed: int = 0, n_layer: int = 8, n_embd: int
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
 
-    def matrix(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(wtype)
+    def add_matrix(name: str, rows: int, cols: int) -> None:
+        values = rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
+        if dtype == "q4_0":
+            writer.add_tensor(name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            writer.add_tensor(name, values.astype(wtype))
 
     def ones() -> np.ndarray:
         return np.ones(n_embd, dtype=np.float32)
 
-    writer.add_tensor("token_embd.weight", matrix(n_vocab, n_embd))
+    add_matrix("token_embd.weight", n_vocab, n_embd)
     for i in range(n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", ones())
-        writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", matrix(n_embd_kv, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", matrix(n_embd_kv, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(n_embd, n_embd))
+        add_matrix(f"blk.{i}.attn_q.weight", n_embd, n_embd)
+        add_matrix(f"blk.{i}.attn_k.weight", n_embd_kv, n_embd)
+        add_matrix(f"blk.{i}.attn_v.weight", n_embd_kv, n_embd)
+        add_matrix(f"blk.{i}.attn_output.weight", n_embd, n_embd)
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", ones())
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(n_embd, n_ff))
+        add_matrix(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        add_matrix(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        add_matrix(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
     writer.add_tensor("output_norm.weight", ones())
-    writer.add_tensor("output.weight", matrix(n_vocab, n_embd))
+    add_matrix("output.weight", n_vocab, n_embd)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -64,6 +64,12 @@ CASES: dict[str, Case] = {
                                   {W1: (2, 2.25, 0.50), W2: (2, 2.50, 0.50), HOST: (4, 4.76, 1.00)},
                                   (5, 9)),
     "cpu_only.log": ({"ts": None, "ngl": 99}, 8, {HOST: (8, 9.52, 2.00)}, (9, 9)),
+    # An Intel CPU with AMX: the CPU's weights twice, an AMX (repacked) copy beside CPU_Mapped.
+    "amx_cpu_only.log": ({"ts": None, "ngl": 0}, 8, {HOST: (8, 9.25 + 9.27, 2.00)}, (0, 9)),
+    "amx_rpc2_ngl6_ts12_nofit.log": ({"ts": (1, 2), "ngl": 6}, 8,
+                                     {"127.0.0.1:51111": (2, 2.25, 0.50),
+                                      "127.0.0.1:51112": (3, 3.63, 0.75),
+                                      HOST: (3, 3.38 + 2.88, 0.75)}, (6, 9)),
     # -lv 5: the --fit dry run prints a whole block of 0.00 MiB buffers first.
     "rpc2_lv5_trimmed.log": ({"ts": None, "ngl": 99}, 8,
                              {W1: (5, 5.63, 1.25), W2: (3, 3.63, 0.75), HOST: (0, 0.25, 0)},
@@ -125,6 +131,29 @@ def test_lv5_per_layer_lines_name_the_output_holder() -> None:
     # Without -lv 5 the log does not say.
     assert {d.holds_output for d in parse_load_log(lines("rpc2_fit_default.log")).devices} \
         == {None}
+
+
+def test_repacked_cpu_buffers_are_the_coordinators_cpu() -> None:
+    """AMX and CPU_REPACK are ggml-cpu's extra buffers: the same CPU holding a repacked copy.
+    They fold into "CPU" (no device named AMX), their bytes counted and told apart, and the
+    memory table's AMX row adds to the Host row."""
+    for name, repacked in (("amx_cpu_only.log", 9.25), ("amx_rpc2_ngl6_ts12_nofit.log", 3.38)):
+        report = parse_load_log(lines(name))
+        assert "AMX" not in {d.endpoint for d in report.devices}
+        cpu = report.device(HOST)
+        assert cpu is not None and cpu.repacked_bytes == mib(repacked)
+        assert [r.endpoint for r in report.memory].count(HOST) == 1
+        assert all(d.repacked_bytes == 0 for d in report.devices if d.endpoint != HOST)
+    table = {r.endpoint: r for r in parse_load_log(lines("amx_cpu_only.log")).memory}
+    assert (table[HOST].model_mib, table[HOST].context_mib, table[HOST].compute_mib) == (18, 2, 5)
+    # A CPU_REPACK buffer (this machine's AVX2 with a Q4_0 model) and any *_REPACK likewise.
+    text = ["load_tensors:   CPU_Mapped model buffer size =     2.62 MiB",
+            "load_tensors:   CPU_REPACK model buffer size =     2.60 MiB",
+            "load_tensors:   CPU_FUTURE_REPACK model buffer size =     1.00 MiB"]
+    cpu = parse_load_log(text).device(HOST)
+    assert cpu is not None and cpu.model_bytes == mib(2.62) + mib(2.60) + mib(1.00)
+    assert cpu.repacked_bytes == mib(2.60) + mib(1.00)
+    assert parse_load_log(lines("cpu_only.log")).device(HOST).repacked_bytes == 0  # type: ignore
 
 
 def test_free_memory_and_breakdown_table() -> None:

@@ -72,6 +72,11 @@ def test_demo_model_sizes_by_hand(tmp_path: Path, params: dict[str, object]) -> 
     assert (info.n_embd, info.n_head, info.n_head_kv) == (n_embd, n_head, n_head_kv)
     assert (info.head_dim_k, info.head_dim_v) == (head_dim, head_dim)
     assert info.total_bytes <= path.stat().st_size  # plus header and alignment padding
+    # The matrices a repacking CPU copies: each block's seven, and the output head's.
+    assert [len(m) for m in info.layer_matrices] == [7] * n_layer
+    assert sum(m.n_bytes for m in info.layer_matrices[0]) == block - F32 * 2 * n_embd
+    assert {m.type for m in info.layer_matrices[0]} == {"F16" if w == F16 else "F32"}
+    assert [m.n_bytes for m in info.output_matrices] == [w * n_vocab * n_embd]
 
     per_token = (n_head_kv * head_dim + n_head_kv * head_dim) * F16
     assert info.kv_bytes_per_token_per_layer() == per_token
@@ -212,6 +217,8 @@ def test_per_block_kv_heads_head_sizes_and_a_tied_head(tmp_path: Path) -> None:
     assert info.output_tied
     # The tied head is token_embd loaded again on the last block's device.
     assert info.output_bytes == h * F32 + vocab * h * F16
+    assert [(m.type, m.n_bytes) for m in info.output_matrices] == [("F16", vocab * h * F16)]
+    assert [len(m) for m in info.layer_matrices] == [1, 0, 1]
     assert info.embedding_bytes == vocab * h * F16
     assert info.kv_bytes_per_token_per_layer(layer=0) == 2 * (96 + 32) * F16
     assert info.kv_bytes_per_token_per_layer(layer=1) == 0

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from core.demo_model import write_demo_model
 from core.engines.llama_rpc.build import find_cached_binary
 from core.planning.model_info import ModelInfo, describe_bytes, read_gguf_info
+from core.planning.placement import local_cpu_repack
 from core.planning.planner import (
     NodeBudget,
     Plan,
@@ -23,12 +24,24 @@ from core.planning.planner import (
     layer_costs,
     plan_layers,
 )
-from core.supervision.load_log import HOST, MIB, llama_layer_split, parse_load_log, tensor_split_for
+from core.planning.repack import NO_REPACK, cpu_repack
+from core.supervision.load_log import (
+    HOST,
+    MIB,
+    LoadReport,
+    llama_layer_split,
+    parse_load_log,
+    tensor_split_for,
+)
 from tests.cluster_files import free_port, start_test_workers, stop_all, wait_for_load
 from tests.test_model_info import LLAMA2_70B_Q4K_BLOCK, llama2_70b_q4k
 
 GIB = 1 << 30
 LOAD_LOGS = Path(__file__).parent / "data" / "load_logs"
+PRINTED = 0.0051 * MIB  # llama.cpp prints MiB with two decimals (3.375 shows as 3.38)
+# The CPU of the host that recorded the amx_* logs, as /proc/cpuinfo names its features.
+AMX_HOST = cpu_repack({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8"},
+                      "x86_64")
 
 
 def make_model(layer_bytes: Sequence[int], output: int = 0, embedding: int = 0,
@@ -396,19 +409,93 @@ def test_planned_bytes_match_what_llama_server_loaded(tmp_path: Path) -> None:
         assert abs(device.kv_bytes - a.kv_bytes) <= 0.005 * MIB, a
 
 
+def assert_loaded_as_planned(plan: Plan, report: LoadReport) -> None:
+    """Blocks, KV and weights per device as planned. On the coordinator's CPU the repacked
+    copy (AMX, CPU_REPACK) is as planned too, and the mapped file within the plan: llama.cpp
+    maps the file range from the first to the last tensor it keeps unpacked, so repacked
+    matrices at either end of the range are not mapped (without repacking it is exact)."""
+    for a in plan.assignments:
+        device = report.device(HOST if a.on_coordinator else a.node)
+        assert device is not None and device.layers == a.n_layers, report
+        assert abs(device.kv_bytes - a.kv_bytes) <= PRINTED, (a, device)
+        assert abs(device.repacked_bytes - a.repacked_bytes) <= PRINTED, (a, device)
+        mapped = device.model_bytes - device.repacked_bytes
+        planned = a.weight_bytes - a.repacked_bytes
+        if a.repacked_bytes:
+            assert mapped <= planned + PRINTED, (a, device)
+        else:
+            assert abs(mapped - planned) <= PRINTED, (a, device)
+
+
+def test_planned_bytes_match_an_amx_cpus_load_log(tmp_path: Path) -> None:
+    """The logs from an Intel CPU with AMX: its llama-server keeps an AMX copy of every matrix
+    it holds (F16 too) beside the mapped file. A planner told that CPU repacks gives the
+    coordinator the copy's bytes; told it does not, it plans less than that CPU used."""
+    model = read_gguf_info(write_demo_model(tmp_path / "demo.gguf"))
+    per_block = model.layer_bytes[0] + model.kv_bytes(1, 512)
+    copy = AMX_HOST.repacked_bytes(model.layer_matrices[0])
+    assert copy == model.layer_bytes[0] - 2 * 256 * 4  # every matrix, not the two f32 norms
+    w1, w2 = "127.0.0.1:51111", "127.0.0.1:51112"
+    here = node("here", 3 * (per_block + copy) + model.embedding_bytes, is_coordinator=True,
+                repack=AMX_HOST)
+    nodes = [node(w1, 2 * per_block), node(w2, 3 * per_block + model.output_bytes), here]
+    plan = plan_layers(model, nodes, context=512)
+    assert [(a.node, a.n_layers) for a in plan.assignments] == [("here", 3), (w1, 2), (w2, 3)]
+    assert llama_layer_split(8, (1, 2), 6) == (3, (2, 3), 1)  # how that log was run
+    assert plan.assignments[0].repacked_bytes == 3 * copy
+    assert_loaded_as_planned(plan, parse_load_log(
+        (LOAD_LOGS / "amx_rpc2_ngl6_ts12_nofit.log").read_text().splitlines()))
+
+    alone = plan_layers(model, [node("here", GIB, is_coordinator=True, repack=AMX_HOST)],
+                        context=512)
+    assert alone.assignments[0].holds_output  # and the output matrix is repacked as well
+    report = parse_load_log((LOAD_LOGS / "amx_cpu_only.log").read_text().splitlines())
+    assert_loaded_as_planned(alone, report)
+    cpu = report.device(HOST)
+    assert cpu is not None
+    unaware = plan_layers(model, [node("here", GIB, is_coordinator=True)], context=512)
+    assert cpu.model_bytes > unaware.assignments[0].weight_bytes + 8 * MIB
+
+
+def test_a_repacking_coordinator_takes_fewer_blocks(tmp_path: Path) -> None:
+    """Its budget holds two blocks as they are on disk, one with its repacked copy (spread
+    would give it four)."""
+    model = read_gguf_info(write_demo_model(tmp_path / "demo.gguf"))
+    per_block = model.layer_bytes[0] + model.kv_bytes(1, 512)
+    budget = 2 * per_block + model.embedding_bytes
+    for repack, blocks in ((None, 2), (NO_REPACK, 2), (cpu_repack({"avx2"}, "x86_64"), 2),
+                           (AMX_HOST, 1)):
+        plan = plan_layers(model, [node("here", budget, is_coordinator=True, repack=repack),
+                                   node("w", GIB)], context=512, policy="spread")
+        share = plan.assignment("here")
+        assert share is not None and share.n_layers == blocks, repack
+        assert share.total_bytes <= budget
+    # Workers never repack: the same rule on a worker changes nothing.
+    plain = plan_layers(model, [node("w", GIB)], context=512)
+    flagged = plan_layers(model, [node("w", GIB, repack=AMX_HOST)], context=512)
+    assert plain == flagged
+
+
 @pytest.mark.integration
-def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["f16", "q4_0"])
+def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path, dtype: str) -> None:
     """Two real workers and llama-server started with the plan (-ngl/-ts from its spans,
-    --fit off) and a q8_0 KV cache: blocks, weights and KV per device are the planned ones."""
+    --fit off) and a q8_0 KV cache: blocks, weights and KV per device are the planned ones.
+    The coordinator's CPU repacks what this machine's CPU repacks (here: Q4_0 with AVX2 into
+    CPU_REPACK, F16 not at all; an AMX CPU: both), and the plan counts that copy."""
     rpc, server = find_cached_binary("ggml-rpc-server"), find_cached_binary("llama-server")
     if not (rpc and server):
         pytest.skip("llama.cpp binaries not built: run `torbiz-tui build-llama`")
-    model = read_gguf_info(write_demo_model(tmp_path / "m.gguf", n_layer=7, n_head_kv=1))
+    model = read_gguf_info(write_demo_model(tmp_path / "m.gguf", n_layer=7, n_head_kv=1,
+                                            dtype=dtype))
+    repack = local_cpu_repack()
     per_block = model.layer_bytes[0] + model.kv_bytes(1, 512, "q8_0")
     ports = [free_port(), free_port()]
     eps = [f"127.0.0.1:{p}" for p in ports]
     nodes = [node(eps[0], 2 * per_block), node(eps[1], 4 * per_block + model.output_bytes),
-             node("here", per_block + model.embedding_bytes, is_coordinator=True)]
+             node("here", per_block + model.embedding_bytes
+                  + repack.repacked_bytes(model.layer_matrices[0]), is_coordinator=True,
+                  repack=repack)]
     plan = plan_layers(model, nodes, context=500, cache_type="q8_0")
     assert plan.tensor_split(["here", *eps]) == [1, 2, 4]
     ngl, ts = tensor_split_for([count for _, _, count in plan.rpc_spans()])
@@ -426,10 +513,6 @@ def test_real_llama_server_loads_the_plan_byte_for_byte(tmp_path: Path) -> None:
             report = wait_for_load(coordinator, log_path)
         assert report.finished, log_path.read_text(errors="replace")[-2000:]
         assert plan.context == 512  # llama.cpp pads -c 500 to 512 cells as well
-        for a in plan.assignments:
-            device = report.device(HOST if a.on_coordinator else a.node)
-            assert device is not None and device.layers == a.n_layers, report
-            assert abs(device.model_bytes - a.weight_bytes) <= 0.005 * MIB, (a, device)
-            assert abs(device.kv_bytes - a.kv_bytes) <= 0.005 * MIB, (a, device)
+        assert_loaded_as_planned(plan, report)
     finally:
         stop_all(procs)

@@ -16,6 +16,8 @@ from typing import Any
 
 import gguf
 
+from core.planning.repack import WeightMatrix, matrix_of
+
 # llama-server --cache-type-k/-v names; values per block and bytes per block (ggml's sizes).
 _CACHE_TYPES: dict[str, gguf.GGMLQuantizationType] = {
     "f32": gguf.GGMLQuantizationType.F32,
@@ -68,10 +70,17 @@ class ModelInfo:
     head_dim_v: int
     n_head_kv_per_layer: tuple[int, ...] = ()  # empty: every block has n_head_kv
     sizes_from: str = "gguf"  # "gguf", "safetensors" (headers) or "config" (arithmetic)
+    # The matrices of each block and of the output head (a GGUF's; empty when not known): what
+    # the coordinator's CPU may keep a repacked copy of (see core.planning.repack).
+    layer_matrices: tuple[tuple[WeightMatrix, ...], ...] = ()
+    output_matrices: tuple[WeightMatrix, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.layer_bytes) != self.n_layers:
             raise ValueError(f"{self.path}: {len(self.layer_bytes)} block sizes for "
+                             f"{self.n_layers} blocks")
+        if self.layer_matrices and len(self.layer_matrices) != self.n_layers:
+            raise ValueError(f"{self.path}: matrices of {len(self.layer_matrices)} blocks for "
                              f"{self.n_layers} blocks")
         if self.n_head_kv_per_layer and len(self.n_head_kv_per_layer) != self.n_layers:
             raise ValueError(f"{self.path}: {len(self.n_head_kv_per_layer)} KV head counts for "
@@ -172,11 +181,15 @@ def read_gguf_info(path: Path) -> ModelInfo:
     head_dim_v = whole(f"{arch}.attention.value_length", n_embd // n_head)
 
     layer_bytes = [0] * n_layers
+    layer_matrices: list[list[WeightMatrix]] = [[] for _ in range(n_layers)]
+    output_matrices: list[WeightMatrix] = []
     embedding = output = 0
     token_embd = 0
+    token_embd_matrix: WeightMatrix | None = None
     has_output_matrix = False
     for tensor in reader.tensors:
         size = int(tensor.n_bytes)  # from type and shape in the tensor info
+        matrix = matrix_of(tensor.tensor_type.name, tensor.shape, size)
         block = _GGUF_BLOCK.match(tensor.name)
         if block:
             index = int(block.group(1))
@@ -184,14 +197,21 @@ def read_gguf_info(path: Path) -> ModelInfo:
                 raise ModelInfoError(f"{path}: tensor {tensor.name} names block {index} but "
                                      f"the header says {n_layers} blocks")
             layer_bytes[index] += size
+            if matrix:
+                layer_matrices[index].append(matrix)
         elif tensor.name.startswith(("output.", "output_norm.", "cls.")):
             output += size
             has_output_matrix = has_output_matrix or tensor.name == "output.weight"
+            if matrix:
+                output_matrices.append(matrix)
         else:
             embedding += size
             if tensor.name == "token_embd.weight":
                 token_embd = size
+                token_embd_matrix = matrix
     tied = not has_output_matrix
+    if tied and token_embd_matrix is not None:
+        output_matrices.append(token_embd_matrix)  # llama.cpp's second copy for the head
     return ModelInfo(
         path=str(path), architecture=arch, name=str(name), n_layers=n_layers,
         layer_bytes=tuple(layer_bytes), embedding_bytes=embedding,
@@ -199,7 +219,8 @@ def read_gguf_info(path: Path) -> ModelInfo:
         context_length=context, n_embd=n_embd, n_head=n_head, n_head_kv=max(kv_heads, default=0),
         head_dim_k=head_dim_k, head_dim_v=head_dim_v,
         n_head_kv_per_layer=() if len(set(kv_heads)) <= 1 else tuple(kv_heads),
-        sizes_from="gguf")
+        sizes_from="gguf", layer_matrices=tuple(tuple(m) for m in layer_matrices),
+        output_matrices=tuple(output_matrices))
 
 
 def _per_layer(path: Path, key: str, got: Any, n_layers: int) -> list[int]:

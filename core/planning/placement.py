@@ -4,13 +4,17 @@ works with, and the plan `up` follows."""
 from __future__ import annotations
 
 import asyncio
+import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
 from core.config import ClusterConfig, NodeConfig
 from core.planning.model_info import ModelInfo, ModelInfoError, read_gguf_info
 from core.planning.planner import NodeBudget, Plan, PlanRefused, plan_layers
+from core.planning.repack import NO_REPACK, CpuRepack, cpu_repack, parse_cpuinfo_flags
 from core.reach.probe import NodeProbe
 from core.units import format_bytes, table_lines
 
@@ -58,7 +62,24 @@ def node_budget(config: ClusterConfig, node: NodeConfig, probe: NodeProbe) -> tu
 def coordinator_budget(config: ClusterConfig) -> NodeBudget:
     return NodeBudget(name=COORDINATOR, available_bytes=psutil.virtual_memory().available,
                       reserve_bytes=int(_reserve_gb(config, None, False) * GIB),
-                      is_coordinator=True)
+                      is_coordinator=True,
+                      repack=local_cpu_repack(config.coordinator.extra_args))
+
+
+_NO_REPACK_FLAGS = ("-nr", "--no-repack", "--no_repack")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def local_cpu_repack(extra_args: Sequence[str] = (), cpuinfo: Path = CPUINFO) -> CpuRepack:
+    """What this machine's CPU (llama-server runs here) keeps a repacked copy of, from its
+    feature flags; nothing when llama-server is told --no-repack."""
+    if any(arg in _NO_REPACK_FLAGS for arg in extra_args):
+        return NO_REPACK
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    return cpu_repack(parse_cpuinfo_flags(text), platform.machine())
 
 
 async def read_model(config: ClusterConfig) -> ModelInfo:
@@ -114,8 +135,13 @@ def format_placement(placement: Placement) -> str:
     model = placement.model
     lines.append("")
     lines.append(f"model {model.name or model.path}: {model.n_layers} blocks, "
-                 f"{format_bytes(model.total_bytes)} of weights; context {plan.context}, KV cache "
-                 f"{plan.cache_type}; policy {plan.policy}")
+                 f"{format_bytes(model.total_bytes)} of weights; context {plan.context}, "
+                 f"KV cache {plan.cache_type}; policy {plan.policy}")
+    repacked = sum(a.repacked_bytes for a in plan.assignments)
+    if repacked:
+        lines.append(f"this machine's CPU keeps a repacked copy of its blocks' matrices "
+                     f"({format_bytes(repacked)}, counted in WEIGHTS); [coordinator] extra_args = "
+                     "[\"--no-repack\"] saves it, at some speed")
     if plan.unused:
         lines.append(f"not used: {', '.join(plan.unused)}")
     return "\n".join(lines)

@@ -14,7 +14,8 @@ Feasibility, precisely: with the nodes in --rpc order (the coordinator first, th
 given), a plan exists when the blocks can be cut into consecutive ranges, one per node, some
 possibly empty, such that every node's blocks (weights + KV at the padded context), plus the
 output head for the node holding the last block, plus the token embedding for the
-coordinator, fit its budget. Blocks are whole, so a sum of budgets larger than the model does
+coordinator, plus (on the coordinator, when its CPU repacks) the repacked copy of its
+matrices, fit its budget. Blocks are whole, so a sum of budgets larger than the model does
 not always fit; the planner refuses exactly when no such cut exists.
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.planning.model_info import ModelInfo, describe_bytes
+from core.planning.repack import CpuRepack
 
 POLICIES = ("pack", "spread")
 KV_CELL_PAD = 256  # llama.cpp rounds the context (the KV cells) up to a multiple of this
@@ -39,6 +41,8 @@ class NodeBudget:
     max_bytes: int | None = None  # per-node cap (max_memory_gb)
     weight: float = 1.0  # relative speed: faster nodes get layers first (pack) or more (spread)
     is_coordinator: bool = False  # the coordinator's own CPU: holds token_embd and first blocks
+    # The coordinator's CPU: which matrices it keeps a second, repacked copy of (None: none).
+    repack: CpuRepack | None = None
 
     @property
     def budget_bytes(self) -> int:
@@ -54,10 +58,12 @@ class Assignment:
     node: str
     first_layer: int
     n_layers: int
-    weight_bytes: int  # blocks, plus the output head and/or token embedding when held here
+    weight_bytes: int  # blocks, plus the output head and/or token embedding when held here,
+    # plus repacked_bytes
     kv_bytes: int
     holds_output: bool = False
     on_coordinator: bool = False  # blocks on the coordinator's CPU (no --rpc device)
+    repacked_bytes: int = 0  # the coordinator CPU's repacked copy of these matrices
 
     @property
     def last_layer(self) -> int:
@@ -157,11 +163,12 @@ class _Blocks:
         return bisect.bisect_left(self.prefix, self.prefix[end] - budget)
 
 
-def _fewest_nodes(blocks: _Blocks, budgets: Sequence[int], forced: set[int],
-                  excluded: set[int]) -> int | None:
-    """The fewest nodes (in this order, each a possibly empty range) that hold every block,
-    counting every node in `forced` and none in `excluded`; None when impossible. A forced
-    node may get no block here: a caller asking for the global minimum never sees that."""
+def _fewest_nodes(blocks: Sequence[_Blocks], budgets: Sequence[int], forced: set[int],
+                  excluded: set[int], n: int) -> int | None:
+    """The fewest nodes (in this order, each a possibly empty range; `blocks[i]` is the
+    blocks' cost on node i) that hold all `n` blocks, counting every node in `forced` and none
+    in `excluded`; None when impossible. A forced node may get no block here: a caller asking
+    for the global minimum never sees that."""
     size = len(budgets)
     # furthest[c]: the furthest prefix of blocks c counted nodes reach; -1: unreachable.
     furthest = [0] + [-1] * size
@@ -171,38 +178,41 @@ def _fewest_nodes(blocks: _Blocks, budgets: Sequence[int], forced: set[int],
         step = [-1] * (size + 1) if index in forced else list(furthest)
         for count in range(1, size + 1):
             if furthest[count - 1] >= 0:
-                step[count] = max(step[count], blocks.reach(budget, furthest[count - 1]))
+                step[count] = max(step[count],
+                                  blocks[index].reach(budget, furthest[count - 1]))
         furthest = step
-    return next((c for c, end in enumerate(furthest) if end == blocks.n), None)
+    return next((c for c, end in enumerate(furthest) if end == n), None)
 
 
-def _fill(blocks: _Blocks, budgets: Sequence[int], targets: Sequence[float] | None) -> list[int]:
-    """Blocks per node, in order. targets None: each node takes all it can (greedy). Else each
-    node takes as close to its share (by target weight, of the blocks still unplaced) as
-    keeps the rest placeable on the nodes after it."""
+def _fill(blocks: Sequence[_Blocks], budgets: Sequence[int],
+          targets: Sequence[float] | None) -> list[int]:
+    """Blocks per node, in order (`blocks[j]`: their cost on node j). targets None: each node
+    takes all it can (greedy). Else each node takes as close to its share (by target weight,
+    of the blocks still unplaced) as keeps the rest placeable on the nodes after it."""
     size = len(budgets)
+    n = blocks[0].n
     # earliest[j]: the earliest block from which nodes j.. can hold everything to the end.
-    earliest = [blocks.n] * (size + 1)
+    earliest = [n] * (size + 1)
     for j in range(size - 1, -1, -1):
-        earliest[j] = blocks.earliest_start(budgets[j], earliest[j + 1])
+        earliest[j] = blocks[j].earliest_start(budgets[j], earliest[j + 1])
     counts = []
     start = 0
     ideal = 0.0  # where this node's range would start in an unrounded proportional split
     for j, budget in enumerate(budgets):
-        most = blocks.reach(budget, start) - start
+        most = blocks[j].reach(budget, start) - start
         least = max(0, earliest[j + 1] - start)
         if targets is None:
             take = most
         else:
             rest = sum(targets[j:])
-            ideal_end = ideal + (blocks.n - ideal) * targets[j] / rest if rest > 0 else ideal
+            ideal_end = ideal + (n - ideal) * targets[j] / rest if rest > 0 else ideal
             # Rounding the cumulative end keeps every node within one block of its share.
             want = math.floor(ideal_end + 0.5) - start
             take = min(max(want, least), most)
             ideal = ideal_end if take == want else float(start + take)
         counts.append(take)
         start += take
-    if start != blocks.n:
+    if start != n:
         raise AssertionError("fill called on an infeasible layout")
     return counts
 
@@ -232,18 +242,21 @@ def plan_layers(model: ModelInfo, nodes: Sequence[NodeBudget], *, context: int,
         raise ValueError("at most one node can be the coordinator's own device")
     # llama.cpp keeps the first blocks on the coordinator's CPU: its range comes first.
     ordered = coordinators + [n for n in nodes if not n.is_coordinator]
-    blocks = _Blocks(layer_costs(model, context, cache_type), model.output_bytes)
+    costs = layer_costs(model, context, cache_type)
+    worker = _Blocks(costs, model.output_bytes)
+    blocks = [_coordinator_blocks(model, costs, n.repack) if n.is_coordinator else worker
+              for n in ordered]
     # token_embd is input, always on the coordinator's CPU; a worker never holds it.
     embedding = model.embedding_bytes if coordinators else 0
     _check_coordinator(model, coordinators, embedding)
     budgets = [max(0, n.budget_bytes - (embedding if n.is_coordinator else 0)) for n in ordered]
-    if _fewest_nodes(blocks, budgets, set(), set()) is None:
-        raise _refusal(ordered, budgets, blocks, embedding, kv_cells(context))
+    if _fewest_nodes(blocks, budgets, set(), set(), model.n_layers) is None:
+        raise _refusal(ordered, budgets, blocks, worker, embedding, kv_cells(context))
 
     if policy == "pack":
         chosen = _pack_choice(blocks, ordered, budgets)
         counts = [0] * len(ordered)
-        picked = _fill(blocks, [budgets[i] for i in chosen], None)
+        picked = _fill([blocks[i] for i in chosen], [budgets[i] for i in chosen], None)
         for index, count in zip(chosen, picked, strict=True):
             counts[index] = count
     else:
@@ -254,13 +267,25 @@ def plan_layers(model: ModelInfo, nodes: Sequence[NodeBudget], *, context: int,
                  [n.name for n in nodes])
 
 
-def _pack_choice(blocks: _Blocks, ordered: Sequence[NodeBudget],
+def _coordinator_blocks(model: ModelInfo, costs: Sequence[int],
+                        repack: CpuRepack | None) -> _Blocks:
+    """The blocks' cost on the coordinator's CPU: with the repacked copy it keeps of their
+    matrices (and of the output head's) when it repacks."""
+    if repack is None or not repack.repacks or not model.layer_matrices:
+        return _Blocks(costs, model.output_bytes)
+    return _Blocks([cost + repack.repacked_bytes(matrices)
+                    for cost, matrices in zip(costs, model.layer_matrices, strict=True)],
+                   model.output_bytes + repack.repacked_bytes(model.output_matrices))
+
+
+def _pack_choice(blocks: Sequence[_Blocks], ordered: Sequence[NodeBudget],
                  budgets: Sequence[int]) -> list[int]:
     """Indices (in --rpc order) of the fewest nodes that hold the model; among equally few,
     the best by (weight, coordinator first, budget, position) compared node by node from the
     best down. The coordinator's own device wins a tie of weights although its budget lost
     the token embedding: its blocks cost no RPC hop."""
-    fewest = _fewest_nodes(blocks, budgets, set(), set())
+    n = blocks[0].n
+    fewest = _fewest_nodes(blocks, budgets, set(), set(), n)
     assert fewest is not None
     ranking = sorted(range(len(ordered)), key=lambda i: (
         -ordered[i].weight, not ordered[i].is_coordinator, -budgets[i], i))
@@ -268,7 +293,7 @@ def _pack_choice(blocks: _Blocks, ordered: Sequence[NodeBudget],
     excluded: set[int] = set()
     for index in ranking:
         if len(forced) < fewest:
-            trial = _fewest_nodes(blocks, budgets, forced | {index}, excluded)
+            trial = _fewest_nodes(blocks, budgets, forced | {index}, excluded, n)
             if trial is not None and trial <= fewest:
                 forced.add(index)
                 continue
@@ -289,10 +314,17 @@ def _plan(model: ModelInfo, ordered: Sequence[NodeBudget], counts: Sequence[int]
         weight = sum(model.layer_bytes[first:first + count])
         weight += model.output_bytes if holds_output else 0
         weight += embedding if node.is_coordinator else 0
+        repacked = 0
+        if node.is_coordinator and node.repack is not None and model.layer_matrices:
+            repacked = sum(node.repack.repacked_bytes(m)
+                           for m in model.layer_matrices[first:first + count])
+            if holds_output:
+                repacked += node.repack.repacked_bytes(model.output_matrices)
         assignments.append(Assignment(
-            node=node.name, first_layer=first, n_layers=count, weight_bytes=weight,
+            node=node.name, first_layer=first, n_layers=count, weight_bytes=weight + repacked,
             kv_bytes=model.kv_bytes(count, cells, cache_type, first_layer=first),
-            holds_output=holds_output, on_coordinator=node.is_coordinator))
+            holds_output=holds_output, on_coordinator=node.is_coordinator,
+            repacked_bytes=repacked))
         first += count
     used = {a.node for a in assignments}
     return Plan(policy=policy, assignments=tuple(assignments),
@@ -313,13 +345,15 @@ def _check_coordinator(model: ModelInfo, coordinators: Sequence[NodeBudget],
                 embedding, node.budget_bytes)
 
 
-def _refusal(ordered: Sequence[NodeBudget], budgets: Sequence[int], blocks: _Blocks,
-             embedding: int, cells: int) -> PlanRefused:
-    """The sentence for a model that does not fit: what it needs, what the nodes hold, and
-    what a node added last would need (whole blocks from where the greedy fill stopped)."""
+def _refusal(ordered: Sequence[NodeBudget], budgets: Sequence[int],
+             node_blocks: Sequence[_Blocks], blocks: _Blocks, embedding: int,
+             cells: int) -> PlanRefused:
+    """The sentence for a model that does not fit: what it needs (`blocks`: on workers), what
+    the nodes hold, and what a worker added last would need (whole blocks from where the
+    greedy fill stopped)."""
     placed = 0
-    for budget in budgets:
-        placed = blocks.reach(budget, placed)
+    for budget, on_node in zip(budgets, node_blocks, strict=True):
+        placed = on_node.reach(budget, placed)
     missing = blocks.cost(placed, blocks.n)
     needed = blocks.cost(0, blocks.n) + embedding
     capacity = sum(n.budget_bytes for n in ordered)

@@ -14,11 +14,14 @@ The lines this relies on (quoted from the real binary):
     llama_server: model loaded
 
 Buffers are named `RPC<i>[endpoint]` where <i> is the device index inside that worker, so
-they are keyed (and summed) by endpoint. `--fit on` first measures with dry runs; at `-lv 4`
-those only print memory-breakdown tables, at `-lv 5` they print whole blocks of 0.00 MiB
-buffers: everything between "fitting params to device memory" and "fitting params to free
-memory took" is a dry run, and a new block of device lines after buffers starts over, so the
-report always describes the last (real) load.
+they are keyed (and summed) by endpoint. On CPUs that repack weights (Intel AMX, AVX2 or NEON
+with some quantized types) the coordinator's CPU shows an extra buffer beside the mapped file,
+`load_tensors: AMX model buffer size =` (or CPU_REPACK, ...) and an `AMX` row in the memory
+table: it is the same CPU, holding a second copy, so it is folded into "CPU" and counted.
+`--fit on` first measures with dry runs; at `-lv 4` those only print memory-breakdown tables,
+at `-lv 5` they print whole blocks of 0.00 MiB buffers: everything between "fitting params to
+device memory" and "fitting params to free memory took" is a dry run, and a new block of device
+lines after buffers starts over, so the report always describes the last (real) load.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.planning.repack import is_cpu_extra_buffer
+
 MIB = 1024 * 1024
-HOST = "CPU"  # the coordinator's own host buffers (CPU, CPU_Mapped, CPU_REPACK, CUDA_Host...)
+HOST = "CPU"  # the coordinator's own host buffers (CPU, CPU_Mapped, CPU_REPACK, AMX, CUDA_Host)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class DeviceLoad:
     layers: int | None = None  # repeating layers (blocks) held; the output head is not one
     free_bytes: int | None = None  # what the device reported when llama.cpp picked it
     holds_output: bool | None = None  # known only from `-lv 5` per-layer lines
+    repacked_bytes: int = 0  # of model_bytes: the CPU's repacked copy (AMX, CPU_REPACK, ...)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,8 @@ def _host_key(name: str) -> str:
     rpc = _RPC_BUFFER.match(name)
     if rpc:
         return rpc.group(1)
-    if name == "CPU" or name.startswith("CPU_") or name.endswith("_Host"):
+    if (name == "CPU" or name.startswith("CPU_") or name.endswith("_Host")
+            or is_cpu_extra_buffer(name)):
         return HOST
     return name
 
@@ -226,8 +233,8 @@ def _feed(state: _Parse, raw: object) -> None:
         if row and "common_memory_breakdown_print" in message:
             name, desc = row.group(1), row.group(2)
             endpoint = desc if desc and _RPC_DEVICE.match(name) else (
-                HOST if name == "Host" else name)
-            state.table.append(MemoryRow(
+                HOST if name == "Host" or is_cpu_extra_buffer(name) else name)
+            _add_row(state.table, MemoryRow(
                 endpoint=endpoint,
                 total_mib=int(row.group(3)) if row.group(3) else None,
                 free_mib=int(row.group(4)) if row.group(4) else None,
@@ -262,6 +269,20 @@ def _feed(state: _Parse, raw: object) -> None:
         return
     _feed_error(state.errors, level, message)
     _feed_block(state, message)
+
+
+def _add_row(table: list[MemoryRow], row: MemoryRow) -> None:
+    """A row, summed into the one for the same endpoint (the CPU's repacked-copy row, AMX,
+    goes with Host)."""
+    for index, seen in enumerate(table):
+        if seen.endpoint == row.endpoint:
+            table[index] = MemoryRow(
+                row.endpoint, seen.total_mib if seen.total_mib is not None else row.total_mib,
+                seen.free_mib if seen.free_mib is not None else row.free_mib,
+                seen.model_mib + row.model_mib, seen.context_mib + row.context_mib,
+                seen.compute_mib + row.compute_mib)
+            return
+    table.append(row)
 
 
 def _feed_error(errors: list[str], level: str, message: str) -> None:
@@ -361,7 +382,9 @@ def _report(state: _Parse, kv_bytes_per_layer: int | None) -> LoadReport:
             endpoint=key, model_bytes=total(block.model, key), kv_bytes=kv,
             compute_bytes=total(block.compute, key), layers=layers,
             free_bytes=free.get(key),
-            holds_output=(output_at == key) if output_at is not None else None))
+            holds_output=(output_at == key) if output_at is not None else None,
+            repacked_bytes=sum(size for name, size in block.model.items()
+                               if is_cpu_extra_buffer(name) and _host_key(name) == key)))
     # Keep --rpc order; the coordinator's host buffers last.
     devices.sort(key=lambda d: d.endpoint == HOST)
     error = "" if state.finished else _error_sentence(state.errors or state.fit_errors)
