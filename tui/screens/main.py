@@ -1,40 +1,23 @@
-"""The main screen: the dashboard. It owns the cluster's polls and actions: its workers await
-core.operations and post a message; its handlers update the model (tui/model.py) and redraw
-what changed; the keys ask the model what they may do."""
+"""The main screen: the dashboard. It owns the cluster's polls and actions (its workers, in
+ClusterWorkers, await core.operations and post a message); its handlers update the model
+(tui/model.py) and redraw what changed; its keys ask the model what they may do."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal
-from textual.message import Message
-from textual.screen import Screen
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState
 
-from core import operations
 from core.cluster import Cluster
-from core.operations import OperationError
-from core.planning.layer_map import LayerMap
-from core.status import (
-    CoordinatorChanged,
-    CoordinatorLoading,
-    CoordinatorStatus,
-    Event,
-    Level,
-    NodeChanged,
-    NodeStatus,
-    Notice,
-)
+from core.status import Level
 from core.supervision.supervisor import Supervisor
-from core.supervision.throughput import ThroughputSample
-from tui import pollers
 from tui.commands import DashboardCommands, PaletteCommand
 from tui.keys import MAIN_BINDINGS, HelpSection, bindings_by_action, help_sections
-from tui.log_stream import ClusterLogs, LogSource, follow_forever
+from tui.log_stream import ClusterLogs, LogSource
 from tui.model import (
     COORDINATOR,
     KEYED_ACTIONS,
@@ -44,6 +27,7 @@ from tui.model import (
     Dashboard,
     Key,
 )
+from tui.screens.cluster_workers import LOG_HISTORY, ClusterWorkers
 from tui.screens.dialogs import ConfirmScreen, QuitChoice, QuitScreen
 from tui.screens.help import HelpScreen
 from tui.screens.logs import LogsScreen
@@ -58,107 +42,21 @@ from tui.widgets.node_table import NodeTable
 from tui.widgets.status_line import StatusLine
 from tui.widgets.throughput_panel import ThroughputPanel
 
-LOG_HISTORY = 200  # lines of a log shown in the pane when its stream opens
 SEVERITY = {Level.ERROR: "error", Level.WARNING: "warning", Level.INFO: "information"}
 
 
-class MainScreen(Screen[None]):
+class MainScreen(ClusterWorkers):
     """Header, status line, node table (+ filter), coordinator row, the panels row for the
     layer map and throughput, the selected node's log, footer."""
 
     BINDINGS = MAIN_BINDINGS
     COMMANDS = {DashboardCommands}
 
-    # ---- messages: what the cluster and the workers tell the screen ----------------------------
-
-    @dataclass
-    class NodeUpdated(Message):
-        status: NodeStatus
-
-        def can_replace(self, message: Message) -> bool:
-            """A newer state of a node replaces one not drawn yet: one redraw, not many."""
-            return isinstance(message, MainScreen.NodeUpdated) \
-                and message.status.name == self.status.name
-
-    @dataclass
-    class CoordinatorUpdated(Message):
-        status: CoordinatorStatus
-
-        def can_replace(self, message: Message) -> bool:
-            return isinstance(message, MainScreen.CoordinatorUpdated)
-
-    @dataclass
-    class LoadingUpdated(Message):
-        loading: CoordinatorLoading
-
-        def can_replace(self, message: Message) -> bool:
-            return isinstance(message, MainScreen.LoadingUpdated)
-
-    @dataclass
-    class NoticeReceived(Message):
-        notice: Notice
-
-    @dataclass
-    class LayerMapUpdated(Message):
-        layer_map: LayerMap | None
-        error: str = ""
-
-        def can_replace(self, message: Message) -> bool:
-            return isinstance(message, MainScreen.LayerMapUpdated) and not message.error
-
-    @dataclass
-    class ThroughputUpdated(Message):
-        sample: ThroughputSample | None
-        error: str = ""
-
-    @dataclass
-    class ResourcesUpdated(Message):
-        node: str
-        device: str
-        free: str
-
-    @dataclass
-    class PlanReady(Message):
-        text: str
-        refused: bool
-
-    @dataclass
-    class Refreshed(Message):
-        """A refresh round finished; `error` is empty when it worked."""
-
-        error: str = ""
-
-    @dataclass
-    class ActionProblems(Message):
-        """An action failed; one sentence per part."""
-
-        problems: list[str]
-
-    @dataclass
-    class LogLines(Message):
-        source: str
-        lines: list[str]
-
-    @dataclass
-    class LogNote(Message):
-        source: str
-        text: str
-
-    @dataclass
-    class StoppedForQuit(Message):
-        """The operator chose "stop the cluster" when quitting, and it stopped."""
-
     # ---- life cycle ---------------------------------------------------------------------------
 
     def __init__(self, cluster: Cluster, supervisor: Supervisor, model: Dashboard, *,
                  live: bool = True, log_lines: int) -> None:
-        """`live` False: no polls and no log streams, only the messages posted to the screen
-        are shown (snapshots, the benchmark)."""
-        super().__init__(id="main")
-        self.cluster = cluster
-        self.supervisor = supervisor
-        self.model = model
-        self.live = live
+        super().__init__(cluster, supervisor, model, live=live, id="main")
         self.log_lines = log_lines
         self.log_sources = ClusterLogs(cluster, model.event_log, live=live)
         self._busy: dict[Worker[None], str] = {}
@@ -192,121 +90,7 @@ class MainScreen(Screen[None]):
             self.table.show_row(row)
         self.bar.status = self.model.coordinator
         self.table.focus()
-        self.cluster.subscribe(self._on_cluster_event)
-        if self.live:
-            self.poll()
-            self.poll_metrics()
-            self.poll_resources()
-
-    def _on_cluster_event(self, event: Event) -> None:
-        """The cluster's sink: called on our loop; turned into messages, never drawn here."""
-        if isinstance(event, NodeChanged):
-            self.post_message(self.NodeUpdated(event.status))
-        elif isinstance(event, CoordinatorChanged):
-            self.post_message(self.CoordinatorUpdated(event.status))
-        elif isinstance(event, CoordinatorLoading):
-            self.post_message(self.LoadingUpdated(event))
-        elif isinstance(event, Notice):
-            self.post_message(self.NoticeReceived(event))
-
-    def _gone(self) -> bool:
-        """Messages still queued when the app shuts down find the widgets already gone."""
-        return not self.app.is_running or not self.is_mounted
-
-    # ---- workers: await the core, post a message ----------------------------------------------
-
-    @work(exclusive=True, group="poll", exit_on_error=False)
-    async def poll(self) -> None:
-        await pollers.refresh_forever(
-            lambda: pollers.refresh_round(self.cluster, self.supervisor, self.model.busy_keys),
-            lambda error: self.post_message(self.Refreshed(error)))
-
-    @work(exclusive=True, group="resources", exit_on_error=False)
-    async def poll_resources(self) -> None:
-        await pollers.resources_forever(
-            self.cluster, lambda *found: self.post_message(self.ResourcesUpdated(*found)))
-
-    @work(exclusive=True, group="metrics", exit_on_error=False)
-    async def poll_metrics(self) -> None:
-        await pollers.metrics_forever(
-            self.cluster,
-            lambda found, error: self.post_message(self.LayerMapUpdated(found, error)),
-            lambda sample, error: self.post_message(self.ThroughputUpdated(sample, error)),
-            self.model.idle_throughput_note)
-
-    @work(exclusive=True, group="log", exit_on_error=False)
-    async def follow_log(self, name: str) -> None:
-        """Stream `name`'s log into the pane; replaced (cancelled) when the selection changes."""
-        await follow_forever(lambda history: self.cluster.follow_log(name, history), LOG_HISTORY,
-                             lambda lines: self.post_message(self.LogLines(name, lines)),
-                             lambda note: self.post_message(self.LogNote(name, note)))
-
-    # Actions are never exclusive: cancelling a start half-way would leave a half-started node.
-    # While one runs, check_action greys its key out instead.
-    @work(group="node-action", exit_on_error=False)
-    async def start_node(self, name: str) -> None:
-        await operations.start_node(self.cluster, name)
-
-    @work(group="node-action", exit_on_error=False)
-    async def stop_node(self, name: str) -> None:
-        await operations.stop_node(self.cluster, name)
-
-    @work(group="node-action", exit_on_error=False)
-    async def restart_node(self, name: str) -> None:
-        await operations.restart_node(self.cluster, name)
-
-    @work(group="coordinator-action", exit_on_error=False)
-    async def start_coordinator(self) -> None:
-        await operations.start_coordinator(self.cluster)
-
-    @work(group="coordinator-action", exit_on_error=False)
-    async def stop_coordinator(self) -> None:
-        await operations.stop_coordinator(self.cluster)
-
-    @work(group="cluster-action", exit_on_error=False)
-    async def cluster_up(self) -> None:
-        """As `torbiz-tui up`: the preflight, the plan, then only the plan's workers and the
-        coordinator placing exactly the plan."""
-        try:
-            await operations.up(self.cluster)
-        except OperationError as exc:
-            refused = [f"the {exc.stage} refused: nothing was started"] \
-                if exc.started_nothing else []
-            self.post_message(self.ActionProblems([*exc.problems, *refused]))
-
-    @work(group="cluster-action", exit_on_error=False)
-    async def cluster_down(self) -> None:
-        try:
-            await operations.down(self.cluster)
-        except OperationError as exc:
-            self.post_message(self.ActionProblems(exc.problems))
-
-    @work(group="cluster-action", exit_on_error=False)
-    async def stop_then_quit(self) -> None:
-        try:
-            await operations.down(self.cluster)
-        except OperationError as exc:  # the dashboard stays, showing what is still running
-            self.post_message(self.ActionProblems(exc.problems))
-            return
-        self.post_message(self.StoppedForQuit())
-
-    @work(group="generate", exclusive=True, exit_on_error=False)
-    async def smoke_generate(self) -> None:
-        try:
-            found = await operations.generate(self.cluster)
-        except OperationError as exc:
-            self.cluster.notice(f"generation failed: {exc}", Level.ERROR)
-            return
-        self.cluster.notice(f"generated {found.tokens} tokens in {found.seconds:.2f} s "
-                            f"({found.tokens_per_s:.1f} tok/s): {found.text.strip()[:80]!r}")
-
-    @work(group="plan", exclusive=True, exit_on_error=False)
-    async def plan_preview(self) -> None:
-        try:
-            text, refused = (await operations.plan(self.cluster)).text, False
-        except OperationError as exc:
-            text, refused = str(exc), True
-        self.post_message(self.PlanReady(text, refused))
+        self.start()
 
     # ---- message handlers: the model changes, then what it changed is drawn ---------------------
 
@@ -339,8 +123,8 @@ class MainScreen(Screen[None]):
         self.notify(sanitize(text), severity=SEVERITY[level],  # type: ignore[arg-type]
                     timeout=TOAST_SECONDS[level], markup=False)
 
-    @on(NodeUpdated)
-    def _node_updated(self, message: NodeUpdated) -> None:
+    @on(ClusterWorkers.NodeUpdated)
+    def _node_updated(self, message: ClusterWorkers.NodeUpdated) -> None:
         if self._gone():
             return
         row = self.model.node_changed(message.status)
@@ -348,22 +132,22 @@ class MainScreen(Screen[None]):
         if row.name == self.table.selected:  # the keys depend on no other node
             self._refresh_keys()
 
-    @on(CoordinatorUpdated)
-    def _coordinator_updated(self, message: CoordinatorUpdated) -> None:
+    @on(ClusterWorkers.CoordinatorUpdated)
+    def _coordinator_updated(self, message: ClusterWorkers.CoordinatorUpdated) -> None:
         if self._gone():
             return
         self.model.coordinator_changed(message.status)
         self._draw_coordinator()
         self._refresh_keys()
 
-    @on(LoadingUpdated)
-    def _loading_updated(self, message: LoadingUpdated) -> None:
+    @on(ClusterWorkers.LoadingUpdated)
+    def _loading_updated(self, message: ClusterWorkers.LoadingUpdated) -> None:
         if not self._gone():
             self.model.coordinator_loading(message.loading)
             self._draw_coordinator()
 
-    @on(NoticeReceived)
-    def _notice(self, message: NoticeReceived) -> None:
+    @on(ClusterWorkers.NoticeReceived)
+    def _notice(self, message: ClusterWorkers.NoticeReceived) -> None:
         if self._gone():
             return
         view = self.model.notice(message.notice)
@@ -374,8 +158,8 @@ class MainScreen(Screen[None]):
             self.notify(view.text, severity=SEVERITY[view.toast],  # type: ignore[arg-type]
                         timeout=TOAST_SECONDS[view.toast], markup=False)
 
-    @on(LayerMapUpdated)
-    def _layer_map_updated(self, message: LayerMapUpdated) -> None:
+    @on(ClusterWorkers.LayerMapUpdated)
+    def _layer_map_updated(self, message: ClusterWorkers.LayerMapUpdated) -> None:
         if self._gone():
             return
         if message.error:
@@ -383,21 +167,21 @@ class MainScreen(Screen[None]):
         self._draw(Changed(self.model.layer_map_changed(message.layer_map)))
         self.layer_map.show_map(message.layer_map)
 
-    @on(ThroughputUpdated)
-    def _throughput_updated(self, message: ThroughputUpdated) -> None:
+    @on(ClusterWorkers.ThroughputUpdated)
+    def _throughput_updated(self, message: ClusterWorkers.ThroughputUpdated) -> None:
         if self._gone():
             return
         self._draw(Changed(self.model.throughput_changed(message.sample, message.error)))
         self.throughput.show_sample(message.sample, message.error)
 
-    @on(ResourcesUpdated)
-    def _resources_updated(self, message: ResourcesUpdated) -> None:
+    @on(ClusterWorkers.ResourcesUpdated)
+    def _resources_updated(self, message: ClusterWorkers.ResourcesUpdated) -> None:
         if not self._gone():
             self.table.show_row(self.model.resources(message.node, message.device,
                                                      message.free))
 
-    @on(PlanReady)
-    def _plan_ready(self, message: PlanReady) -> None:
+    @on(ClusterWorkers.PlanReady)
+    def _plan_ready(self, message: ClusterWorkers.PlanReady) -> None:
         def answered(up: bool | None) -> None:
             if up and self.model.can("up"):
                 self.action_up()
@@ -407,18 +191,18 @@ class MainScreen(Screen[None]):
             self.app.push_screen(PlanScreen(plan.text, refused=plan.refused,
                                             read_only=self.model.read_only), answered)
 
-    @on(ActionProblems)
-    def _action_problems(self, message: ActionProblems) -> None:
+    @on(ClusterWorkers.ActionProblems)
+    def _action_problems(self, message: ClusterWorkers.ActionProblems) -> None:
         if not self._gone():
             for problem in self.model.unsaid(message.problems):  # the core may have said it
                 self.tell(problem)
 
-    @on(StoppedForQuit)
+    @on(ClusterWorkers.StoppedForQuit)
     def _stopped_for_quit(self) -> None:
         self.app.exit(0)
 
-    @on(Refreshed)
-    def _refreshed(self, message: Refreshed) -> None:
+    @on(ClusterWorkers.Refreshed)
+    def _refreshed(self, message: ClusterWorkers.Refreshed) -> None:
         if self._gone():
             return
         changed, went_stale = self.model.refreshed(message.error)
@@ -464,13 +248,13 @@ class MainScreen(Screen[None]):
             self.node_filter.close()
         self.table.focus()
 
-    @on(LogLines)
-    def _log_lines(self, message: LogLines) -> None:
+    @on(ClusterWorkers.LogLines)
+    def _log_lines(self, message: ClusterWorkers.LogLines) -> None:
         if not self._gone():
             self.pane.add_lines(message.source, message.lines)
 
-    @on(LogNote)
-    def _log_note(self, message: LogNote) -> None:
+    @on(ClusterWorkers.LogNote)
+    def _log_note(self, message: ClusterWorkers.LogNote) -> None:
         if not self._gone():
             self.pane.add_note(message.source, message.text)
 
