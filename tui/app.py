@@ -45,7 +45,7 @@ class TorbizApp(App[int]):
                                      recover=False if read_only else None)
         engine = self.cluster.engine
         self.model = Dashboard(
-            config, self.cluster.capabilities, self.cluster.nodes.values(),
+            self.cluster.capabilities, self.cluster.nodes.values(),
             self.cluster.coordinator, read_only=read_only,
             engine_title=engine.name.capitalize(),
             # The swarm's name, once the engine says it (asked of core: Engine.serving_name).

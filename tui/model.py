@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from core.config import ClusterConfig
 from core.engines.base import Capabilities
 from core.planning.layer_map import LayerMap
 from core.reach.probe import NodeProbe
@@ -188,11 +187,10 @@ class Changed:
 
 
 class Dashboard:
-    def __init__(self, config: ClusterConfig, capabilities: Capabilities,
+    def __init__(self, capabilities: Capabilities,
                  nodes: Iterable[NodeStatus], coordinator: CoordinatorStatus, *,
                  read_only: bool = False, engine_title: str = "", serving_name: str = "",
                  event_lines: int = 5_000, clock: Callable[[], str] | None = None) -> None:
-        self.config = config
         self.capabilities = capabilities
         self.read_only = read_only
         self.engine_title = engine_title
