@@ -20,7 +20,6 @@ import asyncssh
 
 from core.config import ConfigError, load_config
 from core.reach.transport import SshTransport, TransportError
-from core.text import terminal_safe
 
 PORT_FILE = "port"
 
@@ -54,8 +53,7 @@ async def run_tunnel(config_path: Path, node_name: str, port_file: Path) -> None
             keeper.close()
             print(f"{node.name}: SSH connection closed; reconnecting", flush=True)
         except (TransportError, OSError, asyncssh.Error) as exc:
-            # asyncssh's text may quote the server (its DISCONNECT reason): made inert.
-            print(f"{node.name}: {terminal_safe(str(exc))}; retrying in {delay:g} s", flush=True)
+            print(f"{node.name}: {exc}; retrying in {delay:g} s", flush=True)
         await transport.close()
         await asyncio.sleep(delay)
         delay = min(delay * 2, 30.0)
