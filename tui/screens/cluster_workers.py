@@ -34,7 +34,8 @@ LOG_HISTORY = 200  # lines of a log shown in the pane when its stream opens
 
 
 class ClusterWorkers(Screen[None]):
-    """A screen driving the cluster: `start` subscribes to its events and starts the polls."""
+    """A screen driving the cluster: `follow_cluster` subscribes to the cluster's events and
+    starts the polls."""
 
     # ---- messages: what the cluster and the workers tell the screen ----------------------------
 
@@ -127,7 +128,7 @@ class ClusterWorkers(Screen[None]):
         self.model = model
         self.live = live
 
-    def start(self) -> None:
+    def follow_cluster(self) -> None:
         self.cluster.subscribe(self._on_cluster_event)
         if self.live:
             self.poll()

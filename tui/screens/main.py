@@ -5,10 +5,12 @@ ClusterWorkers, await core.operations and post a message); its handlers update t
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal
+from textual.notifications import SeverityLevel
 from textual.widgets import Footer, Header
 from textual.worker import Worker, WorkerState
 
@@ -42,7 +44,8 @@ from tui.widgets.node_table import NodeTable
 from tui.widgets.status_line import StatusLine
 from tui.widgets.throughput_panel import ThroughputPanel
 
-SEVERITY = {Level.ERROR: "error", Level.WARNING: "warning", Level.INFO: "information"}
+SEVERITY: dict[Level, SeverityLevel] = {Level.ERROR: "error", Level.WARNING: "warning",
+                                        Level.INFO: "information"}
 
 
 class MainScreen(ClusterWorkers):
@@ -90,7 +93,7 @@ class MainScreen(ClusterWorkers):
             self.table.show_row(row)
         self.bar.status = self.model.coordinator
         self.table.focus()
-        self.start()
+        self.follow_cluster()
 
     # ---- message handlers: the model changes, then what it changed is drawn ---------------------
 
@@ -120,8 +123,8 @@ class MainScreen(ClusterWorkers):
     def tell(self, text: str, level: Level = Level.ERROR) -> None:
         """A notification that also goes to the event log."""
         self._add_event(self.model.record(level, text))
-        self.notify(sanitize(text), severity=SEVERITY[level],  # type: ignore[arg-type]
-                    timeout=TOAST_SECONDS[level], markup=False)
+        self.notify(sanitize(text), severity=SEVERITY[level], timeout=TOAST_SECONDS[level],
+                    markup=False)
 
     @on(ClusterWorkers.NodeUpdated)
     def _node_updated(self, message: ClusterWorkers.NodeUpdated) -> None:
@@ -155,8 +158,8 @@ class MainScreen(ClusterWorkers):
         if view.node_note is not None and message.notice.node is not None:
             self.pane.add_note(message.notice.node, view.node_note)  # kept by the node's log
         if view.toast is not None:
-            self.notify(view.text, severity=SEVERITY[view.toast],  # type: ignore[arg-type]
-                        timeout=TOAST_SECONDS[view.toast], markup=False)
+            self.notify(view.text, severity=SEVERITY[view.toast], timeout=TOAST_SECONDS[view.toast],
+                        markup=False)
 
     @on(ClusterWorkers.LayerMapUpdated)
     def _layer_map_updated(self, message: ClusterWorkers.LayerMapUpdated) -> None:
@@ -428,7 +431,7 @@ class MainScreen(ClusterWorkers):
                 continue
             commands.append(PaletteCommand(
                 binding.tooltip or binding.description, f"key: {' / '.join(keys)}",
-                lambda action=action: self.run_action(action)))  # type: ignore[misc]
+                partial(self.run_action, action)))
         commands.append(PaletteCommand("The coordinator's log, full screen",
                                        "also key 2 on the logs screen",
                                        self.action_coordinator_log))
@@ -438,7 +441,7 @@ class MainScreen(ClusterWorkers):
             name = node.name
             commands.append(PaletteCommand(
                 f"Jump to node {name}", f"{node.endpoint} · {self.model.nodes[name].state}",
-                lambda name=name: self.jump_to(name)))  # type: ignore[misc]
+                partial(self.jump_to, name)))
         return commands
 
     def help_sections(self) -> list[HelpSection]:
