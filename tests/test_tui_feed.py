@@ -24,6 +24,7 @@ from tests.test_tui_pilot import wait_until
 from tui.app import TorbizApp, make_app
 from tui.screens.logs import LogsScreen
 from tui.screens.main import MainScreen
+from tui.widgets.coordinator_bar import CoordinatorBar
 from tui.widgets.load_progress import LoadProgress
 from tui.widgets.log_pane import LogPane
 from tui.widgets.log_view import LogView
@@ -281,3 +282,33 @@ async def test_extra_cells_survive_status_changes_and_feed_the_filter(
         assert table.get_cell("gpu-a", "tps").plain == "-"  # not serving: no rate
         table.set_filter("4090")
         assert table.rows == ["gpu-a"]
+
+
+async def test_an_engine_without_a_coordinator_names_its_swarm_and_hides_c(
+        tmp_path: Path) -> None:
+    """A Petals cluster: the bar names the swarm, `c` is not offered, `g` waits for a ready
+    server, the throughput panel says where tokens/s come from; asked of the engine's
+    capabilities, never of its name."""
+    nodes = [{"name": name, "host": f"10.0.0.{i + 1}", "transport": "ssh", "backend": "petals"}
+             for i, name in enumerate(["node1", "node2"])]
+    path = tmp_path / "cluster.toml"
+    path.write_text(toml_text({"name": "swarm", "state_dir": str(tmp_path / "state")}, nodes,
+                              model={"hf": str(tmp_path / "model")},
+                              petals={"dht_prefix": "tbzpetals"}))
+    config = load_config(path)
+    app = make_app(config, live=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "Petals swarm" in str(app.main.query_one(CoordinatorBar).render())
+        app.main.post_message(MainScreen.ThroughputUpdated(None, app.main.model
+                                                           .idle_throughput_note("stopped")))
+        app.main.post_message(MainScreen.Refreshed())
+        await pilot.pause()
+        assert "Petals: `torbiz-tui generate` gives tok/s" in str(
+            app.main.query_one("#requests").render())
+        assert app.main.check_action("start_coordinator", ()) is False
+        assert app.main.check_action("stop_coordinator", ()) is False
+        assert app.main.check_action("generate", ()) is None
+        app.main.post_message(node(config, "node2", READY, pid=7))
+        await pilot.pause()
+        assert app.main.check_action("generate", ()) is True

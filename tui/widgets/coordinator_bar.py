@@ -29,8 +29,10 @@ class CoordinatorBar(Static):
 
         text = Text(no_wrap=True, overflow="ellipsis")
         if self.serving is not None:
-            text.append(f"{self.serving.title} ", style=style("label"))
-            text.append(sanitize(self.serving.name), style="bold")
+            text.append(self.serving.title, style=style("label"))
+            if self.serving.name:
+                text.append(" ")
+                text.append(sanitize(self.serving.name), style="bold")
             text.append(f"   no coordinator: clients join the {self.serving.label} "
                         "(torbiz-tui generate)", style=style("label"))
             self.update(text)
