@@ -187,6 +187,9 @@ class Changed:
 
 
 class Dashboard:
+    """The whole screen's state. Updates return what they changed; questions (`check`,
+    `running_summary`) read only what the operator sees."""
+
     def __init__(self, capabilities: Capabilities,
                  nodes: Iterable[NodeStatus], coordinator: CoordinatorStatus, *,
                  read_only: bool = False, engine_title: str = "", serving_name: str = "",
@@ -237,14 +240,14 @@ class Dashboard:
         return line
 
     def notice(self, notice: Notice) -> NoticeView:
+        level = Level(notice.level)
         text = sanitize(notice.text)
-        line = self.record(notice.level, notice.text)
-        note = None if notice.node is None else \
-            f"-- {self.clock()} {notice.level!s}: {text} --"
-        toast: Level | None = notice.level
-        if notice.level == Level.INFO and notice.node is None and self.loading is not None:
+        line = self.record(level, notice.text)
+        note = None if notice.node is None else f"-- {self.clock()} {level!s}: {text} --"
+        toast: Level | None = level
+        if level == Level.INFO and notice.node is None and self.loading is not None:
             toast = None  # the loading row shows progress; a toast every 5 s would be noise
-        if notice.level == Level.ERROR:
+        if level == Level.ERROR:
             self._recent_errors.append(notice.text)
         return NoticeView(line, text, toast, note)
 
