@@ -115,15 +115,16 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -
     raise AssertionError(f"{url}/health did not answer 200 within {timeout:g} s")
 
 
-def ssh_transport_for(sshd: Any, index: int = 0) -> Any:
-    """An SshTransport to one harness node, logging in as root with the harness's keys."""
+def ssh_transport_for(sshd: Any, index: int = 0, user: str = "root") -> Any:
+    """An SshTransport to one harness node, logging in as `user` (root unless a test made
+    another login, see tests.sshd_cluster.login_user) with the harness's keys."""
     from core.config import NodeConfig, SshOptions
     from core.reach.transport import SshTransport
 
     node = sshd.nodes[index]
     return SshTransport(NodeConfig(
         name=node.name, host=node.host, ssh_port=node.port,
-        ssh=SshOptions(user="root", identity_file=str(sshd.client_key),
+        ssh=SshOptions(user=user, identity_file=str(sshd.client_key),
                        known_hosts=str(sshd.known_hosts), config_file=None)))
 
 

@@ -20,6 +20,8 @@ import atexit
 import contextlib
 import errno
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +66,31 @@ def root_login_problem(shadow: Path = Path("/etc/shadow")) -> str | None:
                     "refuses root as a locked account. A container image normally has '*' "
                     "there (usable for key logins): `usermod -p '*' root` on a throwaway box")
     return None
+
+
+def login_user(shell: str, prefix: str = "torbiz-sh-") -> str:
+    """The name of a local account whose login shell is `shell` (fish, zsh, dash, tcsh, ...),
+    for key logins to the harness's nodes (which authorize cluster.client_key for every user).
+    Made once with `useradd` and kept (the machine's /etc/passwd is not the harness's to clean):
+    `<prefix><shell>`, a home directory of its own, a password field of '*' (a locked '!'
+    account is refused by sshd without PAM)."""
+    path = shutil.which(shell)
+    if path is None:
+        raise SshdError(f"{shell} missing: apt-get install {shell}")
+    name = prefix + Path(path).name
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        made = subprocess.run(["useradd", "--create-home", "--shell", path, name],
+                              capture_output=True, text=True)
+        try:
+            entry = pwd.getpwnam(name)  # another test run may have made it meanwhile
+        except KeyError:
+            raise SshdError(f"useradd {name} failed: {made.stderr.strip()}") from None
+    if entry.pw_shell != path:
+        subprocess.run(["usermod", "--shell", path, name], check=True, capture_output=True)
+    subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
+    return name
 
 
 def _quote(value: object) -> str:
@@ -170,6 +197,10 @@ class SshdCluster:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         # Per-connection sshd processes left behind by a listener we stopped: stop() ends them.
         self._orphans: list[psutil.Process] = []
+        # Other logins than root read their keys from their home (sshd reads them as that user,
+        # who cannot read this harness's directory): a file named for this cluster only.
+        self.user_keys_name = f"authorized_keys.torbiz-{os.getpid()}-{id(self):x}"
+        self._user_key_files: list[Path] = []
 
     # ---- paths -------------------------------------------------------------------------------
 
@@ -206,7 +237,7 @@ class SshdCluster:
             f"ListenAddress {host}:{self.port}",
             f"HostKey {_quote(d / 'host_key')}",
             f"PidFile {_quote(d / 'sshd.pid')}",
-            f"AuthorizedKeysFile {_quote(self.authorized_keys)}",
+            f"AuthorizedKeysFile {_quote(self.authorized_keys)} .ssh/{self.user_keys_name}",
             "PermitRootLogin prohibit-password",
             "PubkeyAuthentication yes",
             "PasswordAuthentication no",
@@ -360,7 +391,23 @@ class SshdCluster:
             self.stop_node(name, drop_connections=True)
         orphans, self._orphans = self._orphans, []
         _end(orphans)  # sessions left by listeners stopped with stop_node()
+        for path in self._user_key_files:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._user_key_files = []
         _live.discard(self)
+
+    def authorize(self, user: str) -> None:
+        """Let `user` (e.g. from login_user()) log in to every node with client_key."""
+        entry = pwd.getpwnam(user)
+        ssh_dir = Path(entry.pw_dir) / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(ssh_dir, entry.pw_uid, entry.pw_gid)
+        path = ssh_dir / self.user_keys_name
+        path.write_text(self.client_key.with_suffix(".pub").read_text())
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        path.chmod(0o600)
+        self._user_key_files.append(path)
 
     # ---- clients -----------------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ from core.planning.planner import NodeBudget, PlanRefused, plan_layers
 from core.reach.probe import NodeProbe
 
 GIB = 1 << 30
+# Peer ids of the shape hivemind makes (base58 sha2-256 multihashes).
+PEER_A = "QmbyV4BASLJCFiCfKz37eNwFX8y6hefQ7LGpzvEwJQzNft"
+PEER_B = "QmSXDk2v6kPu4BXW7UE6BsE4rB3k7Y1yJ11a9owiH52Ti4"
 
 LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
              "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
@@ -114,16 +117,16 @@ def test_server_args_cpu_new_swarm_then_join(tmp_path: Path) -> None:
                         ("--identity_path", "/s/n0/identity.key"), ("--dht_prefix", "torbiz-p")):
         assert first[first.index(flag) + 1] == value
     assert "--quant_type" not in first and "--throughput" in first
-    peer = backend.multiaddr(node, "QmPeer")
+    peer = backend.multiaddr(node, PEER_A)
     joiner = backend.server_args(config, config.node("n1"), "/s/n1", "/m", (16, 32), [peer])
     assert "--new_swarm" not in joiner
-    assert joiner[joiner.index("--initial_peers") + 1] == "/ip4/10.0.0.1/tcp/31337/p2p/QmPeer"
+    assert joiner[joiner.index("--initial_peers") + 1] == f"/ip4/10.0.0.1/tcp/31337/p2p/{PEER_A}"
     gpu = backend.server_args(config, node, "/s/n0", "/m", (0, 16), [], gpu=True)
     assert "--device" not in gpu  # GPU nodes keep Petals' defaults
 
 
 def test_configured_initial_peers_never_make_a_new_swarm(tmp_path: Path) -> None:
-    peer = "/ip4/10.0.0.9/tcp/31337/p2p/QmExisting"
+    peer = f"/ip4/10.0.0.9/tcp/31337/p2p/{PEER_B}"
     config = load_config(_config(tmp_path, LLAMA2_7B, extra=f'initial_peers = ["{peer}"]'))
     args = backend.server_args(config, config.node("n0"), "/s", "/m", (0, 1), [])
     assert "--new_swarm" not in args and args[args.index("--initial_peers") + 1] == peer

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from core.reach.shell import quote
 from core.reach.transport import Transport
+from core.text import terminal_safe
 
 MIB = 1024 * 1024
 MAX_RAM_BYTES = 1 << 50  # 1 PiB: anything above is garbage, not a machine
@@ -92,8 +93,9 @@ class CgroupMemory:
 # ---- text from the node ------------------------------------------------------------------------
 
 def _clean(text: str, limit: int = 128) -> str:
-    """A remote field as inert text: control and format characters dropped, length capped."""
-    kept = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+    """A remote field as inert text: escape sequences (whole), control and format characters
+    dropped, length capped."""
+    kept = "".join(ch for ch in terminal_safe(text) if unicodedata.category(ch)[0] != "C")
     return kept.strip()[:limit]
 
 
@@ -498,7 +500,7 @@ def _worker(text: str | None, lookup: WorkerLookup | None, errors: list[str]) ->
         word = first.removeprefix("TORBIZ error").strip()
         errors.append(lookup.explain(word) if lookup else f"worker lookup: {word}")
         return None
-    if not first.startswith("/") and not first.startswith("~"):
+    if not first.startswith(("/", "~")) or not first.isprintable():
         errors.append(f"the worker binary lookup printed {_snippet(text)}")
         return None
     return first

@@ -1,4 +1,11 @@
-"""Run shell scripts on a node: over SSH (asyncssh) or on this machine (the demo's local nodes)."""
+"""Run shell scripts on a node: over SSH (asyncssh) or on this machine (the demo's local nodes).
+
+Every read is bounded: a command's stdout and stderr are read in chunks up to MAX_OUTPUT each,
+and a command that prints more is stopped there (CommandResult.truncated); streamed lines are
+cut at MAX_LINE bytes. Output is data: run() returns it raw for the parsers, stream_lines()
+returns it terminal-safe (core.text) unless asked for raw lines, and every TransportError
+reason is terminal-safe, whatever a node or an SSH server sent.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,18 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncssh
 
 from core.config import NodeConfig
 from core.reach.shell import sh_c
+from core.text import terminal_safe
 
-MAX_OUTPUT = 1 << 20  # bytes kept from one command's stdout/stderr
+MAX_OUTPUT = 1 << 20  # bytes read from one command's stdout, and from its stderr
+MAX_LINE = 16384  # bytes kept of one streamed line; the rest of that line is dropped
+_CHUNK = 65536
 
 
 class TransportError(Exception):
@@ -23,15 +33,16 @@ class TransportError(Exception):
     def __init__(self, node: str, message: str, *, kind: str = "unreachable") -> None:
         self.node = node
         self.kind = kind
-        self.reason = message
-        super().__init__(f"{node}: {message}")
+        self.reason = terminal_safe(message)  # it may quote a node or an SSH server
+        super().__init__(f"{node}: {self.reason}")
 
 
 @dataclass(frozen=True)
 class CommandResult:
-    exit_status: int
+    exit_status: int  # -1 when the command was stopped at the output cap
     stdout: str
     stderr: str
+    truncated: bool = False  # it printed more than MAX_OUTPUT: stopped, the rest unread
 
     @property
     def ok(self) -> bool:
@@ -56,18 +67,94 @@ class Transport:
     async def run(self, script: str, *, timeout: float = 30.0) -> CommandResult:
         raise NotImplementedError
 
-    def stream_lines(self, script: str) -> AsyncIterator[str]:
-        """Lines of a long-running script's stdout; it ends when the caller stops iterating."""
+    def stream_lines(self, script: str, *, raw: bool = False) -> AsyncIterator[str]:
+        """Lines of a long-running script's stdout, each cut at MAX_LINE bytes and made
+        terminal-safe unless `raw` (for `logs --raw` into a pipe: escapes pass through); it
+        ends when the caller stops iterating."""
         raise NotImplementedError
 
     async def close(self) -> None:
         return None
 
 
-def _clip(data: bytes | str) -> str:
-    if isinstance(data, bytes):
-        data = data[-MAX_OUTPUT:].decode("utf-8", "replace")
-    return data[-MAX_OUTPUT:]
+Read = Callable[[int], Awaitable[bytes]]
+
+
+class _Capped:
+    """One stream's bytes, read in chunks until EOF or until `cap` bytes (then `over`)."""
+
+    def __init__(self, cap: int = MAX_OUTPUT) -> None:
+        self.cap = cap
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.over = False
+
+    async def drain(self, read: Read) -> None:
+        while not self.over:
+            chunk = await read(_CHUNK)
+            if not chunk:
+                return
+            room = self.cap - self.size
+            if len(chunk) > room:
+                chunk, self.over = chunk[:room], True
+            self.parts.append(chunk)
+            self.size += len(chunk)
+
+    def text(self) -> str:
+        return b"".join(self.parts).decode("utf-8", "replace")
+
+
+async def _read_both(out: _Capped, err: _Capped, read_out: Read, read_err: Read) -> bool:
+    """Read stdout and stderr together (an unread one would stall the other) until both end
+    or one passes its cap; True when one did (the caller stops the command)."""
+    tasks = {asyncio.ensure_future(out.drain(read_out)),
+             asyncio.ensure_future(err.drain(read_err))}
+    try:
+        pending = tasks
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # a read error propagates
+            if out.over or err.over:
+                return True
+        return False
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _bounded_lines(read: Read, raw: bool) -> AsyncIterator[str]:
+    """Lines from `read`, at most MAX_LINE bytes each: a longer line is yielded cut as soon as
+    it passes the cap and the rest of it is read and dropped, so memory stays bounded however
+    long a line (or a file without newlines) is."""
+    line = b""
+    dropping = False  # inside a line already yielded cut
+
+    def finish(data: bytes, cut: bool) -> str:
+        text = data.decode("utf-8", "replace")
+        if raw:
+            return text
+        return terminal_safe(text) + (" …" if cut else "")
+
+    while True:
+        chunk = await read(_CHUNK)
+        if not chunk:
+            break
+        pieces = chunk.split(b"\n")
+        for i, piece in enumerate(pieces):
+            if not dropping:
+                room = MAX_LINE - len(line)
+                line += piece[:room]
+                if len(piece) > room:
+                    dropping = True
+                    yield finish(line, True)
+            if i < len(pieces) - 1:  # a newline ends the line
+                if not dropping:
+                    yield finish(line, False)
+                line, dropping = b"", False
+    if line and not dropping:
+        yield finish(line, False)
 
 
 # A script whose stdin closing (the channel or the pipe went away) kills its payload, so a
@@ -97,17 +184,31 @@ class LocalTransport(Transport):
             start_new_session=True,  # on timeout the whole group goes, not just sh
             env={**os.environ, **self.env} if self.env else None,
         )
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = _Capped(), _Capped()
+
+        async def collect() -> bool:
+            assert proc.stdout is not None and proc.stderr is not None
+            over = await _read_both(out, err, proc.stdout.read, proc.stderr.read)
+            if not over:
+                await proc.wait()
+            return over
+
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            over = await asyncio.wait_for(collect(), timeout)
         except asyncio.TimeoutError:
+            over = None
+        if over is not False:  # timed out, or printed too much: the whole group goes
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+        if over is None:
             raise TransportError(self.label, f"command timed out after {timeout:g} s",
-                                 kind="timeout") from None
-        return CommandResult(proc.returncode or 0, _clip(out), _clip(err))
+                                 kind="timeout")
+        status = -1 if over else (proc.returncode or 0)
+        return CommandResult(status, out.text(), err.text(), truncated=bool(over))
 
-    async def stream_lines(self, script: str) -> AsyncIterator[str]:
+    async def stream_lines(self, script: str, *, raw: bool = False) -> AsyncIterator[str]:
         proc = await asyncio.create_subprocess_exec(
             "sh", "-c", _tied_to_stdin(script),
             stdin=asyncio.subprocess.PIPE,
@@ -116,11 +217,8 @@ class LocalTransport(Transport):
         )
         assert proc.stdout is not None and proc.stdin is not None
         try:
-            while True:
-                line = await proc.stdout.readline()
-                if not line:
-                    break
-                yield line.decode("utf-8", "replace").rstrip("\n")
+            async for line in _bounded_lines(proc.stdout.read, raw):
+                yield line
         finally:
             proc.stdin.close()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -248,32 +346,48 @@ class SshTransport(Transport):
         return self._conn
 
     async def run(self, script: str, *, timeout: float = 30.0) -> CommandResult:
+        command = sh_c(script)
         conn = await self._connection()
+        out, err = _Capped(), _Capped()
+        proc: asyncssh.SSHClientProcess[bytes] | None = None
+
+        async def collect() -> bool:
+            nonlocal proc
+            # Bytes, decoded here with replacement: asyncssh would drop undecodable output.
+            proc = await conn.create_process(command, stdin=asyncssh.DEVNULL, encoding=None)
+            over = await _read_both(out, err, proc.stdout.read, proc.stderr.read)
+            if not over:
+                await proc.wait_closed()
+            return over
+
         try:
-            result = await asyncio.wait_for(
-                conn.run(sh_c(script), check=False, stdin=asyncssh.DEVNULL,
-                         encoding="utf-8", errors="replace"), timeout)
+            over = await asyncio.wait_for(collect(), timeout)
         except (asyncio.TimeoutError, TimeoutError):
+            if proc is not None:
+                proc.close()
             raise TransportError(self.label, f"command timed out after {timeout:g} s",
                                  kind="timeout") from None
         except (OSError, asyncssh.Error) as exc:
             self._conn = None
             raise TransportError(self.label, f"SSH connection lost ({exc})") from None
-        status = result.exit_status if result.exit_status is not None else 255
-        return CommandResult(status, _clip(result.stdout or ""), _clip(result.stderr or ""))
+        assert proc is not None
+        if over:  # closing the channel ends the command: its next write gets SIGPIPE
+            proc.close()
+            return CommandResult(-1, out.text(), err.text(), truncated=True)
+        status = proc.exit_status if proc.exit_status is not None else 255
+        return CommandResult(status, out.text(), err.text())
 
-    async def stream_lines(self, script: str) -> AsyncIterator[str]:
+    async def stream_lines(self, script: str, *, raw: bool = False) -> AsyncIterator[str]:
+        command = sh_c(_tied_to_stdin(script))
         conn = await self._connection()
         try:
-            proc = await conn.create_process(sh_c(_tied_to_stdin(script)),
-                                             stderr=asyncssh.DEVNULL, encoding="utf-8",
-                                             errors="replace")
+            proc = await conn.create_process(command, stderr=asyncssh.DEVNULL, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             self._conn = None
             raise TransportError(self.label, f"SSH connection lost ({exc})") from None
         try:
-            async for line in proc.stdout:
-                yield line.rstrip("\n")
+            async for line in _bounded_lines(proc.stdout.read, raw):
+                yield line
         except (OSError, asyncssh.Error) as exc:
             raise TransportError(self.label, f"SSH connection lost ({exc})") from None
         finally:

@@ -20,6 +20,7 @@ import asyncssh
 
 from core.config import ConfigError, load_config
 from core.reach.transport import SshTransport, TransportError
+from core.text import terminal_safe
 
 PORT_FILE = "port"
 
@@ -53,7 +54,8 @@ async def run_tunnel(config_path: Path, node_name: str, port_file: Path) -> None
             keeper.close()
             print(f"{node.name}: SSH connection closed; reconnecting", flush=True)
         except (TransportError, OSError, asyncssh.Error) as exc:
-            print(f"{node.name}: {exc}; retrying in {delay:g} s", flush=True)
+            # asyncssh's text may quote the server (its DISCONNECT reason): made inert.
+            print(f"{node.name}: {terminal_safe(str(exc))}; retrying in {delay:g} s", flush=True)
         await transport.close()
         await asyncio.sleep(delay)
         delay = min(delay * 2, 30.0)

@@ -17,6 +17,7 @@ from core.engines.llama_rpc.build import (
 )
 from core.reach.probe import WorkerLookup
 from core.reach.shell import path_word, quote
+from core.text import terminal_safe
 
 RPC_CMD_HELLO = 14
 RPC_CONN_CAPS_SIZE = 24
@@ -152,7 +153,8 @@ async def hello(host: str, port: int, timeout: float = 2.0) -> RpcVersion:
 
 
 def explain_worker_log(lines: list[str]) -> str:
-    """The sentence that a dead worker's log tail supports."""
+    """The sentence that a dead worker's log tail supports (terminal-safe)."""
+    lines = [terminal_safe(line) for line in lines]
     text = "\n".join(lines)
     if "Failed to create server socket" in text:
         return "its port is already in use (rpc-server said: Failed to create server socket)"

@@ -10,12 +10,15 @@ a fixed `--throughput` (no speedtest) and explicit `--block_indices`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.config import ClusterConfig, NodeConfig
 from core.reach.shell import path_word, quote, quote_argv
+from core.text import terminal_safe
 
 DEFAULT_PYTHON = "~/.cache/torbiz/petals-venv/bin/python"
 IDENTITY_NAME = "identity.key"
@@ -55,6 +58,56 @@ print("TORBIZ-JSON " + json.dumps(out))
 """
 
 
+# ---- peer ids and multiaddrs: checked before they reach another node's command line ---------
+#
+# A peer id comes from a node (its identity file, read by its own Python) or from the swarm
+# file on this machine; a multiaddr from the swarm file or the cluster file. Either goes into
+# the next node's `--initial_peers`: only the shapes hivemind makes are let through.
+
+_BASE58 = "1-9A-HJ-NP-Za-km-z"  # base58btc: no 0, O, I, l
+# hivemind's ids are the sha2-256 multihash of an RSA key (`Qm` + 44); libp2p's Ed25519 ids
+# inline the key (`12D3KooW` + 44).
+_PEER_ID_RE = re.compile(rf"Qm[{_BASE58}]{{44}}|12D3KooW[{_BASE58}]{{44}}")
+_HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                          r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
+
+
+def valid_peer_id(text: str) -> bool:
+    """A base58 libp2p peer id of the kinds hivemind uses, and nothing else."""
+    return isinstance(text, str) and _PEER_ID_RE.fullmatch(text) is not None
+
+
+def _valid_host(proto: str, value: str) -> bool:
+    try:
+        if proto == "ip4":
+            return ipaddress.IPv4Address(value).version == 4
+        if proto == "ip6":
+            return "%" not in value and ipaddress.IPv6Address(value).version == 6
+    except ValueError:
+        return False
+    return proto in ("dns", "dns4", "dns6") and _HOSTNAME_RE.fullmatch(value) is not None
+
+
+def valid_multiaddr(text: str) -> bool:
+    """`/ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>/p2p/<peer id>`, each part checked."""
+    if not isinstance(text, str) or not text.isascii():
+        return False
+    parts = text.split("/")
+    if len(parts) != 7 or parts[0] or parts[3] != "tcp" or parts[5] != "p2p":
+        return False
+    _, proto, host, _, port, _, peer = parts
+    return (_valid_host(proto, host) and _PORT_RE.fullmatch(port) is not None
+            and int(port) <= 65535 and valid_peer_id(peer))
+
+
+def _refused_peer(node: NodeConfig, what: str, text: str) -> ValueError:
+    shape = ("a base58 peer id like Qm..." if what == "peer id" else
+             "a multiaddr like /ip4/10.0.0.5/tcp/31337/p2p/Qm...")
+    return ValueError(f"{node.name}: refusing {what} {terminal_safe(text)[:120]!r}: it is not "
+                      f"{shape} (from the swarm file, a node, or [petals] initial_peers)")
+
+
 @dataclass(frozen=True)
 class PetalsNodeInfo:
     """What the node's Petals python said: versions, and the peer id of its identity file."""
@@ -89,6 +142,9 @@ def identity_path(state_dir: str) -> str:
 
 
 def multiaddr(node: NodeConfig, peer_id: str) -> str:
+    """The node's multiaddr; ValueError when `peer_id` is not a peer id."""
+    if not valid_peer_id(peer_id):
+        raise _refused_peer(node, "peer id", peer_id)
     host, port = listen_address(node)
     return f"/ip4/{host}/tcp/{port}/p2p/{peer_id}"
 
@@ -102,7 +158,8 @@ def prepare_script(node: NodeConfig, state_dir: str | None) -> str:
     python = path_word(node_python(node))
     ident = path_word(identity_path(state_dir)) if state_dir else "''"
     mkdir = f"mkdir -p {path_word(state_dir)} 2>/dev/null; " if state_dir else ""
-    return (f'{mkdir}py={python}; [ -x "$py" ] || {{ echo "TORBIZ-NOPYTHON"; exit 0; }}\n'
+    return (f'umask 077; {mkdir}\n'
+            f'py={python}; [ -x "$py" ] || {{ echo "TORBIZ-NOPYTHON"; exit 0; }}\n'
             f'cd {path_word(state_dir) if state_dir else "/"} && '
             f'env {" ".join(quote(f"{k}={v}") for k, v in SERVER_ENV.items())} '
             f'"$py" -c {quote(_PREPARE)} {ident} < /dev/null')
@@ -118,9 +175,15 @@ def parse_prepare(node: NodeConfig, stdout: str, stderr: str) -> PetalsNodeInfo:
             except ValueError:
                 break
             if isinstance(data, dict):
-                return PetalsNodeInfo(**{k: str(v) for k, v in data.items()
+                info = PetalsNodeInfo(**{k: terminal_safe(str(v))[:300] for k, v in data.items()
                                          if k in PetalsNodeInfo.__dataclass_fields__})
-    tail = (stderr.strip().splitlines() or ["no answer"])[-1][:200]
+                if info.peer_id and not valid_peer_id(info.peer_id):
+                    return PetalsNodeInfo(
+                        error=f"the node's Petals python reported {info.peer_id[:80]!r} as "
+                              "its peer id, which is not one: check its hivemind, or delete "
+                              "its identity.key in the state dir to make a new one")
+                return info
+    tail = terminal_safe((stderr.strip().splitlines() or ["no answer"])[-1])[:200]
     return PetalsNodeInfo(error=f"the node's Petals python did not answer: {tail}")
 
 
@@ -134,7 +197,8 @@ def server_args(config: ClusterConfig, node: NodeConfig, state_dir: str, model_d
                 blocks: tuple[int, int], initial_peers: Sequence[str],
                 gpu: bool = False) -> list[str]:
     """`-m petals.cli.run_server ...` (the python comes first, from node_python()). An empty
-    `initial_peers` starts a new swarm: never a server without explicit peers."""
+    `initial_peers` starts a new swarm: never a server without explicit peers. ValueError
+    when a peer (from the swarm file, a node, or [petals] initial_peers) is not a multiaddr."""
     first, end = blocks
     if not 0 <= first < end:
         raise ValueError(f"{node.name}: empty block range {first}:{end}")
@@ -154,6 +218,9 @@ def server_args(config: ClusterConfig, node: NodeConfig, state_dir: str, model_d
         args += ["--device", "cpu", "--torch_dtype", petals.torch_dtype]
     peers = list(petals.initial_peers) + [p for p in initial_peers
                                           if p not in petals.initial_peers]
+    for peer in peers:
+        if not valid_multiaddr(peer):
+            raise _refused_peer(node, "initial peer", peer)
     if peers:
         args += ["--initial_peers", *peers]
     else:
@@ -175,7 +242,8 @@ def resolve_python_sh(node: NodeConfig) -> str:
 
 
 def explain_server_log(lines: list[str]) -> str:
-    """The sentence that a dead server's log tail supports."""
+    """The sentence that a dead server's log tail supports (terminal-safe)."""
+    lines = [terminal_safe(line) for line in lines]
     text = "\n".join(lines)
     if "local time must be within" in text:
         return ("its clock is too far from the swarm's (hivemind: local time must be within a "
