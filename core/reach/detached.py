@@ -447,7 +447,7 @@ async def stop(transport: Transport, state_dir: str, *, signal: str = "TERM",
                                          TICKS=ticks),
                                  timeout=grace + 30)
     word, rest = _answer(transport, result.stdout, result.stderr)
-    if word == "stopped":
+    if word in ("stopped", "none"):  # none: no state directory, nothing was ever started
         return ProcessState("none", _pid(rest))
     refused = _refusal(word, rest, state_dir)
     if refused is not None:
