@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from core.config import ClusterConfig, NodeConfig
+from core.config import ClusterConfig, NodeConfig, managed_coordinator_option
 from core.engines.llama_rpc.build import COORDINATOR_NAME, find_cached_binary
 from core.reach import detached
 from core.reach.transport import LocalTransport
@@ -47,6 +47,18 @@ def listens_on_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def api_exposure(config: ClusterConfig) -> str | None:
+    """A sentence when the coordinator's API listens beyond this machine's loopback."""
+    host = config.coordinator.host
+    if listens_on_loopback(host):
+        return None
+    where = "every interface of this machine" if host in ("0.0.0.0", "::") else host
+    return (f"the coordinator's API listens on {where}, port {config.coordinator.port}, in "
+            f"plain HTTP: the API key in ${config.coordinator.api_key_env} guards it, but "
+            "prompts, answers and the key cross the network unencrypted; [coordinator] host = "
+            "\"127.0.0.1\" keeps it on this machine")
 
 
 def coordinator_api_key(config: ClusterConfig) -> str | None:
@@ -86,9 +98,14 @@ def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str
     """llama-server's command line. With `layers` (blocks per endpoint, in order), it places
     exactly those: -ngl/-ts from tensor_split_for and --fit off; blocks left over stay on this
     machine's CPU (the first ones). Without, llama.cpp splits by the free memory workers
-    report (-ngl 99)."""
+    report (-ngl 99). Options torbiz manages (--host, --api-key, -ngl ...) are refused in
+    `extra` and [coordinator] extra_args: a later copy would win over torbiz's own."""
     if config.model.gguf is None:
         raise CoordinatorError("no model: set [model] gguf in the config")
+    for arg in (*extra, *config.coordinator.extra_args):
+        managed = managed_coordinator_option(arg)
+        if managed:
+            raise CoordinatorError(f"[coordinator] {managed}")
     argv = [
         binary,
         "-m", str(config.model.gguf),
