@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,10 +62,39 @@ def api_exposure(config: ClusterConfig) -> str | None:
             "\"127.0.0.1\" keeps it on this machine")
 
 
+# Printable ASCII but space, '"' and ',': llama-server reads its keys as one CSV row (a comma
+# splits a key in two, a quote starts quoting) and an HTTP header carries the key as is.
+_KEY_TEXT = re.compile(r"[!#-+\--~]+\Z")
+
+
+def check_api_key(name: str, key: str) -> None:
+    """Refuse a key llama-server or an HTTP header would read as something else."""
+    if "," in key:
+        raise CoordinatorError(
+            f"the API key in ${name} contains a comma: llama-server splits its keys at commas "
+            "and would accept each part alone; choose a key without commas (e.g. `openssl "
+            "rand -hex 32`)")
+    if not _KEY_TEXT.match(key):
+        raise CoordinatorError(
+            f"the API key in ${name} contains a space, a double quote, a control or a non-ASCII "
+            "character, which llama-server or an HTTP header would read otherwise: choose one "
+            "of letters, digits and punctuation (e.g. `openssl rand -hex 32`)")
+
+
+def coordinator_env(config: ClusterConfig) -> dict[str, str] | None:
+    """llama-server's environment: the API key (never on a command line), given twice. With
+    one key llama-server logs its last four characters at -lv 4 (`api_keys: ****WXYZ`), and
+    torbiz needs -lv 4 for the load log; with two it logs `2 keys loaded`."""
+    key = coordinator_api_key(config)
+    return {"LLAMA_API_KEY": f"{key},{key}"} if key else None
+
+
 def coordinator_api_key(config: ClusterConfig) -> str | None:
     """The API key from the environment; required when the API leaves this machine."""
     name = config.coordinator.api_key_env
     key = os.environ.get(name) or None
+    if key is not None:
+        check_api_key(name, key)
     if key is None and not listens_on_loopback(config.coordinator.host):
         raise CoordinatorError(
             f"the coordinator would listen on {config.coordinator.host} with no API key: "
