@@ -12,7 +12,7 @@ import pytest
 
 from core.cluster import Cluster
 from core.config import ConfigError, load_config, parse_config
-from core.engines.exposure import exposure_warnings
+from core.engines.exposure import exposure_warnings, node_exposure
 from core.engines.llama_rpc.build import find_cached_binary
 from core.engines.llama_rpc.rpc import bind_address, rpc_server_args
 from tests.cluster_files import free_port, toml_text
@@ -62,6 +62,7 @@ def test_one_sentence_per_exposed_endpoint() -> None:
                           "port 8081") and "$TORBIZ_API_KEY" in api
     assert lan.startswith("lan: rpc-server listens on 10.0.0.5, port 50052")
     assert every.startswith("all: rpc-server listens on every interface of 10.0.0.6")
+    assert node_exposure(config.node("lan")) == lan and node_exposure(config.node("lo")) is None
     [api] = exposure_warnings(config_of([{"name": "a", "host": "127.0.0.1"}],
                                         coordinator={"host": "10.0.0.1"}))
     assert api.startswith("the coordinator's API listens on 10.0.0.1, port 8080")

@@ -4,7 +4,7 @@ and `s`) to show before it starts anything."""
 
 from __future__ import annotations
 
-from core.config import ClusterConfig
+from core.config import ClusterConfig, NodeConfig
 from core.engines.llama_rpc.coordinator import api_exposure
 from core.engines.llama_rpc.rpc import worker_exposure
 from core.engines.petals.commands import server_exposure
@@ -20,7 +20,13 @@ def exposure_warnings(config: ClusterConfig) -> list[str]:
         if api:
             warnings.append(api)
     for node in config.nodes:
-        sentence = worker_exposure(node) if node.backend == "llama-rpc" else server_exposure(node)
+        sentence = node_exposure(node)
         if sentence:
             warnings.append(sentence)
     return warnings
+
+
+def node_exposure(node: NodeConfig) -> str | None:
+    """The sentence for one node's server (starting one node: the dashboard's `s`), or None
+    when it listens on loopback only."""
+    return worker_exposure(node) if node.backend == "llama-rpc" else server_exposure(node)
