@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,13 @@ DEFAULT_RPC_PORT = 50052
 DEFAULT_COORDINATOR_PORT = 8080
 DEFAULT_STATE_DIR = "~/.torbiz"
 
+# Patterns are used with fullmatch and end in \Z: `$` would also match before a final newline.
 # Names become directory names on nodes: keep them boring.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 # A DNS name (labels of letters, digits, hyphens), never starting with "-" (ssh option injection).
 _HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
 )
 
 
@@ -219,6 +222,31 @@ def _expect_table(path: Path, where: str, value: Any) -> dict[str, Any]:
     return value
 
 
+# TOML integers are 64-bit; tomllib reads any size, and float(10**400) raises.
+_INT_RANGE = (-(1 << 63), (1 << 63) - 1)
+# Text that would rewrite a terminal line or reorder what the operator reads.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067"
+                           "\u2068\u2069")
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS for c in text)
+
+
+def _check_value(path: Path, where: str, key: str, value: Any) -> None:
+    """No value carries control characters (NUL, newline, escape, bidi overrides) or an
+    integer outside TOML's 64-bit range, lists included."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, str) and _has_control(item):
+            raise ConfigError(path, where, f"key {key!r} contains a control character (a NUL, "
+                                           f"newline, escape or bidi override): {item!r}")
+        if (isinstance(item, int) and not isinstance(item, bool)
+                and not _INT_RANGE[0] <= item <= _INT_RANGE[1]):
+            raise ConfigError(path, where, f"key {key!r} is too large a number (TOML integers "
+                                           f"are 64-bit), got {str(item)[:20]}...")
+
+
 def _check_keys(path: Path, where: str, table: dict[str, Any],
                 schema: dict[str, tuple[type, ...]]) -> None:
     for key, value in table.items():
@@ -231,6 +259,7 @@ def _check_keys(path: Path, where: str, table: dict[str, Any],
         if not ok:
             wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
             raise ConfigError(path, where, f"key {key!r} must be {wanted}, got {value!r}")
+        _check_value(path, where, key, value)
 
 
 def _check_port(path: Path, where: str, key: str, value: int) -> int:
@@ -246,7 +275,7 @@ def is_valid_host(host: str) -> bool:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return bool(_HOSTNAME_RE.match(host))
+        return bool(_HOSTNAME_RE.fullmatch(host))
 
 
 def _check_host(path: Path, where: str, key: str, value: str) -> str:
@@ -257,7 +286,7 @@ def _check_host(path: Path, where: str, key: str, value: str) -> str:
 
 
 def _check_name(path: Path, where: str, key: str, value: str) -> str:
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise ConfigError(path, where, f"key {key!r} must be 1-63 letters, digits, '.', '_' or "
                                        f"'-' starting with a letter or digit, got {value!r}")
     return value
@@ -279,10 +308,44 @@ def _check_positive(path: Path, where: str, key: str, value: float, *,
                                        f"{limit:g}, got {value}")
 
 
+def _check_path(path: Path, where: str, key: str, value: str, *, local: bool) -> str:
+    """A non-empty path. `~/` is the home of the user who runs it (here, or on the node);
+    `~user/` only on this machine (`local`) and for a user it knows: a node's shell is never
+    asked to expand it."""
+    if not value:
+        raise ConfigError(path, where, f"key {key!r} must be a non-empty path")
+    if value.startswith("~") and value != "~" and not value.startswith("~/"):
+        user = value[1:].split("/", 1)[0]
+        if not local:
+            raise ConfigError(path, where, f"key {key!r} starts with ~{user}: only ~/ (the "
+                                           "login user's home) is understood on a node; write "
+                                           f"the full path, got {value!r}")
+        if os.path.expanduser(value) == value:
+            raise ConfigError(path, where, f"key {key!r} names the home of user {user!r}, who "
+                                           f"is not known on this machine, got {value!r}")
+    return value
+
+
+def _local_file(path: Path, where: str, key: str, value: str) -> Path:
+    """A path on this machine, with ~ expanded and relative paths taken from the config's
+    directory."""
+    expanded = Path(_check_path(path, where, key, value, local=True)).expanduser()
+    return expanded if expanded.is_absolute() else (path.parent / expanded).resolve()
+
+
 def _ssh_options(path: Path, where: str, table: dict[str, Any], base: SshOptions) -> SshOptions:
     values = {k: table[k] for k in _SSH_KEYS if k in table}
     if values.get("config_file") == "":
         values["config_file"] = None  # "" switches ~/.ssh/config off
+    if values.get("known_hosts") == "":
+        raise ConfigError(path, where, "key 'known_hosts' must be a file: host keys are always "
+                                       "verified against it (an empty one fails every connection)")
+    if values.get("identity_file") == "":
+        raise ConfigError(path, where, "key 'identity_file' must be a private key's path (leave "
+                                       "it out to use ssh-agent and the default keys)")
+    for key in ("identity_file", "known_hosts", "config_file"):
+        if values.get(key) is not None:
+            _check_path(path, where, key, values[key], local=True)
     for key in ("connect_timeout", "keepalive_interval", "keepalive_count_max"):
         if key in values:
             _check_positive(path, where, key, values[key])
@@ -321,15 +384,15 @@ def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
                       coordinator_layers=table.get("coordinator_layers", True))
 
 
-_DHT_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_DHT_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
 # A libp2p multiaddr of a peer: /ip4|ip6|dns.../<addr>/tcp/<port>/p2p/<peer id>.
-_MULTIADDR_RE = re.compile(r"^(/[A-Za-z0-9]+/[A-Za-z0-9._:-]+)+$")
+_MULTIADDR_RE = re.compile(r"(/[A-Za-z0-9]+/[A-Za-z0-9._:-]+)+\Z")
 
 
 def _petals(path: Path, table: dict[str, Any]) -> PetalsConfig:
     _check_keys(path, "petals", table, _PETALS_KEYS)
     prefix = table.get("dht_prefix", "")
-    if prefix and not _DHT_PREFIX_RE.match(prefix):
+    if prefix and not _DHT_PREFIX_RE.fullmatch(prefix):
         raise ConfigError(path, "petals", "key 'dht_prefix' must be 1-63 letters, digits, '_' or "
                                           f"'-', got {prefix!r}")
     dtype = table.get("torch_dtype", "float32")
@@ -347,19 +410,22 @@ def _petals(path: Path, table: dict[str, Any]) -> PetalsConfig:
                                           f"got {throughput}")
     peers = table.get("initial_peers", [])
     for peer in peers:
-        if not isinstance(peer, str) or not _MULTIADDR_RE.match(peer) or "/p2p/" not in peer:
+        if not isinstance(peer, str) or not _MULTIADDR_RE.fullmatch(peer) or "/p2p/" not in peer:
             raise ConfigError(path, "petals", "key 'initial_peers' must list multiaddrs like "
                                               f"/ip4/10.0.0.5/tcp/31337/p2p/Qm..., got {peer!r}")
+    python = table.get("python") or None
+    if python is not None:
+        _check_path(path, "petals", "python", python, local=True)
     return PetalsConfig(dht_prefix=prefix, torch_dtype=dtype,
                         num_handlers=table.get("num_handlers", 2), throughput=throughput,
                         attn_cache_tokens=table.get("attn_cache_tokens", 8192),
-                        initial_peers=tuple(peers), python=table.get("python") or None)
+                        initial_peers=tuple(peers), python=python)
 
 
 def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> NodeConfig:
     where = f"nodes[{index}]"
     raw_name = table.get("name")
-    if isinstance(raw_name, str) and _NAME_RE.match(raw_name):
+    if isinstance(raw_name, str) and _NAME_RE.fullmatch(raw_name):
         where = f"nodes[{index}] ({raw_name})"
     _check_keys(path, where, table, _NODE_KEYS)
     for key in ("name", "host"):
@@ -397,11 +463,13 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
     if "reserve_gb" in table:
         _check_positive(path, where, "reserve_gb", table["reserve_gb"], allow_zero=True)
     rpc_server = table.get("rpc_server")
-    if rpc_server is not None and (not rpc_server or "\0" in rpc_server):
-        raise ConfigError(path, where, "key 'rpc_server' must be a non-empty path")
+    if rpc_server is not None:
+        _check_path(path, where, "rpc_server", rpc_server, local=transport == "local")
     python = table.get("python")
-    if python is not None and (not python or "\0" in python):
-        raise ConfigError(path, where, "key 'python' must be a non-empty path")
+    if python is not None:
+        _check_path(path, where, "python", python, local=transport == "local")
+    ssh_options = _ssh_options(path, where, table, ssh)
+    _check_listen(path, where, backend, transport, rpc_bind, rpc_host or host)
     return NodeConfig(
         name=name,
         host=host,
@@ -418,8 +486,74 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
         max_memory_gb=_float_or_none(table.get("max_memory_gb")),
         weight=float(table.get("weight", 1.0)),
         python=python,
-        ssh=_ssh_options(path, where, table, ssh),
+        ssh=ssh_options,
     )
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_listen(path: Path, where: str, backend: str, transport: str, rpc_bind: str,
+                  address: str) -> None:
+    """A server listens on one IPv4 address: the node's own, or every interface only when
+    rpc_bind says so (the llama.cpp RPC protocol has no authentication)."""
+    if _is_ipv4(address):
+        return
+    if backend == "petals":
+        raise ConfigError(path, where, "a Petals node needs an IPv4 address in host or rpc_host "
+                                       "(the swarm announces it to its peers), got "
+                                       f"{address!r}")
+    if transport == "ssh" and rpc_bind == "auto":
+        raise ConfigError(path, where, f"host {address!r} is not an IPv4 address, and rpc-server "
+                                       "listens on one address or on all of them: set rpc_host "
+                                       "to this node's IPv4 address on the network the "
+                                       "coordinator uses, rpc_bind = \"loopback\" to reach it "
+                                       "through an SSH tunnel, or rpc_bind = \"any\" to listen "
+                                       "on every interface (no authentication: trusted "
+                                       "networks only)")
+
+
+# llama-server options torbiz sets itself (a later copy on its command line would win), and the
+# setting that controls each instead. `--x_y` is read as `--x-y` by llama.cpp.
+_MANAGED_OPTIONS: dict[str, str] = {
+    **dict.fromkeys(("--host",), "[coordinator] host"),
+    **dict.fromkeys(("--port",), "[coordinator] port"),
+    **dict.fromkeys(("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff",
+                     "--hf-file", "-dr", "--docker-repo"), "[model] gguf"),
+    **dict.fromkeys(("-c", "--ctx-size"), "[model] context"),
+    **dict.fromkeys(("--rpc",), "the [[nodes]] tables"),
+    **dict.fromkeys(("--api-key", "--api-key-file"),
+                    "[coordinator] api_key_env (the environment variable holding the key)"),
+    **dict.fromkeys(("-ngl", "--gpu-layers", "--n-gpu-layers", "-ts", "--tensor-split", "-fit",
+                     "--fit", "-sm", "--split-mode"), "the plan ([plan] and the nodes' budgets)"),
+    **dict.fromkeys(("--metrics", "--slots", "--no-slots"),
+                    "nothing: torbiz always turns it on (its monitoring reads /metrics and "
+                    "/slots)"),
+    **dict.fromkeys(("--log-file", "-lv", "--verbosity", "--log-verbosity", "--log-disable",
+                     "-v", "--verbose", "--log-verbose"),
+                    "nothing: torbiz sets llama-server's log (the layer map reads it, and more "
+                    "verbose levels print secrets)"),
+}
+
+
+def managed_coordinator_option(arg: str) -> str | None:
+    """A sentence when `arg` (one llama-server argument) is an option torbiz manages, with
+    the setting to use instead; None for anything else."""
+    if not arg.startswith("-"):
+        return None
+    name = arg.split("=", 1)[0]
+    if name.startswith("--"):
+        name = name.replace("_", "-")
+    instead = _MANAGED_OPTIONS.get(name)
+    if instead is None:
+        return None
+    return (f"key 'extra_args' sets {arg.split('=', 1)[0]}, which torbiz manages: use "
+            f"{instead}")
 
 
 def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
@@ -431,9 +565,8 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
     cluster = _expect_table(path, "cluster", data.get("cluster", {}))
     _check_keys(path, "cluster", cluster, _CLUSTER_KEYS)
     name = _check_name(path, "cluster", "name", cluster.get("name", "default"))
-    state_dir = cluster.get("state_dir", DEFAULT_STATE_DIR)
-    if not state_dir or "\0" in state_dir:
-        raise ConfigError(path, "cluster", "key 'state_dir' must be a non-empty path")
+    state_dir = _check_path(path, "cluster", "state_dir",
+                            cluster.get("state_dir", DEFAULT_STATE_DIR), local=False)
 
     ssh_table = _expect_table(path, "ssh", data.get("ssh", {}))
     _check_keys(path, "ssh", ssh_table, _SSH_KEYS)
@@ -442,19 +575,11 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
     model_table = _expect_table(path, "model", data.get("model", {}))
     _check_keys(path, "model", model_table, _MODEL_KEYS)
     gguf = model_table.get("gguf")
-    gguf_path = None
-    if gguf is not None:
-        gguf_path = Path(gguf).expanduser()
-        if not gguf_path.is_absolute():
-            gguf_path = (path.parent / gguf_path).resolve()
+    gguf_path = None if gguf is None else _local_file(path, "model", "gguf", gguf)
     context = model_table.get("context", 4096)
     _check_positive(path, "model", "context", context)
     hf = model_table.get("hf")
-    hf_path = None
-    if hf is not None:
-        hf_path = Path(hf).expanduser()
-        if not hf_path.is_absolute():
-            hf_path = (path.parent / hf_path).resolve()
+    hf_path = None if hf is None else _local_file(path, "model", "hf", hf)
     model = ModelConfig(gguf=gguf_path, context=context, hf=hf_path)
 
     coord_table = _expect_table(path, "coordinator", data.get("coordinator", {}))
@@ -462,11 +587,18 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
     extra = coord_table.get("extra_args", [])
     if not all(isinstance(a, str) for a in extra):
         raise ConfigError(path, "coordinator", "key 'extra_args' must be a list of strings")
+    for arg in extra:
+        managed = managed_coordinator_option(arg)
+        if managed:
+            raise ConfigError(path, "coordinator", managed)
+    binary = coord_table.get("binary")
+    if binary is not None:
+        _check_path(path, "coordinator", "binary", binary, local=True)
     coordinator_threads = coord_table.get("threads")
     if coordinator_threads is not None:
         _check_positive(path, "coordinator", "threads", coordinator_threads)
     coordinator = CoordinatorConfig(
-        binary=coord_table.get("binary"),
+        binary=binary,
         host=_check_host(path, "coordinator", "host", coord_table.get("host", "127.0.0.1")),
         port=_check_port(path, "coordinator", "port",
                          coord_table.get("port", DEFAULT_COORDINATOR_PORT)),

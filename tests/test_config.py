@@ -52,6 +52,7 @@ connect_timeout = 4
 [[nodes]]
 name = "a"
 host = "h1"
+rpc_bind = "loopback"
 [[nodes]]
 name = "b"
 host = "h2"
@@ -127,3 +128,75 @@ def test_coordinator_threads_reach_llama_servers_command_line(tmp_path: Path) ->
     assert argv[argv.index("-t") + 1] == "1"
     path.write_text(MINIMAL + '\n[model]\ngguf = "m.gguf"\n')
     assert "-t" not in coordinator_argv(load_config(path), "llama-server", [])
+
+
+MANAGED = ["--host", "--port", "-m", "--model", "--rpc", "--api-key", "--api-key-file", "-ngl",
+           "--tensor-split", "-ts", "--metrics", "--log-file", "-c", "-lv", "-v", "--fit",
+           "--n-gpu-layers", "-hf", "--no-slots"]
+
+
+@pytest.mark.parametrize("args", [[opt, "x"] for opt in MANAGED] + [
+    ["--host=0.0.0.0"], ["--api-key=k"], ["--api_key", "k"], ["--tensor_split", "1,1"],
+    ["--parallel", "2", "--host", "0.0.0.0"]])
+def test_extra_args_cannot_override_what_torbiz_manages(tmp_path: Path, args: list[str]) -> None:
+    """A later --host (or -ngl, --api-key ...) would win over torbiz's own: the file names the
+    option and the key to use instead."""
+    quoted = ", ".join(f'"{a}"' for a in args)
+    err = error_of(tmp_path, MINIMAL + f'\n[coordinator]\nextra_args = [{quoted}]\n')
+    assert err.where == "coordinator"
+    option = next(a for a in args if a.startswith("-") and a != "--parallel").split("=")[0]
+    assert f"key 'extra_args' sets {option}, which torbiz manages: use " in err.message
+
+
+def test_extra_args_torbiz_does_not_manage_pass_through(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from core.engines.llama_rpc.coordinator import CoordinatorError, coordinator_argv
+
+    path = write(tmp_path, MINIMAL + '\n[model]\ngguf = "m.gguf"\n[coordinator]\nextra_args = '
+                                     '["--parallel", "2", "--no-repack", "-t", "1", "-a", "m"]\n')
+    config = load_config(path)
+    argv = coordinator_argv(config, "llama-server", [])
+    assert argv[-7:] == ["--parallel", "2", "--no-repack", "-t", "1", "-a", "m"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv.count("--host") == 1
+    # A config built in code is checked where the command line is made.
+    sneaky = replace(config, coordinator=replace(config.coordinator,
+                                                 extra_args=("--host", "0.0.0.0")))
+    with pytest.raises(CoordinatorError, match="sets --host, which torbiz manages"):
+        coordinator_argv(sneaky, "llama-server", [])
+
+
+@pytest.mark.parametrize(("extra", "where", "words"), [
+    ('\n[model]\ncontext = 1' + '0' * 400 + '\n', "model", "'context' is too large a number"),
+    ('weight = 1' + '0' * 400 + '\n', "nodes[0] (a)", "'weight' is too large a number"),
+    ('\n[petals]\nthroughput = 1' + '0' * 30 + '\n', "petals", "'throughput' is too large"),
+    ('\n[model]\ngguf = "a\\u0000b"\n', "model", "'gguf' contains a control character"),
+    ('rpc_server = "/opt/x\\nrm -rf /"\n', "nodes[0] (a)", "'rpc_server' contains a control"),
+    ('\n[model]\ngguf = "~nosuchuser/m.gguf"\n', "model",
+     "names the home of user 'nosuchuser', who is not known"),
+    ('\n[model]\nhf = "~nosuchuser/m"\n', "model", "names the home of user 'nosuchuser'"),
+    ('identity_file = "~nosuchuser/.ssh/id"\n', "nodes[0] (a)", "user 'nosuchuser'"),
+    ('rpc_server = "~llama/bin/rpc-server"\n', "nodes[0] (a)",
+     "starts with ~llama: only ~/ (the login user's home) is understood on a node"),
+    ('known_hosts = ""\n', "nodes[0] (a)", "'known_hosts' must be a file"),
+    ('\n[ssh]\nknown_hosts = ""\n', "ssh", "host keys are always verified"),
+    ('\n[ssh]\nidentity_file = ""\n', "ssh", "leave it out to use ssh-agent"),
+    ('\n[coordinator]\nhost = "localhost\\n"\n', "coordinator", "'host' contains a control"),
+    ('\n[petals]\ninitial_peers = ["/ip4/10.0.0.5/tcp/1/p2p/Qm\\n"]\n', "petals",
+     "'initial_peers' contains a control"),
+    ('user = "ops\\u202e"\n', "nodes[0] (a)", "'user' contains a control character"),
+])
+def test_config_gaps_are_sentences(tmp_path: Path, extra: str, where: str, words: str) -> None:
+    err = error_of(tmp_path, MINIMAL + extra)
+    assert (err.where, words in err.message) == (where, True), err.message
+
+
+def test_patterns_never_accept_a_trailing_newline(tmp_path: Path) -> None:
+    from core.config import is_valid_host
+
+    assert is_valid_host("gpu-box") and not is_valid_host("gpu-box\n")
+    assert not is_valid_host("a\n") and not is_valid_host("10.0.0.1\n")
+    # ~/ (the login user's home) and spaces are fine.
+    ok = load_config(write(tmp_path, MINIMAL.replace('name = "lab"',
+                                                     'name = "lab"\nstate_dir = "~/tor biz"')))
+    assert ok.state_dir == "~/tor biz"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, load_config, parse_config
+from core.config import ConfigError, NodeConfig, load_config, parse_config
 from core.engines.petals import commands as backend
 from core.engines.petals import dht
 from core.engines.petals import placement as petals_placement
@@ -146,10 +146,12 @@ def test_petals_config_errors(table: dict, message: str) -> None:
 
 
 def test_petals_node_needs_an_ipv4_address(tmp_path: Path) -> None:
-    config = parse_config({"nodes": [{"name": "a", "host": "node.example", "backend": "petals"}]},
-                          tmp_path / "c.toml")
+    # Refused when the file loads, not when the server starts.
+    with pytest.raises(ConfigError, match="needs an IPv4 address"):
+        parse_config({"nodes": [{"name": "a", "host": "node.example", "backend": "petals"}]},
+                     tmp_path / "c.toml")
     with pytest.raises(ValueError, match="IPv4"):
-        backend.listen_address(config.node("a"))
+        backend.listen_address(NodeConfig(name="a", host="node.example", backend="petals"))
 
 
 def test_block_map_marks_dead_and_missing_blocks_unserved(tmp_path: Path) -> None:

@@ -4,7 +4,10 @@ node carries every command, a frozen node times out with a sentence."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -69,6 +72,79 @@ async def test_missing_known_hosts_file_is_refused_before_connecting(tmp_path: P
         await transport.run("true")
     assert info.value.kind == "host-key"
     assert "does not exist; host keys are always verified" in info.value.reason
+
+
+async def test_a_passphrase_protected_key_falls_back_to_ssh_agent(
+        tmp_path: Path, sshd_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torbiz never asks for a passphrase: with no agent that is a sentence (it was asyncssh's
+    KeyImportError, a traceback); with an agent holding the key the login goes through it and
+    says so; with an agent without it the refusal names the fallback."""
+    sshd = sshd_cluster(count=1)
+    node = sshd.nodes[0]
+    locked = tmp_path / "locked_key"
+    shutil.copy(sshd.client_key, locked)
+    locked.chmod(0o600)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-P", "", "-N", "a secret phrase", "-f",
+                    str(locked)], check=True, capture_output=True)
+
+    def transport() -> SshTransport:
+        return SshTransport(NodeConfig(
+            name="n", host=node.host, ssh_port=node.port,
+            ssh=SshOptions(user="root", identity_file=str(locked),
+                           known_hosts=str(sshd.known_hosts), config_file=None)))
+
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with pytest.raises(TransportError) as info:
+        await transport().run("true")
+    assert info.value.kind == "auth"
+    assert f"identity_file {locked} is protected by a passphrase, which torbiz never asks " \
+           "for, and no ssh-agent is running" in info.value.reason
+
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(sshd.client_key)], env=env, check=True,
+                       capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        through_agent = transport()
+        try:
+            result = await through_agent.run("id -un")
+        finally:
+            await through_agent.close()
+        assert result.ok and result.stdout.strip() == "root"
+        assert through_agent.key_note.startswith(f"identity_file {locked} is protected by a "
+                                                 "passphrase")
+        assert "the keys in ssh-agent are used instead" in through_agent.key_note
+
+        subprocess.run(["ssh-add", "-D"], env=env, check=True, capture_output=True)
+        with pytest.raises(TransportError) as info:
+            await transport().run("true")
+        assert info.value.kind == "auth"
+        assert "was refused" in info.value.reason
+        assert "the keys in ssh-agent are used instead" in info.value.reason
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+async def test_an_identity_file_that_is_missing_or_no_key_is_a_sentence(tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    garbage = tmp_path / "not_a_key"
+    garbage.write_text("hello\n")
+    for path, words in ((tmp_path / "absent", "cannot be read (No such file or directory)"),
+                        (garbage, "is not a private key torbiz can read")):
+        transport = SshTransport(NodeConfig(
+            name="n", host="127.0.0.1", ssh_port=1,
+            ssh=SshOptions(identity_file=str(path), known_hosts=str(known), config_file=None)))
+        with pytest.raises(TransportError) as info:
+            await transport.run("true")
+        assert info.value.kind == "auth" and words in info.value.reason, info.value.reason
 
 
 async def test_invalid_utf8_output_is_kept_with_replacement(tmp_path: Path,

@@ -229,8 +229,37 @@ def _expand(path: str | None) -> str | None:
     return None if path is None else os.path.expanduser(path)
 
 
+def identity_options(label: str, identity_file: str) -> tuple[dict[str, object], str]:
+    """asyncssh options for `identity_file`, and a sentence when the key is not used as given.
+    torbiz never asks for a passphrase: a protected key falls back to the keys in ssh-agent
+    (asyncssh skips it instead of failing the connection); without an agent, or for a file
+    that is no key, a TransportError says what to do."""
+    path = os.path.expanduser(identity_file)
+    try:
+        asyncssh.read_private_key(path)
+    except asyncssh.KeyImportError as exc:
+        if "passphrase" not in str(exc).lower():
+            raise TransportError(label, f"identity_file {path} is not a private key torbiz can "
+                                        f"read ({exc}): fix identity_file", kind="auth") from None
+        if not os.environ.get("SSH_AUTH_SOCK"):
+            raise TransportError(label, f"identity_file {path} is protected by a passphrase, "
+                                        "which torbiz never asks for, and no ssh-agent is "
+                                        "running: start one and load the key (eval "
+                                        f"\"$(ssh-agent)\"; ssh-add {path})", kind="auth") from None
+        return ({"client_keys": [path], "ignore_encrypted": True},
+                f"identity_file {path} is protected by a passphrase, which torbiz never asks "
+                f"for: the keys in ssh-agent are used instead (ssh-add {path} loads it there)")
+    except OSError as exc:
+        raise TransportError(label, f"identity_file {path} cannot be read "
+                                    f"({exc.strerror or exc}): fix identity_file",
+                             kind="auth") from None
+    return {"client_keys": [path]}, ""
+
+
 class SshTransport(Transport):
     """One asyncssh connection per node, many channels over it."""
+
+    key_note = ""  # set when identity_file cannot be used as given (see identity_options)
 
     def __init__(self, node: NodeConfig) -> None:
         super().__init__(node)
@@ -272,7 +301,8 @@ class SshTransport(Transport):
         if opts.user:
             kwargs["username"] = opts.user
         if opts.identity_file:
-            kwargs["client_keys"] = [_expand(opts.identity_file)]
+            identity, self.key_note = identity_options(self.label, opts.identity_file)
+            kwargs.update(identity)
         return known_hosts, kwargs
 
     async def _open(self) -> asyncssh.SSHClientConnection:
@@ -287,7 +317,8 @@ class SshTransport(Transport):
             raise TransportError(
                 self.label,
                 f"SSH login as {user} to {self.address} was refused: check [ssh] user and "
-                "identity_file, or load the key into ssh-agent",
+                "identity_file, or load the key into ssh-agent"
+                + (f" ({self.key_note})" if self.key_note else ""),
                 kind="auth",
             ) from None
         except (asyncio.TimeoutError, TimeoutError):

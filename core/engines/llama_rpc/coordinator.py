@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
-from core.config import ClusterConfig, NodeConfig
+from core.config import ClusterConfig, NodeConfig, managed_coordinator_option
 from core.engines.llama_rpc.build import COORDINATOR_NAME, find_cached_binary
 from core.reach import detached
 from core.reach.transport import LocalTransport
@@ -49,10 +50,51 @@ def listens_on_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def api_exposure(config: ClusterConfig) -> str | None:
+    """A sentence when the coordinator's API listens beyond this machine's loopback."""
+    host = config.coordinator.host
+    if listens_on_loopback(host):
+        return None
+    where = "every interface of this machine" if host in ("0.0.0.0", "::") else host
+    return (f"the coordinator's API listens on {where}, port {config.coordinator.port}, in "
+            f"plain HTTP: the API key in ${config.coordinator.api_key_env} guards it, but "
+            "prompts, answers and the key cross the network unencrypted; [coordinator] host = "
+            "\"127.0.0.1\" keeps it on this machine")
+
+
+# Printable ASCII but space, '"' and ',': llama-server reads its keys as one CSV row (a comma
+# splits a key in two, a quote starts quoting) and an HTTP header carries the key as is.
+_KEY_TEXT = re.compile(r"[!#-+\--~]+\Z")
+
+
+def check_api_key(name: str, key: str) -> None:
+    """Refuse a key llama-server or an HTTP header would read as something else."""
+    if "," in key:
+        raise CoordinatorError(
+            f"the API key in ${name} contains a comma: llama-server splits its keys at commas "
+            "and would accept each part alone; choose a key without commas (e.g. `openssl "
+            "rand -hex 32`)")
+    if not _KEY_TEXT.match(key):
+        raise CoordinatorError(
+            f"the API key in ${name} contains a space, a double quote, a control or a non-ASCII "
+            "character, which llama-server or an HTTP header would read otherwise: choose one "
+            "of letters, digits and punctuation (e.g. `openssl rand -hex 32`)")
+
+
+def coordinator_env(config: ClusterConfig) -> dict[str, str] | None:
+    """llama-server's environment: the API key (never on a command line), given twice. With
+    one key llama-server logs its last four characters at -lv 4 (`api_keys: ****WXYZ`), and
+    torbiz needs -lv 4 for the load log; with two it logs `2 keys loaded`."""
+    key = coordinator_api_key(config)
+    return {"LLAMA_API_KEY": f"{key},{key}"} if key else None
+
+
 def coordinator_api_key(config: ClusterConfig) -> str | None:
     """The API key from the environment; required when the API leaves this machine."""
     name = config.coordinator.api_key_env
     key = os.environ.get(name) or None
+    if key is not None:
+        check_api_key(name, key)
     if key is None and not listens_on_loopback(config.coordinator.host):
         raise CoordinatorError(
             f"the coordinator would listen on {config.coordinator.host} with no API key: "
@@ -86,9 +128,14 @@ def coordinator_argv(config: ClusterConfig, binary: str, endpoints: Sequence[str
     """llama-server's command line. With `layers` (blocks per endpoint, in order), it places
     exactly those: -ngl/-ts from tensor_split_for and --fit off; blocks left over stay on this
     machine's CPU (the first ones). Without, llama.cpp splits by the free memory workers
-    report (-ngl 99)."""
+    report (-ngl 99). Options torbiz manages (--host, --api-key, -ngl ...) are refused in
+    `extra` and [coordinator] extra_args: a later copy would win over torbiz's own."""
     if config.model.gguf is None:
         raise CoordinatorError("no model: set [model] gguf in the config")
+    for arg in (*extra, *config.coordinator.extra_args):
+        managed = managed_coordinator_option(arg)
+        if managed:
+            raise CoordinatorError(f"[coordinator] {managed}")
     argv = [
         binary,
         "-m", str(config.model.gguf),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import shutil
 import socket
 import struct
@@ -35,14 +36,34 @@ class RpcVersion:
 
 
 def bind_address(node: NodeConfig) -> str:
-    """rpc-server binds with inet_addr(): it needs an IPv4 literal."""
+    """rpc-server binds with inet_addr(): it needs an IPv4 literal. "auto" is the node's own
+    address (rpc_host, else host) when that is IPv4, and 127.0.0.1 for a local node named by a
+    host name ("localhost"); every interface only with rpc_bind = "any" (config refuses an
+    ssh node with a host name and "auto": it would need all of them)."""
     if node.rpc_bind == "loopback":
         return "127.0.0.1"
     if node.rpc_bind == "any":
         return "0.0.0.0"
     if node.rpc_bind != "auto":
         return node.rpc_bind
-    return node.ipv4 or "0.0.0.0"
+    if node.ipv4:
+        return node.ipv4
+    return "127.0.0.1" if node.transport == "local" else "0.0.0.0"
+
+
+def worker_exposure(node: NodeConfig) -> str | None:
+    """A sentence when this node's rpc-server listens beyond its loopback, else None."""
+    if node.rpc_bind == "loopback":
+        return None  # reached through an SSH tunnel
+    bind = bind_address(node)
+    if ipaddress.IPv4Address(bind).is_loopback:
+        return None
+    where = (f"every interface of {node.host} (rpc_bind = \"any\")" if bind == "0.0.0.0"
+             else f"{bind}")
+    return (f"{node.name}: rpc-server listens on {where}, port {node.rpc_port}, and the "
+            "llama.cpp RPC protocol has no authentication or encryption: anyone who reaches "
+            "that port can use the worker and read the weights; rpc_bind = \"loopback\" "
+            "reaches it through an SSH tunnel instead")
 
 
 def listen_address(node: NodeConfig) -> tuple[str, int]:

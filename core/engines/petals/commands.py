@@ -137,6 +137,17 @@ def listen_address(node: NodeConfig) -> tuple[str, int]:
     return bind_address(node), node.rpc_port
 
 
+def server_exposure(node: NodeConfig) -> str | None:
+    """A sentence when this node's Petals server listens (and announces itself) beyond its
+    loopback, else None."""
+    host, port = listen_address(node)
+    if ipaddress.IPv4Address(host).is_loopback:
+        return None
+    return (f"{node.name}: the Petals server listens on {host}, port {port}, and announces "
+            "that address in the swarm's DHT; Petals has no authentication: anyone who reaches "
+            "it can join the swarm, send it prompts and serve blocks to its clients")
+
+
 def identity_path(state_dir: str) -> str:
     return f"{state_dir.rstrip('/')}/{IDENTITY_NAME}"
 

@@ -2,7 +2,11 @@
 tokenized by the model directory's tokenizer. Prints one JSON line: the text, the token ids,
 the seconds and tokens/s of the generation (client start not included).
 
-    python generate.py MODEL_DIR --peers '[...]' --prefix P --prompt TEXT -n 16
+    python generate.py MODEL_DIR --peers '[...]' --prefix P --prompt-stdin -n 16 < prompt.txt
+
+The prompt comes on stdin (UTF-8, to its end, as is): a command line is readable by every user
+of the machine (`ps`, /proc/PID/cmdline) and limited to 128 KiB per argument. `--prompt TEXT`
+still works, for callers not moved yet.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import IO, Any, NoReturn
 
 MARK = "TORBIZ-JSON "
 
@@ -39,12 +44,15 @@ def exit_now(model: Any, status: int = 0) -> NoReturn:
     os._exit(status)
 
 
-def main() -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("--peers", required=True)
     parser.add_argument("--prefix", required=True)
-    parser.add_argument("--prompt", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt-stdin", action="store_true",
+                        help="read the prompt from stdin (UTF-8, to its end)")
+    source.add_argument("--prompt", help="the prompt itself (visible in ps: prefer stdin)")
     parser.add_argument("-n", "--new-tokens", type=int, default=16)
     parser.add_argument("--dtype", default="float32")
     # Petals' client defaults: connect 5 s, request 180 s, retries forever with a backoff that
@@ -52,7 +60,19 @@ def main() -> int:
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--max-retries", type=int, default=3)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def read_prompt(args: argparse.Namespace, stdin: IO[bytes]) -> str:
+    """The prompt, exactly as sent: stdin's bytes to their end, or --prompt."""
+    if args.prompt_stdin:
+        return stdin.read().decode("utf-8", "replace")
+    return str(args.prompt)
+
+
+def main() -> int:
+    args = parse_args()
+    prompt = read_prompt(args, sys.stdin.buffer)
     peers = json.loads(args.peers)
     if not peers:
         print(MARK + json.dumps({"error": "no initial peers"}))
@@ -74,7 +94,7 @@ def main() -> int:
         torch_dtype=getattr(torch, args.dtype), connect_timeout=args.connect_timeout,
         request_timeout=args.request_timeout, max_retries=args.max_retries)
     loaded = time.perf_counter()
-    ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.bos_token_id or 0]])
     mask = torch.ones_like(ids)
