@@ -183,6 +183,9 @@ async def status(cluster: Cluster, *, detail: bool = False) -> StatusReport:
 # ---- nodes and the coordinator one at a time ---------------------------------------------
 
 async def start_node(cluster: Cluster, name: str) -> NodeStatus:
+    exposed = cluster.engine.node_exposure(cluster.config.node(name))
+    if exposed:
+        cluster.notice(exposed, Level.WARNING, name)
     return await cluster.start_node(name)
 
 

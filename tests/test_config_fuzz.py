@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+from core.engines.exposure import exposure_warnings
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from core.config import ClusterConfig, ConfigError, load_config, parse_config
-from core.engines.exposure import exposure_warnings
 from core.engines.llama_rpc import rpc
 from core.engines.llama_rpc.coordinator import CoordinatorError, coordinator_argv
 from core.engines.petals import commands as petals

@@ -12,9 +12,9 @@ import pytest
 
 from core.cluster import Cluster
 from core.config import ConfigError, load_config, parse_config
-from core.engines.exposure import exposure_warnings, node_exposure
 from core.engines.llama_rpc.build import find_cached_binary
 from core.engines.llama_rpc.rpc import bind_address, rpc_server_args
+from core.engines.registry import exposure_warnings, node_exposure
 from tests.cluster_files import free_port, toml_text
 
 REPO = Path(__file__).resolve().parent.parent

@@ -218,9 +218,20 @@ class Engine(abc.ABC):
         """Checks across nodes (e.g. the same version everywhere); none by default."""
         return []
 
+    @classmethod
+    def exposure(cls, config: ClusterConfig) -> list[str]:
+        """One sentence per endpoint this engine would open beyond loopback, to show wherever
+        the cluster starts."""
+        return [s for s in map(cls.node_exposure, config.nodes) if s]
+
+    @staticmethod
+    def node_exposure(node: NodeConfig) -> str | None:
+        """The sentence for one node's listening socket, or None when it stays on loopback."""
+        return None
+
     def warnings(self) -> list[str]:
         """Sentences to show wherever the cluster starts (an exposed port, say)."""
-        return []
+        return self.exposure(self.config)
 
     async def node_memory(self, node: NodeConfig) -> int:
         """What the node's worker takes now, in bytes (0: unknown)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.config import ClusterConfig
+from core.config import ClusterConfig, NodeConfig
 from core.engines.base import Engine, EngineContext
 from core.engines.llama_rpc.engine import LlamaRpcEngine
 from core.engines.petals.engine import PetalsEngine
@@ -19,3 +19,13 @@ def engine_class(config: ClusterConfig) -> type[Engine]:
 
 def make_engine(ctx: EngineContext) -> Engine:
     return engine_class(ctx.config)(ctx)
+
+
+def exposure_warnings(config: ClusterConfig) -> list[str]:
+    """What the cluster opens beyond loopback, one sentence per endpoint."""
+    return engine_class(config).exposure(config)
+
+
+def node_exposure(node: NodeConfig) -> str | None:
+    """The sentence for one node's server (the dashboard's `s`), or None."""
+    return ENGINES.get(node.backend, LlamaRpcEngine).node_exposure(node)

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from core.checks import Check
-from core.config import NodeConfig
+from core.config import ClusterConfig, NodeConfig
 from core.engines.base import (
     Capabilities,
     Engine,
@@ -27,6 +27,7 @@ from core.engines.llama_rpc import doctor, generate
 from core.engines.llama_rpc import rpc as llama_rpc
 from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
+    api_exposure,
     auth_headers,
     coordinator_state_dir,
     coordinator_url,
@@ -270,9 +271,14 @@ class LlamaRpcEngine(Engine):
     def bind_check(self, node: NodeConfig) -> Check:
         return doctor.bind_check(node)
 
-    def warnings(self) -> list[str]:
-        return [f"{c.part}: {c.message}" for c in map(doctor.bind_check, self.nodes())
-                if c.level == "warning"]
+    @classmethod
+    def exposure(cls, config: ClusterConfig) -> list[str]:
+        api = api_exposure(config)
+        return ([api] if api else []) + super().exposure(config)
+
+    @staticmethod
+    def node_exposure(node: NodeConfig) -> str | None:
+        return llama_rpc.worker_exposure(node)
 
     def recoverer(self, host: RecoveryHost) -> Recoverer:
         return Recoverer(host, self)

@@ -16,8 +16,8 @@ from core.engines.llama_rpc import rpc as llama_rpc
 from core.engines.llama_rpc import rpc_version
 from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
-    coordinator_api_key,
     coordinator_argv,
+    coordinator_env,
     coordinator_state_dir,
     coordinator_status,
     coordinator_url,
@@ -89,7 +89,7 @@ class CoordinatorRunner:
             raise CoordinatorError(f"model file {config.model.gguf} not found: fix [model] gguf "
                                    f"in {config.source}")
         binary = find_coordinator_binary(config)
-        key = coordinator_api_key(config)
+        env = coordinator_env(config)  # refuses a key llama-server would misread
         if spans is None:
             workers, layers = self.rpc_nodes, None
         else:
@@ -108,8 +108,7 @@ class CoordinatorRunner:
             "endpoints": dict(zip((n.name for n in workers), endpoints, strict=True)),
             "plan": {name: [first, count] for name, first, count in spans or ()}})
         # The key travels in the environment (LLAMA_API_KEY), never on a command line.
-        proc = await detached.spawn(local_transport({"LLAMA_API_KEY": key} if key else None),
-                                    coordinator_state_dir(config), argv)
+        proc = await detached.spawn(local_transport(env), coordinator_state_dir(config), argv)
         if proc.state != "running":
             raise CoordinatorError(proc.error)
         self.ctx.report_coordinator(CoordinatorStatus(NodeState.STARTING, url, proc.pid))

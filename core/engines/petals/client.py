@@ -41,11 +41,18 @@ async def generate(config: ClusterConfig, prompt: str, new_tokens: int,
         proc = await asyncio.create_subprocess_exec(
             python, str(SIDE / "generate.py"), str(swarm.get("model", config.model.hf)),
             "--peers", json.dumps(peers), "--prefix", str(swarm.get("prefix")),
-            "--prompt", prompt, "-n", str(new_tokens), "--dtype", config.petals.torch_dtype,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+            "--prompt-stdin", "-n", str(new_tokens), "--dtype", config.petals.torch_dtype,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
             env=side_env(), start_new_session=True)
     finally:
         stderr.close()
+    # The prompt goes through a pipe, never the command line (other users can read that).
+    # The client reads all of stdin before it prints anything: no deadlock.
+    assert proc.stdin is not None
+    proc.stdin.write(prompt.encode("utf-8"))
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        await proc.stdin.drain()
+    proc.stdin.close()
     try:
         answer = await asyncio.wait_for(_read_answer(proc, log), timeout)
     except asyncio.TimeoutError:

@@ -303,6 +303,10 @@ class PetalsEngine(Engine):
     def bind_check(self, node: NodeConfig) -> Check:
         return doctor.bind_check(node)
 
+    @staticmethod
+    def node_exposure(node: NodeConfig) -> str | None:
+        return backend.server_exposure(node)
+
     def summarize_checks(self, checks: list[Check]) -> list[Check]:
         return doctor.same_petals_version(checks)
 

@@ -34,8 +34,9 @@ def check_python(python: str) -> None:
 
 
 def open_log(path: Path) -> Any:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(path, "ab")  # noqa: SIM115 - handed to the child, closed right after the spawn
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "ab")  # handed to the child, closed right after the spawn
 
 
 
