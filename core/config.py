@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from core.peer_address import valid_multiaddr
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -385,8 +387,6 @@ def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
 
 
 _DHT_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
-# A libp2p multiaddr of a peer: /ip4|ip6|dns.../<addr>/tcp/<port>/p2p/<peer id>.
-_MULTIADDR_RE = re.compile(r"(/[A-Za-z0-9]+/[A-Za-z0-9._:-]+)+\Z")
 
 
 def _petals(path: Path, table: dict[str, Any]) -> PetalsConfig:
@@ -410,7 +410,7 @@ def _petals(path: Path, table: dict[str, Any]) -> PetalsConfig:
                                           f"got {throughput}")
     peers = table.get("initial_peers", [])
     for peer in peers:
-        if not isinstance(peer, str) or not _MULTIADDR_RE.fullmatch(peer) or "/p2p/" not in peer:
+        if not isinstance(peer, str) or not valid_multiaddr(peer):
             raise ConfigError(path, "petals", "key 'initial_peers' must list multiaddrs like "
                                               f"/ip4/10.0.0.5/tcp/31337/p2p/Qm..., got {peer!r}")
     python = table.get("python") or None

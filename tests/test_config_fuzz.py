@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-from core.engines.exposure import exposure_warnings
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +21,7 @@ from core.config import ClusterConfig, ConfigError, load_config, parse_config
 from core.engines.llama_rpc import rpc
 from core.engines.llama_rpc.coordinator import CoordinatorError, coordinator_argv
 from core.engines.petals import commands as petals
+from core.engines.registry import exposure_warnings
 from core.reach import detached
 from core.reach.shell import path_word, quote_argv
 

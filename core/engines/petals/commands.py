@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.config import ClusterConfig, NodeConfig
+from core.peer_address import valid_multiaddr, valid_peer_id
 from core.reach.shell import path_word, quote, quote_argv
 from core.text import terminal_safe
 
@@ -59,47 +59,11 @@ print("TORBIZ-JSON " + json.dumps(out))
 
 
 # ---- peer ids and multiaddrs: checked before they reach another node's command line ---------
+# (the rules are in core/peer_address.py, which the config loader uses too)
 #
 # A peer id comes from a node (its identity file, read by its own Python) or from the swarm
 # file on this machine; a multiaddr from the swarm file or the cluster file. Either goes into
 # the next node's `--initial_peers`: only the shapes hivemind makes are let through.
-
-_BASE58 = "1-9A-HJ-NP-Za-km-z"  # base58btc: no 0, O, I, l
-# hivemind's ids are the sha2-256 multihash of an RSA key (`Qm` + 44); libp2p's Ed25519 ids
-# inline the key (`12D3KooW` + 44).
-_PEER_ID_RE = re.compile(rf"Qm[{_BASE58}]{{44}}|12D3KooW[{_BASE58}]{{44}}")
-_HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
-                          r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
-
-
-def valid_peer_id(text: str) -> bool:
-    """A base58 libp2p peer id of the kinds hivemind uses, and nothing else."""
-    return isinstance(text, str) and _PEER_ID_RE.fullmatch(text) is not None
-
-
-def _valid_host(proto: str, value: str) -> bool:
-    try:
-        if proto == "ip4":
-            return ipaddress.IPv4Address(value).version == 4
-        if proto == "ip6":
-            return "%" not in value and ipaddress.IPv6Address(value).version == 6
-    except ValueError:
-        return False
-    return proto in ("dns", "dns4", "dns6") and _HOSTNAME_RE.fullmatch(value) is not None
-
-
-def valid_multiaddr(text: str) -> bool:
-    """`/ip4|ip6|dns|dns4|dns6/<host>/tcp/<port>/p2p/<peer id>`, each part checked."""
-    if not isinstance(text, str) or not text.isascii():
-        return False
-    parts = text.split("/")
-    if len(parts) != 7 or parts[0] or parts[3] != "tcp" or parts[5] != "p2p":
-        return False
-    _, proto, host, _, port, _, peer = parts
-    return (_valid_host(proto, host) and _PORT_RE.fullmatch(port) is not None
-            and int(port) <= 65535 and valid_peer_id(peer))
-
 
 def _refused_peer(node: NodeConfig, what: str, text: str) -> ValueError:
     shape = ("a base58 peer id like Qm..." if what == "peer id" else
