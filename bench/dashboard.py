@@ -40,6 +40,7 @@ from core.config import ClusterConfig, load_config  # noqa: E402
 from core.status import READY, STARTING, NodeStatus  # noqa: E402
 from tests.cluster_files import toml_text  # noqa: E402
 from tui.app import TorbizApp, make_app  # noqa: E402
+from tui.screens.main import MainScreen  # noqa: E402
 from tui.widgets.log_pane import LogPane  # noqa: E402
 from tui.widgets.log_view import LogView  # noqa: E402
 from tui.widgets.node_table import NodeTable  # noqa: E402
@@ -156,7 +157,7 @@ async def feed(app: TorbizApp, config: ClusterConfig, window: float, nodes_per_s
             node = config.node(name)
             state = STARTING if seq % STARTING_EVERY == 0 else READY
             REDRAWS.pending_nodes[seq] = time.perf_counter()
-            app.post_message(TorbizApp.NodeUpdated(NodeStatus(
+            app.main.post_message(MainScreen.NodeUpdated(NodeStatus(
                 name, node.host, node.backend, state, 10_000 + seq % 50_000, node.endpoint,
                 f"upd {seq}")))
             seq += 1
@@ -167,7 +168,7 @@ async def feed(app: TorbizApp, config: ClusterConfig, window: float, nodes_per_s
             batch = [f"L{line_seq + i} {PAYLOAD}" for i in range(count)]
             line_seq += count
             REDRAWS.pending_logs[line_seq - 1] = time.perf_counter()
-            app.post_message(TorbizApp.LogLines(selected, batch))
+            app.main.post_message(MainScreen.LogLines(selected, batch))
             lines += count
         COST.feed += time.process_time() - work_started
         next_tick += TICK
@@ -180,7 +181,7 @@ async def scenario(name: str, config: ClusterConfig, window: float, nodes_per_s:
     app = make_app(config, live=False, log_lines=LOG_LINES)
     async with app.run_test(size=SIZE) as pilot:
         for status in app.cluster.nodes.values():  # every row known before the clock starts
-            app.post_message(TorbizApp.NodeUpdated(status))
+            app.main.post_message(MainScreen.NodeUpdated(status))
         await pilot.pause(1.0)
         await feed(app, config, 2.0, nodes_per_s, lines_per_s)  # warm up: buffers fill
         await pilot.pause(0.2)
@@ -217,14 +218,14 @@ async def memory(config: ClusterConfig) -> list[tuple[str, int, float]]:
     process = psutil.Process()
     async with app.run_test(size=SIZE) as pilot:
         for status in app.cluster.nodes.values():
-            app.post_message(TorbizApp.NodeUpdated(status))
+            app.main.post_message(MainScreen.NodeUpdated(status))
         await pilot.pause(0.5)
         selected = config.nodes[0].name
         pushed = 0
         batch_size = 500
         for label, target in marks:
             while pushed < target:
-                app.post_message(TorbizApp.LogLines(
+                app.main.post_message(MainScreen.LogLines(
                     selected, [f"L{pushed + i} {PAYLOAD}" for i in range(batch_size)]))
                 pushed += batch_size
                 if pushed % (batch_size * 20) == 0:

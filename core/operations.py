@@ -19,6 +19,7 @@ from core.reach import detached
 from core.reach.probe import NodeProbe, probe_node, probe_nodes
 from core.reach.transport import LocalTransport, TransportError
 from core.status import ClusterStatus, CoordinatorStatus, Level, NodeState, NodeStatus
+from core.supervision.throughput import ThroughputSample
 
 SMOKE_PROMPT = "The capital of France is"
 
@@ -219,6 +220,13 @@ async def start_coordinator(cluster: Cluster) -> CoordinatorStatus:
 
 async def stop_coordinator(cluster: Cluster) -> CoordinatorStatus:
     return await cluster.stop_coordinator()
+
+
+# ---- live figures -----------------------------------------------------------------------------
+
+async def throughput(cluster: Cluster) -> ThroughputSample | None:
+    """A live sample of the serving side's rates (None when the engine has none)."""
+    return await cluster.engine.throughput()
 
 
 # ---- generate -----------------------------------------------------------------------------------

@@ -44,13 +44,11 @@ class TorbizApp(App[int]):
         self.supervisor = Supervisor(self.cluster, interval=REFRESH_INTERVAL,
                                      recover=False if read_only else None)
         engine = self.cluster.engine
-        # The swarm's name, once the engine says it (asked of core: Engine.serving_name).
-        serving_name = getattr(engine, "serving_name", "")
         self.model = Dashboard(
             self.cluster.capabilities, self.cluster.nodes.values(),
             self.cluster.coordinator, read_only=read_only,
             engine_title=engine.name.capitalize(),
-            serving_name=str(serving_name() if callable(serving_name) else serving_name or ""),
+            serving_name=engine.serving_name,
             event_lines=log_lines, clock=clock)
         self.main = MainScreen(self.cluster, self.supervisor, self.model, live=live,
                                log_lines=log_lines)

@@ -7,6 +7,7 @@ import sys
 
 from core.checks import DoctorReport
 from core.status import ClusterStatus, Event, Level, NodeChanged, NodeState, Notice
+from core.status_text import status_cells
 from core.units import table_lines
 from tui.text import sanitize
 
@@ -30,10 +31,11 @@ def print_problems(problems: list[str]) -> None:
 
 
 def format_status(status: ClusterStatus) -> str:
-    rows = [("NODE", "HOST", "BACKEND", "STATE", "PID", "ENDPOINT", "ERROR")]
+    columns = ("name", "host", "backend", "state", "pid", "endpoint", "error")
+    rows: list[tuple[str, ...]] = [tuple(c.upper() for c in columns)]
     for n in status.nodes:
-        rows.append((n.name, n.host, n.backend, str(n.state), str(n.pid or "-"), n.endpoint,
-                     sanitize(n.error)))
+        cells = status_cells(n)
+        rows.append(tuple(cells[key] for key in columns))
     lines = table_lines(rows)
     c = status.coordinator
     if c.url or c.state != NodeState.STOPPED:

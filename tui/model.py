@@ -27,6 +27,7 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from core.status_text import status_cells
 from core.supervision.throughput import ThroughputSample
 from tui.text import sanitize
 
@@ -42,39 +43,6 @@ NEEDS_NODE = frozenset({"start_node", "stop_node", "restart_node", "logs"})
 # The keys whose state (shown, greyed, hidden) changes with the cluster.
 KEYED_ACTIONS = tuple(sorted(CHANGES_CLUSTER | NEEDS_NODE | {"generate"}))
 TOAST_SECONDS = {Level.ERROR: 15.0, Level.WARNING: 8.0, Level.INFO: 4.0}
-
-
-def uptime(started_at: float | None, now: float | None = None) -> str:
-    """Whole minutes, hours, days: `<1m`, `42m`, `3h05`, `2d04h`."""
-    if started_at is None:
-        return "-"
-    seconds = max(0, int((time.time() if now is None else now) - started_at))
-    minutes = seconds // 60
-    if minutes < 1:
-        return "<1m"
-    if minutes < 60:
-        return f"{minutes}m"
-    hours = minutes // 60
-    if hours < 24:
-        return f"{hours}h{minutes % 60:02d}"
-    return f"{hours // 24}d{hours % 24:02d}h"
-
-
-def status_cells(status: NodeStatus, now: float | None = None) -> dict[str, str]:
-    """A node's status as text, sanitized: the cells the dashboard's table and the headless
-    `status` share (name, host, backend, state, pid, latency, uptime, endpoint, error)."""
-    running = status.state in (READY, STARTING)
-    return {
-        "name": sanitize(status.name),
-        "host": sanitize(status.host),
-        "backend": sanitize(status.backend),
-        "state": sanitize(str(status.state)),
-        "pid": str(status.pid or "-"),
-        "latency": f"{status.probe_ms}ms" if status.probe_ms is not None else "-",
-        "uptime": uptime(status.started_at, now) if running else "-",
-        "endpoint": sanitize(status.endpoint),
-        "error": sanitize(status.error),
-    }
 
 
 def describe_resources(found: NodeProbe) -> tuple[str, str]:

@@ -112,7 +112,7 @@ async def metrics_forever(cluster: Cluster,
             shown_idle = False
             try:
                 # The engine directly: core/operations has no throughput yet.
-                sample = await cluster.engine.throughput()
+                sample = await operations.throughput(cluster)
                 deliver_sample(sample, "" if sample is not None else "no answer from /metrics")
             except Exception as exc:
                 deliver_sample(None, f"throughput: {exc}")

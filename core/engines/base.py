@@ -152,6 +152,11 @@ class Engine(abc.ABC):
         """Where clients reach the cluster's API ("" when the engine has no coordinator)."""
         return ""
 
+    @property
+    def serving_name(self) -> str:
+        """What names the serving side when it is not a URL (a swarm's DHT prefix), or ""."""
+        return ""
+
     def coordinator_log_dir(self) -> str | None:
         """The local state directory whose log is the coordinator's, or None."""
         return None

@@ -77,6 +77,10 @@ class PetalsEngine(Engine):
     def nodes(self) -> list[NodeConfig]:
         return petals_nodes(self.config)
 
+    @property
+    def serving_name(self) -> str:
+        return backend.dht_prefix(self.config)
+
     def worker_lookup(self, node: NodeConfig, is_local: bool) -> WorkerLookup | None:
         return None  # the node's Petals python is checked by the doctor (node_info)
 

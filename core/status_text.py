@@ -1,0 +1,42 @@
+"""A node's status as text: the one formatter the dashboard's table and the headless `status`
+share. Remote text (names come from the config, errors from nodes) is made inert here."""
+
+from __future__ import annotations
+
+import time
+
+from core.status import READY, STARTING, NodeStatus
+from core.text import terminal_safe as sanitize
+
+
+def uptime(started_at: float | None, now: float | None = None) -> str:
+    """Whole minutes, hours, days: `<1m`, `42m`, `3h05`, `2d04h`."""
+    if started_at is None:
+        return "-"
+    seconds = max(0, int((time.time() if now is None else now) - started_at))
+    minutes = seconds // 60
+    if minutes < 1:
+        return "<1m"
+    if minutes < 60:
+        return f"{minutes}m"
+    hours = minutes // 60
+    if hours < 24:
+        return f"{hours}h{minutes % 60:02d}"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def status_cells(status: NodeStatus, now: float | None = None) -> dict[str, str]:
+    """A node's status as text, sanitized: the cells the dashboard's table and the headless
+    `status` share (name, host, backend, state, pid, latency, uptime, endpoint, error)."""
+    running = status.state in (READY, STARTING)
+    return {
+        "name": sanitize(status.name),
+        "host": sanitize(status.host),
+        "backend": sanitize(status.backend),
+        "state": sanitize(str(status.state)),
+        "pid": str(status.pid or "-"),
+        "latency": f"{status.probe_ms}ms" if status.probe_ms is not None else "-",
+        "uptime": uptime(status.started_at, now) if running else "-",
+        "endpoint": sanitize(status.endpoint),
+        "error": sanitize(status.error),
+    }
