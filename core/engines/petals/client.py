@@ -19,6 +19,8 @@ from core.engines.petals.local import (
     check_python,
     local_python,
     open_log,
+    private_socket_dir,
+    remove_socket_dir,
     side_env,
 )
 from core.engines.petals.swarm_file import read_swarm, swarm_dir, swarm_peers
@@ -37,11 +39,13 @@ async def generate(config: ClusterConfig, prompt: str, new_tokens: int,
     check_python(python)
     log = swarm_dir(config) / "generate.log"  # its stderr: Petals' client logs, the route
     stderr = open_log(log)
+    sock_dir = private_socket_dir()
     try:
         proc = await asyncio.create_subprocess_exec(
             python, str(SIDE / "generate.py"), str(swarm.get("model", config.model.hf)),
             "--peers", json.dumps(peers), "--prefix", str(swarm.get("prefix")),
             "--prompt-stdin", "-n", str(new_tokens), "--dtype", config.petals.torch_dtype,
+            "--sock-dir", sock_dir,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
             env=side_env(), start_new_session=True)
     finally:
@@ -65,6 +69,7 @@ async def generate(config: ClusterConfig, prompt: str, new_tokens: int,
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+        remove_socket_dir(sock_dir)
     if answer is None:
         raise PetalsError(f"no generation within {timeout:g} s (is every block served? "
                           "`torbiz-tui status --json` shows the block map)")

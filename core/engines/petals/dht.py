@@ -24,6 +24,8 @@ from core.engines.petals.local import (
     check_python,
     local_python,
     open_log,
+    private_socket_dir,
+    remove_socket_dir,
     side_env,
 )
 from core.engines.petals.swarm_file import read_swarm, swarm_dir, swarm_peers
@@ -48,6 +50,7 @@ class DhtWatch:
         self.args = [python, str(SIDE / "dht_monitor.py"), "--peers", json.dumps(list(peers)),
                      "--prefix", prefix, "--blocks", str(n_blocks), "--interval", str(interval),
                      "--startup-timeout", "3600"]
+        self.sock_dir: str | None = None
         self.peers = tuple(peers)
         self.log = log
         self.latest: Snapshot | None = None
@@ -62,13 +65,15 @@ class DhtWatch:
 
     async def start(self) -> None:
         check_python(self.args[0])
+        self.sock_dir = private_socket_dir()
         stderr: Any = asyncio.subprocess.DEVNULL
         if self.log is not None:
             stderr = open_log(self.log)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *self.args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=stderr, env=side_env(), limit=16 * MIB, start_new_session=True)
+                *self.args, "--sock-dir", self.sock_dir, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=stderr, env=side_env(), limit=16 * MIB,
+                start_new_session=True)
         finally:
             if stderr is not asyncio.subprocess.DEVNULL:
                 stderr.close()
@@ -143,6 +148,8 @@ class DhtWatch:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
             self._reader = None
+        remove_socket_dir(self.sock_dir)  # whatever hivemind left there, p2pd killed above
+        self.sock_dir = None
 
 
 _watches: dict[int, DhtWatch] = {}  # id(cluster) -> its watch; closed by close_watch()

@@ -225,8 +225,16 @@ class PetalsEngine(Engine):
 
     async def _detail(self) -> tuple[tuple[LayerShare, ...], tuple[BlockInfo, ...],
                                          tuple[int, ...]]:
-        """The block map for `status --json`: a fresh DHT poll (with pings)."""
+        """The block map for `status --json`: a fresh DHT poll (with pings). When no server of
+        this cluster runs, the swarm file alone answers at once: every block unserved, and the
+        DHT monitor is stopped instead of retrying to join a swarm that is not there."""
         nodes = petals_nodes(self.config)
+        if not any(self.ctx.last_status(n.name).state in (READY, STARTING) for n in nodes):
+            await self.view.close()
+            swarm = read_swarm(self.config)
+            blocks, unserved = block_map(self.config, swarm, None)
+            return (tuple(node_share(self.config, swarm, blocks, n) for n in nodes), blocks,
+                    unserved)
         (swarm, snapshot), *measured = await asyncio.gather(
             self.view.view(wait=30.0, fresh=True), *(self.node_memory(n) for n in nodes))
         blocks, unserved = block_map(self.config, swarm, snapshot)

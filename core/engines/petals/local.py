@@ -4,6 +4,8 @@ side scripts it runs, and the error every Petals operation raises."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,14 @@ def petals_nodes(config: ClusterConfig) -> list[NodeConfig]:
 def side_env() -> dict[str, str]:
     return {**os.environ, **backend.SERVER_ENV}
 
+
+
+def private_socket_dir() -> str:
+    """A 0700 directory for hivemind's unix sockets of one side process (see side/sockets.py);
+    remove it with remove_socket_dir when the process has ended."""
+    return tempfile.mkdtemp(prefix="torbiz-p2p-")
+
+
+def remove_socket_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)

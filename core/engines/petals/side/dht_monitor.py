@@ -45,30 +45,40 @@ def main() -> int:
     parser.add_argument("--once", action="store_true")
     parser.add_argument("--ping-timeout", type=float, default=2.0)
     parser.add_argument("--startup-timeout", type=float, default=20.0)
+    parser.add_argument("--sock-dir", help="a private directory for hivemind's unix sockets")
+    parser.add_argument("--retry-max", type=float, default=30.0,
+                        help="longest wait between two attempts to join (doubling from 1 s)")
     args = parser.parse_args()
     peers = json.loads(args.peers)
     if not peers:
         emit({"error": "no initial peers: the monitor never joins the public swarm"})
         return 2
     orphaned = threading.Event()
+    from sockets import use_private_sockets
+
+    use_private_sockets(args.sock_dir)
     import hivemind
     from petals.data_structures import UID_DELIMITER
     from petals.utils.dht import get_remote_module_infos
     from petals.utils.ping import ping_parallel
 
+    if not args.once:
+        threading.Thread(target=_watch_stdin, args=(orphaned,), daemon=True).start()
     deadline = time.monotonic() + args.startup_timeout
     dht = None
+    backoff = 1.0
     while dht is None:
         try:
             dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True,
                                startup_timeout=min(10.0, args.startup_timeout))
-        except Exception as exc:  # no peer listens yet: say so, try again
-            emit({"error": f"cannot join the swarm's DHT: {type(exc).__name__}: {exc}"[:300]})
+        except Exception as exc:  # no peer listens yet: say so, try again later and later
+            emit({"error": f"cannot join the swarm's DHT: {type(exc).__name__}: {exc}"[:300],
+                  "retry_in_s": backoff})
             if args.once or time.monotonic() > deadline:
                 return 1
-            time.sleep(1.0)
-    if not args.once:
-        threading.Thread(target=_watch_stdin, args=(orphaned,), daemon=True).start()
+            if orphaned.wait(backoff):
+                return 0
+            backoff = min(args.retry_max, backoff * 2)
     uids = [f"{args.prefix}{UID_DELIMITER}{i}" for i in range(args.blocks)]
     while not orphaned.is_set():
         started = time.perf_counter()

@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--request-timeout", type=float, default=60.0)
     parser.add_argument("--max-retries", type=int, default=3)
+    parser.add_argument("--sock-dir", help="a private directory for hivemind's unix sockets")
     return parser.parse_args(argv)
 
 
@@ -78,6 +79,9 @@ def main() -> int:
         print(MARK + json.dumps({"error": "no initial peers"}))
         return 2
 
+    from sockets import use_private_sockets
+
+    use_private_sockets(args.sock_dir)
     import torch
     from petals import AutoDistributedModelForCausalLM
     from transformers import AutoTokenizer
