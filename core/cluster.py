@@ -182,10 +182,11 @@ class Cluster:
     async def stop_workers(self) -> list[NodeStatus]:
         return await self._gather([n.name for n in self.config.nodes], self.stop_node)
 
-    async def follow_log(self, name: str, lines: int = 200) -> AsyncIterator[str]:
+    async def follow_log(self, name: str, lines: int = 200, *,
+                         raw: bool = False) -> AsyncIterator[str]:
         node = self.config.node(name)
         script = detached.follow_script(self.node_state_dir(node), lines)
-        async for line in self.transport(name).stream_lines(script):
+        async for line in self.transport(name).stream_lines(script, raw=raw):
             yield line
 
     # ---- the serving side ------------------------------------------------------------------
@@ -219,14 +220,15 @@ class Cluster:
         async with self._coordinator_lock:
             return await self.engine.stop_coordinator()
 
-    async def follow_coordinator_log(self, lines: int = 200) -> AsyncIterator[str]:
+    async def follow_coordinator_log(self, lines: int = 200, *,
+                                     raw: bool = False) -> AsyncIterator[str]:
         state_dir = self.engine.coordinator_log_dir()
         if state_dir is None:
             raise EngineError(f"a {self.capabilities.coordinator_label} has no log of its own")
         script = detached.follow_script(state_dir, lines)
         local = LocalTransport(NodeConfig(name="coordinator", host="127.0.0.1",
                                           transport="local"))
-        async for line in local.stream_lines(script):
+        async for line in local.stream_lines(script, raw=raw):
             yield line
 
     # ---- whole cluster ---------------------------------------------------------------------

@@ -253,23 +253,26 @@ def _coordinator_dir(cluster: Cluster) -> str:
     return state_dir
 
 
-async def log_tail(cluster: Cluster, part: str, lines: int) -> list[str]:
-    """The last `lines` lines of a node's worker log, or of the coordinator's."""
+async def log_tail(cluster: Cluster, part: str, lines: int, *, raw: bool = False) -> list[str]:
+    """The last `lines` lines of a node's worker log, or of the coordinator's; terminal-safe
+    unless `raw` (for a pipe)."""
     if part == COORDINATOR_PART:
         local = LocalTransport(NodeConfig(name="coordinator", host="127.0.0.1",
                                           transport="local"))
-        return await detached.log_tail(local, _coordinator_dir(cluster), lines)
+        return await detached.log_tail(local, _coordinator_dir(cluster), lines, raw=raw)
     node = cluster.config.node(part)
-    return await detached.log_tail(cluster.transport(part), cluster.node_state_dir(node), lines)
+    return await detached.log_tail(cluster.transport(part), cluster.node_state_dir(node), lines,
+                                   raw=raw)
 
 
-def follow_log(cluster: Cluster, part: str, lines: int) -> AsyncIterator[str]:
+def follow_log(cluster: Cluster, part: str, lines: int, *,
+               raw: bool = False) -> AsyncIterator[str]:
     """Its history, then every new line, until the caller stops iterating."""
     if part == COORDINATOR_PART:
         _coordinator_dir(cluster)
-        return cluster.follow_coordinator_log(lines)
+        return cluster.follow_coordinator_log(lines, raw=raw)
     cluster.config.node(part)
-    return cluster.follow_log(part, lines)
+    return cluster.follow_log(part, lines, raw=raw)
 
 
 # ---- provisioning -----------------------------------------------------------------------------

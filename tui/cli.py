@@ -173,15 +173,17 @@ async def _watch(config: ClusterConfig, interval: float, recover: bool) -> int:
         await cluster.close()
 
 
-async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int) -> int:
+async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int,
+                raw: bool = False) -> int:
+    show = (lambda line: line) if raw else sanitize  # --raw: the bytes as logged, for pipes
     cluster = Cluster(config)
     try:
         if follow:
-            async for line in operations.follow_log(cluster, node, lines):
-                print(sanitize(line), flush=True)
+            async for line in operations.follow_log(cluster, node, lines, raw=raw):
+                print(show(line), flush=True)
         else:
-            tail = await operations.log_tail(cluster, node, lines)
-            print("\n".join(sanitize(line) for line in tail))
+            tail = await operations.log_tail(cluster, node, lines, raw=raw)
+            print("\n".join(show(line) for line in tail))
         return 0
     except OperationError as exc:
         print_problems(exc.problems)
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("node")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.add_argument("-n", "--lines", type=int, default=100, help="lines of history (100)")
+    p.add_argument("--raw", action="store_true", help="print the log's lines as they are, "
+                   "escape sequences included (for pipes and files, never a terminal)")
     p = sub.add_parser("web", help="serve the dashboard to a browser on 127.0.0.1 "
                        "(textual-serve; one dashboard per tab)")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765)")
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "watch":
             return asyncio.run(_watch(config, args.interval, not args.no_recover))
         if args.command == "logs":
-            return asyncio.run(_logs(config, args.node, args.follow, args.lines))
+            return asyncio.run(_logs(config, args.node, args.follow, args.lines, args.raw))
         if args.command == "web":
             from tui.web import serve_dashboard
 

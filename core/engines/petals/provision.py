@@ -47,7 +47,7 @@ def node_venv(node: NodeConfig) -> str:
 
 def _files() -> list[Path]:
     if not SCRIPT.is_file():
-        raise ProvisionError(f"{SCRIPT} not found (provisioning needs a source checkout)")
+        raise ProvisionError(f"{SCRIPT} is missing from this install: reinstall torbiz-tui")
     wheels = sorted(local_wheels().glob("hivemind-*.whl"))
     if not wheels:
         raise ProvisionError(f"no hivemind wheel in {local_wheels()}: run scripts/petals-env.sh "
