@@ -103,7 +103,7 @@ def test_nvidia_absurd_and_hostile_rows() -> None:
     gpus = parse_nvidia_smi(text, errors)
     assert [(g.index, g.name, g.total_bytes, g.free_bytes) for g in gpus] == [
         (1, "Odd", 1024 * MIB, 1024 * MIB),  # free capped at total
-        (2, "[31mEvil, Inc[0m", 4096 * MIB, 1024 * MIB),  # escapes made inert
+        (2, "Evil, Inc", 4096 * MIB, 1024 * MIB),  # escape sequences removed whole
     ]
     assert any("99999999999 MiB, which cannot be right" in e for e in errors)
     assert any("more free memory (2048 MiB) than total (1024 MiB)" in e for e in errors)

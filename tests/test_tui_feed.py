@@ -235,7 +235,7 @@ async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
 
 
 def test_uptime_shows_whole_minutes_hours_and_days() -> None:
-    from tui.model import uptime
+    from core.status_text import uptime
 
     assert uptime(None) == "-"
     assert [uptime(1000.0, now) for now in (1000.0, 1059.0, 1060.0, 1000.0 + 3599,

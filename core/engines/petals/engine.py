@@ -50,9 +50,11 @@ from core.status import (
 READY_TIMEOUT = float(os.environ.get("TORBIZ_PETALS_READY_TIMEOUT", "180"))
 STOP_GRACE = 10.0  # SIGINT to the main pid, then KILL the group and its recorded descendants
 
-# PSS (kB) of every process in the server's group, from the node's /proc (0 when not running).
+# PSS (kB) of every process in the server's group, from the node's /proc (0 when not running);
+# the pidfile's first word is the pid (the rest is its start-time record).
 _MEMORY = r"""
-p=$(cat __DIR__/pid 2>/dev/null); case $p in ''|*[!0-9]*) echo "TORBIZ-PSS 0"; exit 0;; esac
+p=; [ -L __DIR__/pid ] || read -r p _ 2>/dev/null < __DIR__/pid
+case $p in ''|*[!0-9]*) echo "TORBIZ-PSS 0"; exit 0;; esac
 t=0
 for q in $(ps -eo pid=,pgid= 2>/dev/null | awk -v g="$p" '$2 == g {print $1}'); do
   v=$(awk '/^Pss:/ {print $2}' /proc/$q/smaps_rollup 2>/dev/null); t=$((t + ${v:-0}))
