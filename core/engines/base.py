@@ -8,6 +8,7 @@ EngineContext (transports, state directories, the last known status, a way to re
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 from core.checks import Check
 from core.config import ClusterConfig, NodeConfig
 from core.planning.layer_map import LayerMap
+from core.reach.detached import ProcessState
 from core.reach.probe import NodeProbe, WorkerLookup
 from core.reach.transport import Transport
 from core.status import (
@@ -122,6 +124,18 @@ class Engine(abc.ABC):
         """Report a node's state through the context (it emits a change event)."""
         return self.ctx.report(NodeStatus(node.name, node.host, node.backend, state, pid,
                                           node.endpoint, error, **extra))
+
+    def started_at(self, name: str, proc: ProcessState) -> float | None:
+        """The process's start on our clock; kept from the last probe when it agrees within
+        2 s (ps counts whole seconds), so an unchanged worker stays an unchanged status."""
+        if proc.elapsed_s is None:
+            return None
+        started = float(round(time.time() - proc.elapsed_s))
+        previous = self.ctx.last_status(name)
+        if previous.pid == proc.pid and previous.started_at is not None \
+                and abs(previous.started_at - started) <= 2:
+            return previous.started_at
+        return started
 
     # ---- nodes ------------------------------------------------------------------------------
 

@@ -90,18 +90,6 @@ class LlamaRpcEngine(Engine):
             return proc.port == "listening"
         return await llama_rpc.port_open(node.rpc_host or node.host, node.rpc_port)
 
-    def _started_at(self, name: str, proc: detached.ProcessState) -> float | None:
-        """The process's start on our clock; kept from the last probe when it agrees within
-        2 s (ps counts whole seconds), so an unchanged worker stays an unchanged status."""
-        if proc.elapsed_s is None:
-            return None
-        started = float(round(time.time() - proc.elapsed_s))
-        previous = self.ctx.last_status(name)
-        if previous.pid == proc.pid and previous.started_at is not None \
-                and abs(previous.started_at - started) <= 2:
-            return previous.started_at
-        return started
-
     async def probe_node(self, node: NodeConfig) -> NodeStatus:
         transport = self.ctx.transport(node.name)
         state_dir = self.ctx.node_state_dir(node)
@@ -111,7 +99,7 @@ class LlamaRpcEngine(Engine):
         if proc.state == "running":
             ready = await self._listening(node, proc)
             return self.status(node, NodeState.READY if ready else NodeState.STARTING, proc.pid,
-                               started_at=self._started_at(node.name, proc), probe_ms=probe_ms)
+                               started_at=self.started_at(node.name, proc), probe_ms=probe_ms)
         if proc.state == "dead":
             tail = await detached.log_tail(transport, state_dir)
             return self.status(node, NodeState.FAILED, proc.pid,

@@ -86,16 +86,6 @@ class PetalsEngine(Engine):
     def worker_lookup(self, node: NodeConfig, is_local: bool) -> WorkerLookup | None:
         return None  # the node's Petals python is checked by the doctor (node_info)
 
-    def _started_at(self, name: str, proc: detached.ProcessState) -> float | None:
-        if proc.elapsed_s is None:
-            return None
-        started = float(round(time.time() - proc.elapsed_s))
-        previous = self.ctx.last_status(name)
-        if previous.pid == proc.pid and previous.started_at is not None \
-                and abs(previous.started_at - started) <= 2:
-            return previous.started_at
-        return started
-
     async def probe_node(self, node: NodeConfig) -> NodeStatus:
         """The node's state from its pidfile and, while its server runs, from the DHT: ready only
         when every block of its span is ONLINE there and the server answers a ping."""
@@ -103,7 +93,7 @@ class PetalsEngine(Engine):
         state_dir = self.ctx.node_state_dir(node)
         asked = time.monotonic()
         proc = await detached.status(transport, state_dir, backend.listen_address(node))
-        started, probe_ms = self._started_at(node.name, proc), rounded_ms(time.monotonic() - asked)
+        started, probe_ms = self.started_at(node.name, proc), rounded_ms(time.monotonic() - asked)
         if proc.state == "dead":
             tail = await detached.log_tail(transport, state_dir, 40)
             return self.status(node, FAILED, proc.pid, backend.explain_server_log(tail))
