@@ -78,7 +78,8 @@ class NodeRow:
 def node_cells(row: NodeRow, now: float | None = None) -> dict[str, str]:
     """The table's cells for `row`."""
     cells = status_cells(row.status, now)
-    cells.update(state=sanitize(row.state), device=sanitize(row.device),
+    cells.update(state=cells["state"] if row.state == row.status.state else sanitize(row.state),
+                 device=sanitize(row.device),
                  free=sanitize(row.free), layers=row.layers,
                  tps=row.tps if row.status.state == READY else "-")
     return cells

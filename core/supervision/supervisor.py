@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from core.cluster import Cluster
-from core.status import FAILED, READY, UNREACHABLE, Level, NodeStatus
+from core.status import FAILED, NOT_RESPONDING, READY, UNREACHABLE, Level, NodeStatus
 from core.supervision.recovery_record import RecoveryResult
 
 
@@ -35,6 +35,7 @@ class Recoverer(Protocol):
 
     async def maybe_recover(self, detected_at: float | None = None) -> RecoveryResult | None: ...
 
+BAD = (FAILED, UNREACHABLE, NOT_RESPONDING)
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 8.0
 
@@ -76,7 +77,7 @@ class Supervisor:
                if self._retry_at.get(n.name, 0.0) <= now]
         await asyncio.gather(*(self.cluster.probe_node(name) for name in due))
         for name in due:
-            if self.cluster.nodes[name].state == UNREACHABLE:
+            if self.cluster.nodes[name].state in (UNREACHABLE, NOT_RESPONDING):
                 delay = min(BACKOFF_MAX, self._backoff.get(name, BACKOFF_FIRST / 2) * 2)
                 self._backoff[name] = delay
                 self._retry_at[name] = time.monotonic() + delay
@@ -104,7 +105,7 @@ class Supervisor:
         if coordinator_before.state == READY and coordinator.state == FAILED \
                 and "coordinator" not in self._known_bad:
             found.append(Detection("coordinator", coordinator.state, coordinator.error, now))
-        self._known_bad = {n.name for n in nodes if n.state in (FAILED, UNREACHABLE)}
+        self._known_bad = {n.name for n in nodes if n.state in BAD}
         if coordinator.state == FAILED:
             self._known_bad.add("coordinator")
         lost = [d for d in found if d.part != "coordinator" and d.state == FAILED]
@@ -114,7 +115,7 @@ class Supervisor:
                               "llama-server")
             found.append(Detection("coordinator", "degraded", cluster_notice, now))
         for detection in found:
-            level = "warning" if detection.state == UNREACHABLE else "error"
+            level = "warning" if detection.state in (UNREACHABLE, NOT_RESPONDING) else "error"
             cluster.notice(f"{detection.part}: {detection.reason}", level,
                             None if detection.part == "coordinator" else detection.part)
         self.detections.extend(found)
@@ -122,7 +123,7 @@ class Supervisor:
         return found
 
     def _went_bad(self, before: NodeStatus | None, after: NodeStatus) -> bool:
-        if after.state not in (FAILED, UNREACHABLE) or after.name in self._known_bad:
+        if after.state not in BAD or after.name in self._known_bad:
             return False
         return before is None or before.state != after.state or after.state == FAILED
 
