@@ -13,6 +13,7 @@ import core
 from core import operations
 from core.cluster import Cluster
 from core.config import ClusterConfig, ConfigError, load_config
+from core.log_lines import Repeats
 from core.operations import SMOKE_PROMPT, OperationError
 from core.status import NodeState
 from tui.cli_format import format_doctor, format_status, print_event, print_problems
@@ -177,8 +178,19 @@ async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int) -> i
     cluster = Cluster(config)
     try:
         if follow:
-            async for line in operations.follow_log(cluster, node, lines):
-                print(sanitize(line), flush=True)
+            repeats = Repeats()  # a run of one line prints once, then `line (xN)` as it ends
+            try:
+                async for line in operations.follow_log(cluster, node, lines):
+                    if repeats.feed(sanitize(line)) > 1:
+                        continue
+                    summary = repeats.ended()
+                    if summary is not None:
+                        print(summary, flush=True)
+                    print(sanitize(line), flush=True)
+            finally:
+                pending = repeats.pending()
+                if pending is not None:
+                    print(pending, flush=True)
         else:
             tail = await operations.log_tail(cluster, node, lines)
             print("\n".join(sanitize(line) for line in tail))
