@@ -127,6 +127,10 @@ class Recoverer:
 
     # ---- what is lost ----------------------------------------------------------------------
 
+    def in_plan(self, name: str) -> bool:
+        """Whether the coordinator was started over this node's worker."""
+        return name in self._used_workers()
+
     def _used_workers(self) -> list[str]:
         """The workers the coordinator was started over (placement.json), in --rpc order."""
         placement = read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
