@@ -218,6 +218,94 @@ async def fault_table(workdir: Path) -> list[Row]:
     return rows
 
 
+async def hung_table(workdir: Path, rate: str) -> list[Row]:
+    """Frozen, cut-off and thinned nodes: each node an sshd in network + PID namespaces of its
+    own (tests/netns_nodes.py), the rest as fault_table. `screen` is what the core reported
+    (and so what the table, `status` and `watch` show) for the node and the coordinator."""
+    from core.status import READY
+    from tests.netns_nodes import NamespacedNodes
+
+    nodes = NamespacedNodes(workdir / "nodes", 3)
+    nodes.start()
+    model = ensure_demo_model(workdir / "demo.gguf")
+    config = load_config(ssh_cluster_file(workdir, nodes, model, name="bench-hung"))
+    cluster = Cluster(config)
+    detections: list[Detection] = []
+    recoveries: list[RecoveryResult] = []
+
+    def report(item: Detection | RecoveryResult) -> None:
+        (recoveries if isinstance(item, RecoveryResult) else detections).append(item)
+
+    supervisor = Supervisor(cluster, interval=0.5, recover=True)
+    rows: list[Row] = []
+    try:
+        await _plan_up(cluster)
+        watching = asyncio.create_task(supervisor.run(report))
+        client = Client(cluster.coordinator.url)
+        traffic = asyncio.create_task(client.run())
+        await asyncio.sleep(2)
+
+        async def fault(label: str, name: str, hit: Callable[[], None],
+                        heal: Callable[[], None]) -> None:
+            count = len(recoveries)
+            t0 = time.monotonic()
+            states: set[str] = set()
+            hit()
+            ok = await _until(lambda: (states.add(f"{cluster.nodes[name].state}/"
+                                                  f"{cluster.coordinator.state}") or False)
+                              or len(recoveries) > count, 30)
+            d = next((x.at - t0 for x in detections if x.part == name and x.at >= t0), None)
+            recovered = None
+            if ok:
+                await _until(lambda: any(t > t0 and t > max(client.failures, default=0)
+                                         for t in client.successes), 30)
+                recovered = max(client.successes) - t0
+            failed, sent, attempts = client.since(t0)
+            rows.append(Row(label, d, recovered, failed, sent,
+                            "node/coordinator seen: " + ", ".join(sorted(states))
+                            + (f"; {recoveries[-1].reason}" if ok else "; no recovery"),
+                            attempts))
+            t1 = time.monotonic()
+            pid = cluster.nodes[name].pid
+            heal()
+            back = await _until(lambda: cluster.nodes[name].state == READY, 30)
+            rows.append(Row(f"{label}: back", None, None, *client.since(t1)[:2],
+                            (f"{name} ready after {time.monotonic() - t1:.1f} s, "
+                             + ("same worker pid" if cluster.nodes[name].pid == pid
+                                else "worker restarted (it died meanwhile)"))
+                            if back else f"{name} not ready after 30 s"))
+            await asyncio.sleep(2)
+
+        await fault("node frozen (SIGSTOP all, node2)", "node2",
+                    lambda: nodes.freeze("node2"), lambda: nodes.thaw("node2"))
+        await operations.rebalance(cluster)
+        await asyncio.sleep(2)
+        await fault("link down (node3's veth)", "node3",
+                    lambda: nodes.link_down("node3"), lambda: nodes.link_up("node3"))
+        await operations.rebalance(cluster)
+        await asyncio.sleep(2)
+        t0 = time.monotonic()
+        nodes.shape("node1", rate)
+        await asyncio.sleep(8)
+        failed, sent, attempts = client.since(t0)
+        rows.append(Row(f"link slowed (node1, tbf {rate})", None, None, failed, sent,
+                        f"screen: node1 {cluster.nodes['node1'].state}, RTT "
+                        f"{cluster.nodes['node1'].probe_ms} ms", attempts))
+        traffic.cancel()
+        watching.cancel()
+        await asyncio.gather(traffic, watching, return_exceptions=True)
+    finally:
+        for name in nodes.names:
+            nodes.thaw(name)
+            nodes.link_up(name)
+        with contextlib.suppress(Exception):
+            await cluster.close()
+            await cluster.down()
+        await cluster.close()
+        nodes.stop()
+    return rows
+
+
 def print_fault_table(rows: list[Row]) -> None:
     def sec(value: float | None) -> str:
         return f"{value:.2f} s" if value is not None else "-"
@@ -431,6 +519,8 @@ def main() -> int:
     parser.add_argument("--warm-runs", type=int, default=2)
     parser.add_argument("--skip-faults", action="store_true")
     parser.add_argument("--skip-cache", action="store_true")
+    parser.add_argument("--skip-hung", action="store_true")
+    parser.add_argument("--slow-rate", default="256kbit", help="tbf rate of the slowed link")
     args = parser.parse_args()
     # Ctrl-C must clean up even when started from a shell that ignores SIGINT in background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -444,6 +534,12 @@ def main() -> int:
                 print("faults on a 3-node loopback cluster (sshd + rpc-server + llama-server, "
                       "recovery on), a client sending completions throughout:", flush=True)
                 print_fault_table(asyncio.run(fault_table(workdir / "faults")))
+                print(flush=True)
+            if not args.skip_hung:
+                print("hung, cut-off and slow nodes (each node in network + PID namespaces of "
+                      "its own), a client sending completions throughout:", flush=True)
+                (workdir / "hung").mkdir()
+                print_fault_table(asyncio.run(hung_table(workdir / "hung", args.slow_rate)))
                 print(flush=True)
             if not args.skip_cache:
                 (workdir / "cache").mkdir()

@@ -15,7 +15,13 @@ from core.engines.base import Capabilities, Engine, EngineError, Span
 from core.engines.registry import make_engine
 from core.planning.layer_map import LayerMap
 from core.reach import detached
-from core.reach.transport import LocalTransport, Transport, TransportError, make_transport
+from core.reach.transport import (
+    SILENT_KINDS,
+    LocalTransport,
+    Transport,
+    TransportError,
+    make_transport,
+)
 from core.status import (
     ClusterStatus,
     CoordinatorChanged,
@@ -107,6 +113,13 @@ class Cluster:
         return self.report(NodeStatus(node.name, node.host, node.backend, NodeState.UNREACHABLE,
                                       None, node.endpoint, reason))
 
+    def _not_responding(self, node: NodeConfig, reason: str) -> NodeStatus:
+        previous = self.nodes.get(node.name)
+        return self.report(NodeStatus(node.name, node.host, node.backend,
+                                      NodeState.NOT_RESPONDING,
+                                      previous.pid if previous else None, node.endpoint, reason,
+                                      previous.started_at if previous else None))
+
     async def _gather(self, items: Iterable[T],
                       fn: Callable[[T], Awaitable[NodeStatus]]) -> list[NodeStatus]:
         async def limited(item: T) -> NodeStatus:
@@ -128,8 +141,15 @@ class Cluster:
         if self._locks[name].locked():
             return self.nodes[name]  # a start or stop is under way: it will say how it ended
         try:
-            return await self.engine.probe_node(node)
+            return await asyncio.wait_for(self.engine.probe_node(node), node.ssh.status_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            return self._not_responding(node, f"no answer to a status check within "
+                                              f"{node.ssh.status_timeout:g} s: the node is "
+                                              "frozen (swap, sleep), overloaded, or its link is "
+                                              "down ([ssh] status_timeout)")
         except TransportError as exc:
+            if exc.kind in SILENT_KINDS:
+                return self._not_responding(node, exc.reason)
             return self._unreachable(node, exc.reason)
 
     async def refresh_nodes(self) -> list[NodeStatus]:

@@ -52,9 +52,12 @@ class SshOptions:
     identity_file: str | None = None
     known_hosts: str = "~/.ssh/known_hosts"
     config_file: str | None = "~/.ssh/config"
-    connect_timeout: float = 10.0
-    keepalive_interval: float = 5.0
+    # A frozen or cut-off node is noticed within about 4 s (keepalive 1 s x 3), and one that
+    # accepts TCP but never sends the SSH banner within connect_timeout.
+    connect_timeout: float = 5.0
+    keepalive_interval: float = 1.0
     keepalive_count_max: int = 3
+    status_timeout: float = 3.0  # deadline of one status check; past it: `not responding`
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ _SSH_KEYS: dict[str, tuple[type, ...]] = {
     "connect_timeout": (int, float),
     "keepalive_interval": (int, float),
     "keepalive_count_max": (int,),
+    "status_timeout": (int, float),
 }
 _CLUSTER_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "state_dir": (str,),
                                               "recover": (bool,)}
@@ -348,9 +352,12 @@ def _ssh_options(path: Path, where: str, table: dict[str, Any], base: SshOptions
     for key in ("identity_file", "known_hosts", "config_file"):
         if values.get(key) is not None:
             _check_path(path, where, key, values[key], local=True)
-    for key in ("connect_timeout", "keepalive_interval", "keepalive_count_max"):
+    for key in ("connect_timeout", "keepalive_interval", "keepalive_count_max",
+                "status_timeout"):
         if key in values:
             _check_positive(path, where, key, values[key])
+    if "status_timeout" in values:
+        values["status_timeout"] = float(values["status_timeout"])
     if "connect_timeout" in values:
         values["connect_timeout"] = float(values["connect_timeout"])
     if "keepalive_interval" in values:

@@ -305,3 +305,20 @@ def build_llama(*, portable: bool, progress: Callable[[str], None]) -> str:
         return str(build(portable=portable, progress=progress))
     except LlamaBuildError as exc:
         raise OperationError([str(exc)], "build") from None
+
+
+# ---- rebalance ----------------------------------------------------------------------------------
+
+async def rebalance(cluster: Cluster) -> UpResult:
+    """Plan again over every node (one that came back after a fault is not used until now),
+    then restart the serving side over that plan; workers already running are kept. The
+    requests in flight while the coordinator restarts fail (the clients retry)."""
+    if not cluster.capabilities.has_coordinator:
+        raise OperationError([f"a {cluster.capabilities.coordinator_label} places its blocks "
+                              "itself: nothing to rebalance"], "plan", started_nothing=True)
+    planned = await plan(cluster)
+    cluster.notice("rebalancing: restarting the coordinator over " + planned.summary)
+    stopped = await cluster.stop_coordinator()
+    if stopped.state != NodeState.STOPPED:
+        raise OperationError([f"coordinator: could not stop it: {stopped.error}"], "stop")
+    return await up(cluster, planned=planned)

@@ -15,6 +15,7 @@ class NodeState(str, Enum):
     READY = "ready"
     FAILED = "failed"  # the worker died or could not start (the error says why)
     UNREACHABLE = "unreachable"  # the node refused or closed the connection
+    NOT_RESPONDING = "not responding"  # connected (or TCP up) but silent: frozen, or link down
 
     def __str__(self) -> str:
         return self.value
@@ -36,6 +37,7 @@ STARTING = NodeState.STARTING
 READY = NodeState.READY
 FAILED = NodeState.FAILED
 UNREACHABLE = NodeState.UNREACHABLE
+NOT_RESPONDING = NodeState.NOT_RESPONDING
 STATES = tuple(NodeState)
 CoordinatorState = NodeState  # the coordinator goes through the same states
 
@@ -67,6 +69,7 @@ class CoordinatorStatus:
     url: str = ""
     pid: int | None = None
     error: str = ""
+    loading_s: float | None = None  # starting: seconds since it started (its /health is 503)
 
 
 @dataclass(frozen=True)

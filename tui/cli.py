@@ -13,6 +13,7 @@ import core
 from core import operations
 from core.cluster import Cluster
 from core.config import ClusterConfig, ConfigError, load_config
+from core.log_lines import Repeats
 from core.operations import SMOKE_PROMPT, OperationError
 from core.status import NodeState
 from tui.cli_format import format_doctor, format_status, print_event, print_problems
@@ -114,6 +115,20 @@ async def _down(config: ClusterConfig) -> int:
         await cluster.close()
 
 
+async def _rebalance(config: ClusterConfig) -> int:
+    cluster = Cluster(config)
+    cluster.subscribe(print_event)
+    try:
+        result = await operations.rebalance(cluster)
+    except OperationError as exc:
+        print_problems(exc.problems)
+        return 1
+    finally:
+        await cluster.close()
+    print(f"rebalanced: coordinator {result.coordinator.state} at {result.coordinator.url}")
+    return 0
+
+
 async def _generate(config: ClusterConfig, prompt: str, tokens: int) -> int:
     cluster = Cluster(config)
     try:
@@ -179,8 +194,19 @@ async def _logs(config: ClusterConfig, node: str, follow: bool, lines: int,
     cluster = Cluster(config)
     try:
         if follow:
-            async for line in operations.follow_log(cluster, node, lines, raw=raw):
-                print(show(line), flush=True)
+            repeats = Repeats()  # a run of one line prints once, then `line (xN)` as it ends
+            try:
+                async for line in operations.follow_log(cluster, node, lines, raw=raw):
+                    if repeats.feed(show(line)) > 1:
+                        continue
+                    summary = repeats.ended()
+                    if summary is not None:
+                        print(summary, flush=True)
+                    print(show(line), flush=True)
+            finally:
+                pending = repeats.pending()
+                if pending is not None:
+                    print(pending, flush=True)
         else:
             tail = await operations.log_tail(cluster, node, lines, raw=raw)
             print("\n".join(show(line) for line in tail))
@@ -240,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "clock, port, bind address; coordinator binary and model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("down", help="stop the coordinator and every worker")
+    sub.add_parser("rebalance", help="plan again over every node (one back after a fault "
+                                     "included) and restart the coordinator over it")
     p = sub.add_parser("status", help="state of every node and the coordinator")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("watch", help="print every fault as it is noticed (dead worker, lost "
@@ -277,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    for name in ("up", "down", "status", "logs", "watch", "doctor", "plan", "web",
+    for name in ("up", "down", "rebalance", "status", "logs", "watch", "doctor", "plan", "web",
                  "petals-generate", "generate", "provision"):
         sub.choices[name].add_argument("-c", "--config", dest="sub_config",
                                        help=argparse.SUPPRESS)
@@ -311,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_up(config, args.force))
         if args.command == "down":
             return asyncio.run(_down(config))
+        if args.command == "rebalance":
+            return asyncio.run(_rebalance(config))
         if args.command == "plan":
             return asyncio.run(_plan(config, args.json))
         if args.command == "doctor":

@@ -7,7 +7,7 @@ import sys
 
 from core.checks import DoctorReport
 from core.status import ClusterStatus, Event, Level, NodeChanged, NodeState, Notice
-from core.status_text import status_cells
+from core.status_text import coordinator_state_text, status_cells
 from core.units import table_lines
 from tui.text import sanitize
 
@@ -40,7 +40,7 @@ def format_status(status: ClusterStatus) -> str:
     c = status.coordinator
     if c.url or c.state != NodeState.STOPPED:
         lines.append("")
-        lines.append(f"coordinator: {c.state}  {c.url}  pid {c.pid or '-'}"
+        lines.append(f"coordinator: {coordinator_state_text(c)}  {c.url}  pid {c.pid or '-'}"
                      + (f"  {sanitize(c.error)}" if c.error else ""))
     if status.blocks or status.unserved:
         lines.append(format_block_map(status))

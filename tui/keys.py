@@ -32,6 +32,9 @@ MAIN_BINDINGS: list[BindingType] = [
                                          "from the model and each node's free memory"),
     Binding("u", "up", "Up", tooltip="Bring the whole cluster up as planned: preflight, "
                                      "workers, then the coordinator"),
+    Binding("b", "rebalance", "Rebalance",
+            tooltip="Plan again over every node (one back after a fault too) and restart the "
+                    "coordinator over it"),
     Binding("d", "down", "Down", tooltip="Take the whole cluster down (asks first)"),
     Binding("g", "generate", "Generate",
             tooltip="A short generation through the cluster: does it answer, how fast"),

@@ -38,7 +38,7 @@ STOPPING = "stopping"  # while a stop is in flight (the core reports only the ou
 COORDINATOR = "coordinator"  # busy key for a coordinator action
 WHOLE_CLUSTER = "*"  # busy key for up/down
 CHANGES_CLUSTER = frozenset({"start_node", "stop_node", "restart_node", "start_coordinator",
-                             "stop_coordinator", "up", "down"})
+                             "stop_coordinator", "up", "down", "rebalance"})
 NEEDS_NODE = frozenset({"start_node", "stop_node", "restart_node", "logs"})
 # The keys whose state (shown, greyed, hidden) changes with the cluster.
 KEYED_ACTIONS = tuple(sorted(CHANGES_CLUSTER | NEEDS_NODE | {"generate"}))
@@ -78,7 +78,8 @@ class NodeRow:
 def node_cells(row: NodeRow, now: float | None = None) -> dict[str, str]:
     """The table's cells for `row`."""
     cells = status_cells(row.status, now)
-    cells.update(state=sanitize(row.state), device=sanitize(row.device),
+    cells.update(state=cells["state"] if row.state == row.status.state else sanitize(row.state),
+                 device=sanitize(row.device),
                  free=sanitize(row.free), layers=row.layers,
                  tps=row.tps if row.status.state == READY else "-")
     return cells
@@ -349,7 +350,9 @@ class Dashboard:
                 return _greyed("the coordinator is being changed")
             return _greyed("the coordinator's state is not known yet") if shown == PROBING \
                 else OK
-        if action in ("up", "down"):
+        if action == "rebalance" and not caps.has_coordinator:
+            return KeyCheck(Key.HIDDEN, f"a {caps.coordinator_label} places blocks itself")
+        if action in ("up", "down", "rebalance"):
             return _greyed("another action is under way") if busy else OK
         if selected is None or selected not in self.nodes:
             return _greyed("no node selected")

@@ -5,4 +5,9 @@ from __future__ import annotations
 
 from core.text import terminal_safe as sanitize
 
-__all__ = ["sanitize"]
+__all__ = ["css_name", "sanitize"]
+
+
+def css_name(state: str) -> str:
+    """A state as a CSS class suffix (`not responding` -> `not-responding`)."""
+    return state.replace(" ", "-")

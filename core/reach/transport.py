@@ -27,6 +27,10 @@ MAX_LINE = 16384  # bytes kept of one streamed line; the rest of that line is dr
 _CHUNK = 65536
 
 
+NOT_RESPONDING = "not-responding"  # TransportError.kind: connected (or TCP up), but silent
+SILENT_KINDS = frozenset({NOT_RESPONDING, "timeout"})  # a node that did not answer in time
+
+
 class TransportError(Exception):
     """The node cannot be reached or refused us; the message is a sentence for the operator."""
 
@@ -326,6 +330,7 @@ class SshTransport(Transport):
                 self.label,
                 f"no SSH answer from {self.address} within {opts.connect_timeout:g} s: is the "
                 "node up and the ssh_port right?",
+                kind=NOT_RESPONDING,
             ) from None
         except (OSError, asyncssh.Error) as exc:
             reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
@@ -400,7 +405,7 @@ class SshTransport(Transport):
                                  kind="timeout") from None
         except (OSError, asyncssh.Error) as exc:
             self._conn = None
-            raise TransportError(self.label, f"SSH connection lost ({exc})") from None
+            raise lost_connection(self.label, exc) from None
         assert proc is not None
         if over:  # closing the channel ends the command: its next write gets SIGPIPE
             proc.close()
@@ -415,12 +420,12 @@ class SshTransport(Transport):
             proc = await conn.create_process(command, stderr=asyncssh.DEVNULL, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             self._conn = None
-            raise TransportError(self.label, f"SSH connection lost ({exc})") from None
+            raise lost_connection(self.label, exc) from None
         try:
             async for line in _bounded_lines(proc.stdout.read, raw):
                 yield line
         except (OSError, asyncssh.Error) as exc:
-            raise TransportError(self.label, f"SSH connection lost ({exc})") from None
+            raise lost_connection(self.label, exc) from None
         finally:
             proc.stdin.write_eof()
             proc.close()
@@ -431,6 +436,16 @@ class SshTransport(Transport):
             conn.close()
             with contextlib.suppress(Exception):
                 await conn.wait_closed()
+
+
+def lost_connection(label: str, exc: Exception) -> TransportError:
+    """The sentence for a connection that broke; a keepalive that went unanswered means the
+    node (or the link) froze, not that it refused us."""
+    if "keepalive" in str(exc).lower():
+        return TransportError(label, f"stopped answering SSH keepalives ({exc}): the node is "
+                                     "frozen (swap, sleep) or its link is down",
+                              kind=NOT_RESPONDING)
+    return TransportError(label, f"SSH connection lost ({exc})")
 
 
 def make_transport(node: NodeConfig) -> Transport:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from core.cluster import Cluster
-from core.status import FAILED, READY, UNREACHABLE, Level, NodeStatus
+from core.status import FAILED, NOT_RESPONDING, READY, UNREACHABLE, Level, NodeStatus
 from core.supervision.recovery_record import RecoveryResult
 
 
@@ -35,6 +35,9 @@ class Recoverer(Protocol):
 
     async def maybe_recover(self, detected_at: float | None = None) -> RecoveryResult | None: ...
 
+    def in_plan(self, name: str) -> bool: ...
+
+BAD = (FAILED, UNREACHABLE, NOT_RESPONDING)
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 8.0
 
@@ -67,6 +70,7 @@ class Supervisor:
         self._first_seen: float | None = None  # the first detection no recovery has seen yet
         self._retry_at: dict[str, float] = {}  # unreachable node -> next SSH attempt
         self._backoff: dict[str, float] = {}
+        self._restarts: set[asyncio.Task[NodeStatus]] = set()
 
     async def _refresh_nodes(self) -> list[NodeStatus]:
         """Every node, except unreachable ones whose backoff has not run out (they keep their
@@ -76,7 +80,7 @@ class Supervisor:
                if self._retry_at.get(n.name, 0.0) <= now]
         await asyncio.gather(*(self.cluster.probe_node(name) for name in due))
         for name in due:
-            if self.cluster.nodes[name].state == UNREACHABLE:
+            if self.cluster.nodes[name].state in (UNREACHABLE, NOT_RESPONDING):
                 delay = min(BACKOFF_MAX, self._backoff.get(name, BACKOFF_FIRST / 2) * 2)
                 self._backoff[name] = delay
                 self._retry_at[name] = time.monotonic() + delay
@@ -97,6 +101,7 @@ class Supervisor:
             for seen in (coordinator_before, coordinator):
                 if seen.state == READY:
                     self.recoverer.saw_ready(seen.pid)
+        self._welcome_back(before, nodes)
         found: list[Detection] = []
         for status in nodes:
             if self._went_bad(before.get(status.name), status):
@@ -104,7 +109,7 @@ class Supervisor:
         if coordinator_before.state == READY and coordinator.state == FAILED \
                 and "coordinator" not in self._known_bad:
             found.append(Detection("coordinator", coordinator.state, coordinator.error, now))
-        self._known_bad = {n.name for n in nodes if n.state in (FAILED, UNREACHABLE)}
+        self._known_bad = {n.name for n in nodes if n.state in BAD}
         if coordinator.state == FAILED:
             self._known_bad.add("coordinator")
         lost = [d for d in found if d.part != "coordinator" and d.state == FAILED]
@@ -114,15 +119,36 @@ class Supervisor:
                               "llama-server")
             found.append(Detection("coordinator", "degraded", cluster_notice, now))
         for detection in found:
-            level = "warning" if detection.state == UNREACHABLE else "error"
+            level = "warning" if detection.state in (UNREACHABLE, NOT_RESPONDING) else "error"
             cluster.notice(f"{detection.part}: {detection.reason}", level,
                             None if detection.part == "coordinator" else detection.part)
         self.detections.extend(found)
         del self.detections[:-1000]
         return found
 
+    def _welcome_back(self, before: dict[str, NodeStatus], nodes: list[NodeStatus]) -> None:
+        """A node back after hanging or losing its link: its worker is reattached (same pid),
+        or restarted when it died meanwhile; it is not pulled back into the plan by itself
+        (that restarts the coordinator): the operator is told how."""
+        for status in nodes:
+            seen = before.get(status.name)
+            if seen is None or seen.state not in (NOT_RESPONDING, UNREACHABLE):
+                continue
+            if status.state == FAILED and self.recoverer is not None:
+                self.cluster.notice(f"{status.name} is back but its worker died meanwhile: "
+                                    "restarting it", Level.WARNING, status.name)
+                task = asyncio.create_task(self.cluster.start_node(status.name))
+                self._restarts.add(task)
+                task.add_done_callback(self._restarts.discard)
+            elif status.state == READY and self.recoverer is not None \
+                    and not self.recoverer.in_plan(status.name):
+                self.cluster.notice(
+                    f"{status.name} is back (worker pid {status.pid}): `b` rebalance onto it "
+                    "(torbiz-tui rebalance), which restarts the coordinator", Level.INFO,
+                    status.name, extra={"back": status.name})
+
     def _went_bad(self, before: NodeStatus | None, after: NodeStatus) -> bool:
-        if after.state not in (FAILED, UNREACHABLE) or after.name in self._known_bad:
+        if after.state not in BAD or after.name in self._known_bad:
             return False
         return before is None or before.state != after.state or after.state == FAILED
 

@@ -212,6 +212,15 @@ class ClusterWorkers(Screen[None]):
             self.post_message(self.ActionProblems([*exc.problems, *refused]))
 
     @work(group="cluster-action", exit_on_error=False)
+    async def cluster_rebalance(self) -> None:
+        """As `torbiz-tui rebalance`: plan over every node (one back after a fault too) and
+        restart the coordinator over it."""
+        try:
+            await operations.rebalance(self.cluster)
+        except OperationError as exc:
+            self.post_message(self.ActionProblems(exc.problems))
+
+    @work(group="cluster-action", exit_on_error=False)
     async def cluster_down(self) -> None:
         try:
             await operations.down(self.cluster)

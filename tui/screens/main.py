@@ -357,6 +357,9 @@ class MainScreen(ClusterWorkers):
     def action_up(self) -> None:
         self._run(WHOLE_CLUSTER, self.cluster_up())
 
+    def action_rebalance(self) -> None:
+        self._run(WHOLE_CLUSTER, self.cluster_rebalance())
+
     def action_down(self) -> None:
         config = self.cluster.config
         self._confirm(f"Take cluster {config.name} down: the coordinator and all "

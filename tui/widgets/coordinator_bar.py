@@ -9,13 +9,14 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from core.status import STATES, STOPPED, CoordinatorStatus
+from core.status_text import coordinator_state_text
 from tui.model import PROBING, STOPPING, CoordinatorRow, Serving
-from tui.text import sanitize
+from tui.text import css_name, sanitize
 
 
 class CoordinatorBar(Static):
     COMPONENT_CLASSES = {
-        f"coordinator-bar--{name}"
+        f"coordinator-bar--{css_name(name)}"
         for name in (*STATES, PROBING, STOPPING, "label", "error")
     }
 
@@ -24,7 +25,8 @@ class CoordinatorBar(Static):
 
     def watch_status(self, status: CoordinatorRow) -> None:
         def style(name: str) -> Style:
-            return self.get_component_rich_style(f"coordinator-bar--{name}", partial=True,
+            return self.get_component_rich_style(f"coordinator-bar--{css_name(name)}",
+                                                 partial=True,
                                                  default=Style())
 
         text = Text(no_wrap=True, overflow="ellipsis")
@@ -38,7 +40,9 @@ class CoordinatorBar(Static):
             self.update(text)
             return
         text.append("coordinator ", style=style("label"))
-        text.append(status.state, style=style(status.state))
+        shown = (coordinator_state_text(status.status) if status.state == status.status.state
+                 else status.state)
+        text.append(shown, style=style(status.state))
         text.append("   ")
         text.append(sanitize(status.url) or "-")
         text.append("   pid ", style=style("label"))

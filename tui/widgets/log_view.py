@@ -20,6 +20,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.timer import Timer
 
+from core.log_lines import Repeats, counted
 from tui.redraw import FLOOD_INTERVAL, FLOOD_LINES, LOG_INTERVAL, until_next_slot
 
 MAX_LINES = 5_000
@@ -65,6 +66,7 @@ class LogView(ScrollView, can_focus=True):
         self._last_redraw = 0.0
         self._flooded = False
         self._redraw_timer: Timer | None = None
+        self._repeats = Repeats()  # a line identical to the last one bumps its count
 
     # ---- content ----------------------------------------------------------------------------
 
@@ -79,6 +81,7 @@ class LogView(ScrollView, can_focus=True):
         self._pending_shift = 0
         self._first += len(self._lines)
         self._lines.clear()
+        self._repeats.reset()
         self._rows.clear()
         self._widest = 0
         self._match = None
@@ -95,6 +98,10 @@ class LogView(ScrollView, can_focus=True):
             line = raw.expandtabs(8)
             if len(line) > MAX_LINE_CHARS:
                 line = line[:MAX_LINE_CHARS] + " …"
+            count = self._repeats.feed(line)
+            if count > 1 and self._lines:
+                self._replace_last(counted(line, count), note, wrap_width)
+                continue
             absolute = self._first + len(self._lines)
             self._lines.append((line, note))
             width = _width(line)
@@ -121,6 +128,19 @@ class LogView(ScrollView, can_focus=True):
                 self._match = None
             self._strips.clear()  # rows moved under the cache's keys
             self._pending_shift += dropped_rows if self.wrap else dropped
+        self._schedule_redraw()
+
+    def _replace_last(self, line: str, note: bool, wrap_width: int) -> None:
+        """A repeat: the last line becomes `line` (its count); only its rows are redone."""
+        absolute = self._first + len(self._lines) - 1
+        self._lines[-1] = (line, note)
+        self._widest = max(self._widest, _width(line))
+        if wrap_width:
+            while self._rows and self._rows[-1][0] == absolute:
+                self._rows.pop()
+            pieces = len(_chunks(line, wrap_width))
+            self._rows.extend((absolute, piece) for piece in range(max(1, pieces)))
+        self._strips.clear()
         self._schedule_redraw()
 
     def _schedule_redraw(self) -> None:

@@ -23,12 +23,15 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 from textual.timer import Timer
 
-from core.status import FAILED, READY, STARTING, STATES, STOPPED, UNREACHABLE
+from core.status import FAILED, NOT_RESPONDING, READY, STARTING, STATES, STOPPED, UNREACHABLE
+from core.status_text import SLOW
 from tui.model import PROBING, STOPPING, NodeRow, node_cells
 from tui.redraw import TABLE_INTERVAL, until_next_slot
+from tui.text import css_name
 
 # A glyph before each state, so state reads without colour too; busy states spin.
-GLYPHS: dict[str, str] = {READY: "●", STOPPED: "○", FAILED: "✖", UNREACHABLE: "⚠"}
+GLYPHS: dict[str, str] = {READY: "●", STOPPED: "○", FAILED: "✖", UNREACHABLE: "⚠",
+                          NOT_RESPONDING: "◌", SLOW: "◔"}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 SPINNING = frozenset({STARTING, STOPPING, PROBING})
 SPIN_INTERVAL = 1 / 8
@@ -41,7 +44,7 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("device", "DEVICE", None),
     ("free", "FREE", 9),
     ("layers", "LAYERS", None),
-    ("state", "STATE", 13),
+    ("state", "STATE", 16),
     ("latency", "RTT", 6),
     ("tps", "TOK/S", 6),
     ("uptime", "UP", 6),
@@ -62,7 +65,7 @@ class NodeTable(ScrollView, can_focus=True):
 
     COMPONENT_CLASSES = {
         "node-table--header", "node-table--cursor",
-        *(f"node-table--{state}" for state in (*STATES, PROBING, STOPPING)),
+        *(f"node-table--{css_name(state)}" for state in (*STATES, SLOW, PROBING, STOPPING)),
     }
     BINDINGS = [Binding("enter", "open", "Logs", show=False)]
 
@@ -162,7 +165,8 @@ class NodeTable(ScrollView, can_focus=True):
         glyph = SPINNER[self._frame % len(SPINNER)] if value in SPINNING \
             else GLYPHS.get(value, " ")
         return Text(f"{glyph} {value}", no_wrap=True, end="",
-                    style=self.get_component_rich_style(f"node-table--{value}", partial=True,
+                    style=self.get_component_rich_style(f"node-table--{css_name(value)}",
+                                                        partial=True,
                                                         default=Style()))
 
     def _matches(self, cells: dict[str, str]) -> bool:

@@ -7,18 +7,20 @@ from rich.text import Text
 from textual.timer import Timer
 from textual.widgets import Static
 
-from core.status import FAILED, READY, STARTING, STOPPED, UNREACHABLE
+from core.status import FAILED, NOT_RESPONDING, READY, STARTING, STOPPED, UNREACHABLE
+from core.status_text import SLOW
 from tui.model import PROBING, STOPPING
 from tui.redraw import TABLE_INTERVAL, until_next_slot
-from tui.text import sanitize
+from tui.text import css_name, sanitize
 
 # In the order they are shown; a state with no node is still shown when it matters most.
-ORDER = (READY, STARTING, STOPPING, FAILED, UNREACHABLE, STOPPED, PROBING)
+ORDER = (READY, SLOW, STARTING, STOPPING, FAILED, NOT_RESPONDING, UNREACHABLE, STOPPED,
+         PROBING)
 ALWAYS = (READY, STARTING, FAILED)
 
 
 class StatusLine(Static):
-    COMPONENT_CLASSES = {f"status-line--{name}" for name in (*ORDER, "label", "stale")}
+    COMPONENT_CLASSES = {f"status-line--{css_name(name)}" for name in (*ORDER, "label", "stale")}
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,7 +50,7 @@ class StatusLine(Static):
             self._draw()
 
     def _style(self, name: str) -> Style:
-        return self.get_component_rich_style(f"status-line--{name}", partial=True,
+        return self.get_component_rich_style(f"status-line--{css_name(name)}", partial=True,
                                              default=Style())
 
     def _draw(self) -> None:

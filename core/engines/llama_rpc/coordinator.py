@@ -15,7 +15,7 @@ from core.config import ClusterConfig, NodeConfig, managed_coordinator_option
 from core.engines.llama_rpc.build import COORDINATOR_NAME, find_cached_binary
 from core.reach import detached
 from core.reach.transport import LocalTransport
-from core.status import FAILED, READY, STARTING, STOPPED, CoordinatorStatus
+from core.status import FAILED, NOT_RESPONDING, READY, STARTING, STOPPED, CoordinatorStatus
 from core.supervision.load_log import tensor_split_for
 
 COORDINATOR_DIR = "_coordinator"  # node names start with a letter or digit, so never collide
@@ -165,6 +165,9 @@ def placement_args(layers: Sequence[int] | None) -> list[str]:
     return ["-ngl", str(ngl), "-ts", ",".join(str(w) for w in split), "--fit", "off"]
 
 
+REFUSED = ("ConnectError",)  # nothing listens (yet): it is still starting
+
+
 async def health(url: str, timeout: float = 2.0) -> tuple[int | None, str]:
     """(HTTP status, body) of GET /health, or (None, reason) when nothing answers."""
     try:
@@ -183,8 +186,25 @@ async def coordinator_status(config: ClusterConfig) -> CoordinatorStatus:
     if proc.state == "dead":
         tail = await detached.log_tail(local_transport(), coordinator_state_dir(config), 30)
         return CoordinatorStatus(FAILED, url, proc.pid, explain_coordinator_log(tail))
-    code, _ = await health(url)
-    return CoordinatorStatus(READY if code == 200 else STARTING, url, proc.pid)
+    code, why = await health(url)
+    return status_from_health(url, proc.pid, code, why, proc.elapsed_s)
+
+
+def status_from_health(url: str, pid: int | None, code: int | None, why: str,
+                       elapsed_s: float | None) -> CoordinatorStatus:
+    """What its endpoint answers is its state: `ready` only on 200; `starting` (loading, with
+    the seconds) on 503 or while its port is not open yet; `not responding` when a connection
+    is accepted but no answer comes."""
+    if code == 200:
+        return CoordinatorStatus(READY, url, pid)
+    if code is None and why not in REFUSED:
+        return CoordinatorStatus(NOT_RESPONDING, url, pid,
+                                 f"its /health did not answer ({why}): llama-server is stuck, "
+                                 "likely on a worker that stopped answering")
+    if code not in (None, 503):
+        return CoordinatorStatus(STARTING, url, pid, f"its /health answered HTTP {code}",
+                                 loading_s=elapsed_s)
+    return CoordinatorStatus(STARTING, url, pid, loading_s=elapsed_s)
 
 
 def explain_coordinator_log(lines: list[str]) -> str:

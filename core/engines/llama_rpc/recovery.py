@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from core.config import ClusterConfig, NodeConfig
 from core.engines.base import Span
 from core.engines.llama_rpc import rpc as llama_rpc
-from core.engines.llama_rpc.coordinator import coordinator_state_dir
+from core.engines.llama_rpc.coordinator import coordinator_state_dir, local_transport
 from core.engines.llama_rpc.serving import PLACEMENT_FILE
 from core.planning.placement import (
     COORDINATOR,
@@ -37,10 +37,11 @@ from core.planning.placement import (
     make_placement,
 )
 from core.planning.planner import layer_costs
+from core.reach import detached
 from core.reach.probe import NodeProbe, probe_node
 from core.reach.transport import TransportError
 from core.state_file import read_json, write_json
-from core.status import FAILED, READY, STOPPED, UNREACHABLE
+from core.status import FAILED, NOT_RESPONDING, READY, STOPPED, UNREACHABLE
 from core.supervision.recovery_record import (
     DEGRADED,
     FAILED_RECOVERY,
@@ -52,6 +53,8 @@ from core.supervision.recovery_record import (
 LOCK_FILE = "recovery.lock"
 CONFIRM_DELAY = 0.3  # a stop by another process removes the pidfile just after the group died
 ENDPOINT_RECHECK = 5.0  # seconds between port checks of a worker whose node is unreachable
+HELLO_DEADLINE = 2.0  # a remaining worker that does not answer its HELLO in this is left out
+KILL_GRACE = 0.5  # llama-server blocked on a silent worker ignores TERM: KILL soon
 
 if TYPE_CHECKING:
     from core.reach.probe import WorkerLookup
@@ -124,6 +127,10 @@ class Recoverer:
 
     # ---- what is lost ----------------------------------------------------------------------
 
+    def in_plan(self, name: str) -> bool:
+        """Whether the coordinator was started over this node's worker."""
+        return name in self._used_workers()
+
     def _used_workers(self) -> list[str]:
         """The workers the coordinator was started over (placement.json), in --rpc order."""
         placement = read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
@@ -142,8 +149,8 @@ class Recoverer:
         status = self.cluster.nodes.get(name)
         if status is None:
             return False
-        if status.state == FAILED:
-            return True
+        if status.state in (FAILED, NOT_RESPONDING):
+            return True  # a silent worker stalls every request: never wait for it
         if status.state != UNREACHABLE:
             self._endpoint_checked.pop(name, None)
             return False
@@ -169,6 +176,8 @@ class Recoverer:
         coordinator = self.cluster.coordinator
         if coordinator.state == READY:
             self._served = coordinator.pid
+        elif coordinator.state == NOT_RESPONDING and coordinator.pid == self._served:
+            pass  # it served, and is now stuck (on a silent worker?): the workers tell
         elif coordinator.state != FAILED or coordinator.pid != self._served:
             # Stopped by the operator, starting, or failed before it ever served (whoever
             # started it reports that): nothing to recover.
@@ -242,7 +251,8 @@ class Recoverer:
 
     async def _recover(self, lost: list[str], since: float) -> RecoveryResult:
         cluster = self.cluster
-        running = cluster.coordinator.state == READY
+        running = cluster.coordinator.state in (READY, NOT_RESPONDING)
+        silent = [n for n in lost if cluster.nodes[n].state == NOT_RESPONDING]
         what = (f"coordinator lost worker{'s' if len(lost) > 1 else ''} {', '.join(lost)}"
                 if lost else "the coordinator exited")
         cluster.notice(f"recovering: {what}; re-planning over the workers still ready",
@@ -250,7 +260,8 @@ class Recoverer:
         remaining = [n for n in self.engine.nodes()
                      if n.name not in lost and cluster.nodes[n.name].state == READY]
         try:
-            spans = await self._plan(remaining, running)
+            probes = await self._probe(remaining, running)
+            spans = await self._plan(probes)
         except PlanRefused as exc:
             head = (f"cannot recover without {', '.join(lost)}" if lost
                     else "cannot restart the coordinator")
@@ -260,42 +271,88 @@ class Recoverer:
                              missing=exc.missing_bytes)
         except PlacementError as exc:
             return self._end(DEGRADED, lost, (), since, f"cannot re-plan: {exc}")
-        if cluster.coordinator.state in (READY, FAILED):
+        if silent:
+            # llama-server waits on a silent worker forever and ignores TERM meanwhile: KILL
+            # it, which ends the streams in flight at once (the clients retry).
+            await detached.stop(local_transport(), coordinator_state_dir(cluster.config),
+                                signal="KILL", grace=KILL_GRACE)
+        if cluster.coordinator.state in (READY, FAILED, NOT_RESPONDING) or silent:
             # A crashed coordinator still has a pidfile: stop() clears it (and kills leftovers).
             stopped = await cluster.stop_coordinator()
             if stopped.state != "stopped":
                 return self._end(FAILED_RECOVERY, lost, spans, since,
                                  f"could not stop the coordinator: {stopped.error}")
+        # Every worker it will use must answer now; one that does not is left out, not waited on.
+        mute = await self._silent_workers(spans)
+        if mute:
+            cluster.notice(f"recovering: worker{'s' if len(mute) > 1 else ''} "
+                           f"{', '.join(mute)} did not answer within {HELLO_DEADLINE:g} s: "
+                           "left out", "warning")
+            lost = sorted({*lost, *mute})
+            try:
+                spans = await self._plan({n: p for n, p in probes.items() if n not in mute})
+            except (PlanRefused, PlacementError) as exc:
+                return self._end(DEGRADED, lost, (), since, f"cannot re-plan without "
+                                 f"{', '.join(mute)}: {exc}; the coordinator stays down")
         status = await cluster.start_coordinator(spans=spans)
         if status.state != READY:
             return self._end(FAILED_RECOVERY, lost, spans, since,
                              f"the coordinator did not restart: {status.error}")
         return self._end(RECOVERED, lost, spans, since, "")
 
-    async def _plan(self, remaining: list[NodeConfig], running: bool) -> tuple[Span, ...]:
-        """Spans over `remaining`, from their free memory now. A worker serving the running
-        coordinator frees what it holds when that coordinator stops: count it as free."""
+    async def _silent_workers(self, spans: tuple[Span, ...]) -> list[str]:
+        """The workers in `spans` that do not answer an RPC HELLO within HELLO_DEADLINE."""
+        endpoints = self._used_endpoints()
+        names = [name for name, _, count in spans if count > 0]
+
+        async def answers(name: str) -> bool:
+            node = self.cluster.config.node(name)
+            if node.rpc_bind == "loopback":
+                return True  # reached through a tunnel the coordinator's start opens
+            host, _, port = endpoints.get(name, node.endpoint).rpartition(":")
+            try:
+                await llama_rpc.hello(host.strip("[]"), int(port), timeout=HELLO_DEADLINE)
+            except llama_rpc.HelloError:
+                return False
+            return True
+
+        answered = await asyncio.gather(*(answers(n) for n in names))
+        return [n for n, ok in zip(names, answered, strict=True) if not ok]
+
+    async def _probe(self, remaining: list[NodeConfig], running: bool) -> dict[str, NodeProbe]:
+        """Each remaining node's probe, within a deadline (one that does not answer is left
+        out). A worker serving the running coordinator frees what it holds when that
+        coordinator stops: count it as free."""
         cluster = self.cluster
-        results = await asyncio.gather(*(probe_node(cluster.transport(n.name),
-                                                    worker=self.engine.worker_lookup(
-                                                        n, cluster.transport(n.name).is_local))
-                                         for n in remaining), return_exceptions=True)
+
+        async def one(node: NodeConfig) -> NodeProbe:
+            transport = cluster.transport(node.name)
+            return await asyncio.wait_for(
+                probe_node(transport, worker=self.engine.worker_lookup(node,
+                                                                       transport.is_local)),
+                2 * node.ssh.status_timeout)
+
+        results = await asyncio.gather(*(one(n) for n in remaining), return_exceptions=True)
         held: dict[str, int] = {}
         if running:
             for share in await self.engine.layer_shares():
                 held[share.node] = share.model_bytes + share.kv_bytes + share.compute_bytes
         probes: dict[str, NodeProbe] = {}
-        usable = []
         for node, result in zip(remaining, results, strict=True):
-            if isinstance(result, TransportError):
-                continue  # it just became unreachable: plan without it
+            if isinstance(result, (TransportError, asyncio.TimeoutError, TimeoutError)):
+                continue  # it just became unreachable or silent: plan without it
             if isinstance(result, BaseException):
                 raise result
             if not result.gpus:
                 result = replace(result, ram_available_bytes=result.ram_available_bytes
                                  + held.get(node.name, 0))
             probes[node.name] = result
-            usable.append(node)
+        return probes
+
+    async def _plan(self, probes: dict[str, NodeProbe]) -> tuple[Span, ...]:
+        """Spans over the probed nodes, from their free memory."""
+        cluster = self.cluster
+        usable = [n for n in self.engine.nodes() if n.name in probes]
         config = replace(cluster.config, nodes=tuple(usable))
         placement = await make_placement(config, probes)
         previous = read_json(_state_dir(cluster) / PLACEMENT_FILE) or {}

@@ -198,6 +198,8 @@ class CoordinatorRunner:
             if code == 200:
                 return self.ctx.report_coordinator(CoordinatorStatus(NodeState.READY, url, pid))
             waited = time.monotonic() - started
+            self.ctx.report_coordinator(CoordinatorStatus(NodeState.STARTING, url, pid,
+                                                          loading_s=round(waited)))
             fraction = await asyncio.to_thread(_log_progress, coordinator_log(config))
             self.ctx.emit(CoordinatorLoading(waited, fraction, code))
             if time.monotonic() >= next_note:
