@@ -312,3 +312,30 @@ async def test_an_engine_without_a_coordinator_names_its_swarm_and_hides_c(
         app.main.post_message(node(config, "node2", READY, pid=7))
         await pilot.pause()
         assert app.main.check_action("generate", ()) is True
+
+
+async def test_the_bar_never_says_ready_over_a_reload(config: ClusterConfig) -> None:
+    """The bar shows what the coordinator's endpoint answers: ready, then loading with its
+    seconds while /health says 503, not responding when nothing answers, ready again."""
+    from core.status import NOT_RESPONDING
+
+    app = make_app(config, live=False)
+    url = "http://127.0.0.1:8181"
+    async with app.run_test(size=SIZE) as pilot:
+        bar = app.main.query_one(CoordinatorBar)
+
+        def shown() -> str:
+            return str(bar.render())
+
+        app.main.post_message(MainScreen.CoordinatorUpdated(CoordinatorStatus(READY, url, 7)))
+        await wait_until(pilot, lambda: "coordinator ready" in shown(), "ready")
+        app.main.post_message(MainScreen.CoordinatorUpdated(
+            CoordinatorStatus(STARTING, url, 8, loading_s=12.4)))
+        await wait_until(pilot, lambda: "loading 12 s" in shown(), "loading")
+        assert "ready" not in shown()
+        app.main.post_message(MainScreen.CoordinatorUpdated(
+            CoordinatorStatus(NOT_RESPONDING, url, 8, "no answer within 2 s")))
+        await wait_until(pilot, lambda: "not responding" in shown(), "not responding")
+        assert "ready" not in shown() and "no answer within 2 s" in shown()
+        app.main.post_message(MainScreen.CoordinatorUpdated(CoordinatorStatus(READY, url, 8)))
+        await wait_until(pilot, lambda: "coordinator ready" in shown(), "ready")
