@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,7 +29,10 @@ _CHUNK = 65536
 
 
 NOT_RESPONDING = "not-responding"  # TransportError.kind: connected (or TCP up), but silent
-SILENT_KINDS = frozenset({NOT_RESPONDING, "timeout"})  # a node that did not answer in time
+SILENT_KINDS = frozenset({NOT_RESPONDING, "timeout"})
+# connect() errors that mean silence rather than a refusal
+SILENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                           errno.EHOSTDOWN})  # a node that did not answer in time
 
 
 class TransportError(Exception):
@@ -334,6 +338,11 @@ class SshTransport(Transport):
             ) from None
         except (OSError, asyncssh.Error) as exc:
             reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            if isinstance(exc, OSError) and exc.errno in SILENT_ERRNOS:
+                # Nobody refused: the packets go nowhere (a cut link, a machine asleep).
+                raise TransportError(
+                    self.label, f"no answer from {self.address} ({reason}): the node is down, "
+                                "asleep, or its link is cut", kind=NOT_RESPONDING) from None
             raise TransportError(
                 self.label, f"cannot connect to {self.address} ({reason}): is sshd running there?"
             ) from None
