@@ -76,9 +76,8 @@ class Manifest:
         output layer goes with the last block (llama.cpp puts it on that block's device)."""
         out = []
         for t in self.cacheable():
-            if t.block is not None and first <= t.block < first + count:
-                out.append(t)
-            elif t.block is None and t.part == "output" and last_block:
+            in_span = t.block is not None and first <= t.block < first + count
+            if in_span or (t.block is None and t.part == "output" and last_block):
                 out.append(t)
         return out
 
