@@ -99,6 +99,7 @@ class PlanConfig:
     reserve_gb: float | None = None  # kept free on every node; None: the planner's default
     cache_type: str = "f16"  # KV cache type (llama-server --cache-type-k/-v)
     coordinator_layers: bool = True  # may the coordinator's own CPU hold layers (pack)
+    prewarm: bool = False  # `up` fills the workers' tensor caches first (cache warm)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class NodeConfig:
     max_memory_gb: float | None = None  # never plan more than this here
     weight: float = 1.0  # relative speed: higher gets layers first (pack) or more (spread)
     python: str | None = None  # Petals nodes: the venv's python (default: scripts/petals-env.sh's)
+    model_path: str | None = None  # the node's own copy of [model] gguf (default: the same path)
+    cache_limit_gb: float | None = None  # rpc-server's tensor cache on this node, at most
     ssh: SshOptions = field(default_factory=SshOptions)
 
     @property
@@ -207,6 +210,8 @@ _NODE_KEYS: dict[str, tuple[type, ...]] = {
     "max_memory_gb": (int, float),
     "weight": (int, float),
     "python": (str,),
+    "model_path": (str,),
+    "cache_limit_gb": (int, float),
     **_SSH_KEYS,
 }
 _PLAN_KEYS: dict[str, tuple[type, ...]] = {
@@ -214,6 +219,7 @@ _PLAN_KEYS: dict[str, tuple[type, ...]] = {
     "reserve_gb": (int, float),
     "cache_type": (str,),
     "coordinator_layers": (bool,),
+    "prewarm": (bool,),
 }
 POLICIES = ("pack", "spread")
 CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
@@ -390,7 +396,8 @@ def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
     if reserve is not None:
         _check_positive(path, "plan", "reserve_gb", reserve, allow_zero=True)
     return PlanConfig(policy=policy, reserve_gb=_float_or_none(reserve), cache_type=cache_type,
-                      coordinator_layers=table.get("coordinator_layers", True))
+                      coordinator_layers=table.get("coordinator_layers", True),
+                      prewarm=table.get("prewarm", False))
 
 
 _DHT_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
@@ -493,6 +500,8 @@ def _node(path: Path, index: int, table: dict[str, Any], ssh: SshOptions) -> Nod
         max_memory_gb=_float_or_none(table.get("max_memory_gb")),
         weight=float(table.get("weight", 1.0)),
         python=python,
+        model_path=table.get("model_path"),
+        cache_limit_gb=_float_or_none(table.get("cache_limit_gb")),
         ssh=ssh_options,
     )
 

@@ -20,6 +20,7 @@ from core.reach.probe import NodeProbe, probe_node, probe_nodes
 from core.reach.transport import LocalTransport, TransportError
 from core.status import ClusterStatus, CoordinatorStatus, Level, NodeState, NodeStatus
 from core.supervision.throughput import ThroughputSample
+from core.weight_cache import PruneResult, WarmProgress, WarmResult, WarmthReport
 
 SMOKE_PROMPT = "The capital of France is"
 
@@ -322,3 +323,66 @@ async def rebalance(cluster: Cluster) -> UpResult:
     if stopped.state != NodeState.STOPPED:
         raise OperationError([f"coordinator: could not stop it: {stopped.error}"], "stop")
     return await up(cluster, planned=planned)
+
+
+# ---- the weight cache -------------------------------------------------------------------------
+
+async def _cache_spans(cluster: Cluster) -> tuple[tuple[Span, ...] | None, str | None]:
+    """The plan's spans, or None and why (a node down: the caches are still listed)."""
+    try:
+        return (await plan(cluster)).spans, None
+    except OperationError as exc:
+        return None, "; ".join(exc.problems)
+
+
+def _needs_weight_cache(cluster: Cluster) -> None:
+    if not cluster.capabilities.has_weight_cache:
+        raise OperationError([f"the {cluster.engine.name} engine keeps no weight cache"],
+                             "cache", started_nothing=True)
+
+
+async def cache_report(cluster: Cluster, spans: Sequence[Span] | None = None
+                       ) -> tuple[WarmthReport, str | None]:
+    """Per node (used by the plan or not), which of the model's cacheable tensors its cache
+    holds and what a load would still send; and why there is no plan, when there is none."""
+    _needs_weight_cache(cluster)
+    why = None
+    if spans is None:
+        spans, why = await _cache_spans(cluster)
+    try:
+        return await cluster.engine.weight_cache(spans), why
+    except EngineError as exc:
+        raise OperationError([str(exc)], "cache", started_nothing=True) from None
+
+
+async def cache_warm(cluster: Cluster, names: Sequence[str] | None = None, *,
+                     verify: bool = False, progress: Callable[[WarmProgress], None] | None = None,
+                     spans: Sequence[Span] | None = None) -> list[WarmResult]:
+    """Fill each planned node's cache with its span's tensors, all nodes in parallel."""
+    _needs_weight_cache(cluster)
+    for name in names or ():
+        cluster.config.node(name)  # KeyError names the known nodes
+    if spans is None:
+        spans, why = await _cache_spans(cluster)
+        if spans is None:
+            raise OperationError([f"no plan to warm for: {why}"], "plan", started_nothing=True)
+    try:
+        return await cluster.engine.warm_cache(spans, names, verify, progress or (lambda p: None))
+    except EngineError as exc:
+        raise OperationError([str(exc)], "cache") from None
+
+
+async def cache_verify(cluster: Cluster, names: Sequence[str] | None = None) -> list[str]:
+    _needs_weight_cache(cluster)
+    try:
+        return await cluster.engine.verify_cache(names)
+    except EngineError as exc:
+        raise OperationError([str(exc)], "cache") from None
+
+
+async def cache_prune(cluster: Cluster, *, dry_run: bool = False) -> list[PruneResult]:
+    _needs_weight_cache(cluster)
+    try:
+        return await cluster.engine.prune_cache(dry_run)
+    except EngineError as exc:
+        raise OperationError([str(exc)], "cache") from None

@@ -28,6 +28,7 @@ from core.status import (
     NodeStatus,
 )
 from core.supervision.throughput import ThroughputSample
+from core.weight_cache import PruneResult, WarmResult, WarmthReport
 
 Span = tuple[str, int, int]  # (node, first block, number of blocks)
 
@@ -43,6 +44,7 @@ class Capabilities:
     coordinator_label: str  # what the dashboard's bar calls the serving side
     worker_label: str  # "worker" (rpc-server) or "server" (Petals)
     map_interval_s: float  # how often the layer map is worth reading while it runs
+    has_weight_cache: bool = False  # workers keep weights in a cache `cache warm` can fill
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,24 @@ class Engine(abc.ABC):
     async def node_memory(self, node: NodeConfig) -> int:
         """What the node's worker takes now, in bytes (0: unknown)."""
         return 0
+
+    # ---- the weight cache (engines with has_weight_cache) ---------------------------------
+
+    async def weight_cache(self, spans: Sequence[Span] | None) -> WarmthReport:
+        """Per node, which of the model's cacheable tensors its cache holds."""
+        raise EngineError(f"the {self.name} engine keeps no weight cache")
+
+    async def warm_cache(self, spans: Sequence[Span], names: Sequence[str] | None,
+                         verify: bool, progress: Any) -> list[WarmResult]:
+        """Fill the nodes' caches with their spans' tensors; `progress(WarmProgress)`."""
+        raise EngineError(f"the {self.name} engine keeps no weight cache")
+
+    async def verify_cache(self, names: Sequence[str] | None) -> list[str]:
+        """Re-hash the cache files on the nodes; a sentence per file moved aside."""
+        raise EngineError(f"the {self.name} engine keeps no weight cache")
+
+    async def prune_cache(self, dry_run: bool) -> list[PruneResult]:
+        raise EngineError(f"the {self.name} engine keeps no weight cache")
 
     async def close(self) -> None:  # noqa: B027 - most engines hold nothing to release
         """Release what the engine holds (monitors, HTTP clients)."""

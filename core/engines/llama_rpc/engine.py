@@ -23,7 +23,7 @@ from core.engines.base import (
     Span,
     port_taken,
 )
-from core.engines.llama_rpc import doctor, generate
+from core.engines.llama_rpc import cache_ops, doctor, generate
 from core.engines.llama_rpc import rpc as llama_rpc
 from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
@@ -50,12 +50,14 @@ from core.status import (
     ClusterStatus,
     CoordinatorStatus,
     LayerShare,
+    Level,
     NodeState,
     NodeStatus,
     rounded_ms,
 )
 from core.supervision.load_log import LoadReport, parse_load_log
 from core.supervision.throughput import ThroughputMonitor, ThroughputSample
+from core.weight_cache import PruneResult, WarmResult, WarmthReport
 
 
 def _parse_coordinator_log(path: Path, max_bytes: int = 64 << 20) -> LoadReport:
@@ -67,7 +69,7 @@ class LlamaRpcEngine(Engine):
     capabilities = Capabilities(
         has_coordinator=True, can_recover=True, has_throughput=True,
         node_start_needs_plan=False, coordinator_label="coordinator", worker_label="worker",
-        map_interval_s=2.0)
+        map_interval_s=2.0, has_weight_cache=True)
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
@@ -114,6 +116,8 @@ class LlamaRpcEngine(Engine):
         state_dir = self.ctx.node_state_dir(node)
         resolve = (llama_rpc.local_resolve_sh(node) if transport.is_local
                    else llama_rpc.resolve_binary_sh(node))
+        for sentence in await cache_ops.before_start(self.ctx, node):
+            self.ctx.notice(sentence, Level.WARNING, node.name)
         # One round trip: reuse a live worker, or check the port, find the binary, start it
         # and wait briefly for it to listen.
         proc = await detached.spawn(transport, state_dir, llama_rpc.rpc_server_args(node),
@@ -194,6 +198,14 @@ class LlamaRpcEngine(Engine):
 
     async def up(self, plan: PlanView) -> list[NodeStatus]:
         names = [name for name, _, count in plan.spans if count > 0]
+        if self.config.plan.prewarm:
+            for result in await self.warm_cache(plan.spans, None, False, lambda p: None):
+                if result.error:  # a cold load still works: say so and go on
+                    self.ctx.notice(result.error, Level.WARNING, result.node)
+                else:
+                    self.ctx.notice(f"{result.node}: pre-warmed {result.written} tensors from "
+                                    f"its {result.source} in {result.elapsed_s:.1f} s",
+                                    node=result.node)
         return await asyncio.gather(*(self.ctx.start_node(n, timeout=30.0) for n in names))
 
     # ---- what runs --------------------------------------------------------------------------
@@ -267,6 +279,21 @@ class LlamaRpcEngine(Engine):
     @staticmethod
     def node_exposure(node: NodeConfig) -> str | None:
         return llama_rpc.worker_exposure(node)
+
+    async def weight_cache(self, spans: Sequence[Span] | None) -> WarmthReport:
+        return await cache_ops.warmth(self.ctx, self.nodes(), spans)
+
+    async def warm_cache(self, spans: Sequence[Span], names: Sequence[str] | None,
+                         verify: bool, progress: Any) -> list[WarmResult]:
+        nodes = [n for n in self.nodes() if names is None or n.name in names]
+        return await cache_ops.prewarm(self.ctx, nodes, spans, verify, progress)
+
+    async def verify_cache(self, names: Sequence[str] | None) -> list[str]:
+        nodes = [n for n in self.nodes() if names is None or n.name in names]
+        return await cache_ops.verify_only(self.ctx, nodes)
+
+    async def prune_cache(self, dry_run: bool) -> list[PruneResult]:
+        return await cache_ops.prune(self.ctx, self.nodes(), dry_run)
 
     def recoverer(self, host: RecoveryHost) -> Recoverer:
         return Recoverer(host, self)
