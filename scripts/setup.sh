@@ -4,7 +4,8 @@
 #   and the llama.cpp binaries (cached under ~/.cache/torbiz/, keyed by version).
 # Usage: scripts/setup.sh [--no-llama] [--with-test-tools]
 #   --with-test-tools also installs what only the tests use (Debian's chromium, for the
-#   `torbiz-tui web` test in a headless browser; the Petals venv, scripts/petals-env.sh).
+#   `torbiz-tui web` test in a headless browser; Debian's prometheus, which the metrics test
+#   starts on loopback to scrape `torbiz-tui metrics`; the Petals venv, scripts/petals-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 no_llama=0; test_tools=0
@@ -26,6 +27,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 [ "$test_tools" = 1 ] && ! command -v chromium >/dev/null && need_apt+=(chromium)
+[ "$test_tools" = 1 ] && ! command -v prometheus >/dev/null && need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

@@ -223,7 +223,7 @@ async def test_layer_map_and_throughput_panels_show_what_they_are_fed(
             app.main.post_message(MainScreen.ThroughputUpdated(ThroughputSample(
                 at=0.0, gen_tps=rate, prompt_tps=40.0, requests_processing=1,
                 requests_deferred=2, decoded_total=10, prompt_tokens_total=30, slots_decoding=1,
-                slots=(SlotProgress(0, 7, True, 33, 15, 20, 20, rate),))))
+                slots=(SlotProgress(0, 7, True, 33, 15, 20, 20, rate),), running_tps=rate)))
         await pilot.pause()
         assert list(panel.generation)[-2:] == [5.0, 12.5]
         shown = " ".join(str(w.render()) for w in panel.query("Static"))
@@ -272,7 +272,7 @@ async def test_extra_cells_survive_status_changes_and_feed_the_filter(
             LayerMap(4, (MapSpan("gpu-a", 0, 4),), source=LOADED)))
         app.main.post_message(MainScreen.ThroughputUpdated(ThroughputSample(
             at=0.0, gen_tps=9.5, prompt_tps=0.0, requests_processing=1, requests_deferred=0,
-            decoded_total=10, prompt_tokens_total=0, slots_decoding=1)))
+            decoded_total=10, prompt_tokens_total=0, slots_decoding=1, running_tps=9.5)))
         await pilot.pause()
         assert table.get_cell("gpu-a", "device").plain == "RTX 4090"
         assert table.get_cell("gpu-a", "tps").plain == "9.5"

@@ -62,7 +62,7 @@ def refreshed(model: Dashboard) -> Dashboard:
 def sample(rate: float) -> ThroughputSample:
     return ThroughputSample(at=0.0, gen_tps=rate, prompt_tps=0.0, requests_processing=1,
                             requests_deferred=0, decoded_total=1, prompt_tokens_total=0,
-                            slots_decoding=1)
+                            slots_decoding=1, running_tps=rate)
 
 
 def test_the_model_needs_no_textual() -> None:

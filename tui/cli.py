@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("web", help="serve the dashboard to a browser on 127.0.0.1 "
                        "(textual-serve; one dashboard per tab)")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (8765)")
+    p = sub.add_parser("metrics", help="serve torbiz's figures (node state, RTT, tokens/s, "
+                       "blocks, recoveries) as Prometheus text on /metrics")
+    p.add_argument("--port", type=int, default=9464, help="port (9464)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--interval", type=float, default=5.0,
+                   help="seconds between status rounds (5)")
     p = sub.add_parser("build-llama", help="build rpc-server and llama-server into the cache")
     p.add_argument("--portable", action="store_true",
                    help="no -march=native: binaries that run on other nodes' CPUs")
@@ -355,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_watch(config, args.interval, not args.no_recover))
         if args.command == "logs":
             return asyncio.run(_logs(config, args.node, args.follow, args.lines, args.raw))
+        if args.command == "metrics":
+            from tui.cli_metrics import serve_metrics
+
+            return asyncio.run(serve_metrics(config, args.host, args.port, args.interval))
         if args.command == "web":
             from tui.web import serve_dashboard
 

@@ -263,8 +263,8 @@ class Dashboard:
         if not self.capabilities.has_throughput:
             return []
         # Every worker holding layers takes part in every token (llama.cpp runs the blocks in
-        # turn): each one's rate is the coordinator's.
-        rate = f"{sample.gen_tps:.1f}" if sample is not None else "-"
+        # turn): each one's rate is the coordinator's decode rate (running, else the last).
+        rate = f"{sample.decode_tps:.1f}" if sample is not None and sample.decode_tps else "-"
         changed = []
         for name, row in self.nodes.items():
             tps = rate if name in self._holding else "-"

@@ -30,10 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 MAX_PAGE_BYTES = 1 << 20  # a /metrics page is ~3 KB and /slots ~1.5 KB per slot
-_SAMPLE = re.compile(
-    r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{(?:[^{}\"]|\"(?:[^\"\\]|\\.)*\")*\})?\s+(\S+)(?:\s+-?\d+)?$")
+# The shape of one sample line (name, labels, value, optional timestamp): prometheus_client's
+# parser reads the fields and, lenient by design, would take "a 1 2 3" as `a 1`.
+_SAMPLE_LINE = re.compile(
+    r"^[A-Za-z_:][A-Za-z0-9_:]*(\{(?:[^{}\"]|\"(?:[^\"\\]|\\.)*\")*\})?\s+\S+(?:\s+-?\d+)?$")
 _MAX_GAUGE = 1_000_000
 
 
@@ -61,20 +64,48 @@ class ThroughputSample:
     slots_decoding: int  # busy slots that are generating (not still reading their prompt)
     slots: tuple[SlotProgress, ...] = ()
     exact: bool = True  # False: /slots unavailable, decode calls stand in for tokens
+    # The honest rates: what the running requests decode at, and what the last finished
+    # request(s) decoded at (llama-server's own generation time, prompt excluded), with when
+    # this monitor saw them end (None: they ended before it started watching).
+    running_tps: float = 0.0
+    last_tps: float | None = None
+    last_tokens: int = 0
+    last_ended_at: float | None = None
+    last_prompt_tps: float | None = None
+    ended_now: bool = False  # a request ended since the previous poll
+
+    @property
+    def decode_tps(self) -> float:
+        """The rate to show as "the" tokens/s: the running requests' while any decodes, else
+        the last request's (never an average over idle time)."""
+        if self.running_tps > 0:
+            return self.running_tps
+        return self.last_tps or 0.0
+
+    @property
+    def spark_tps(self) -> float:
+        """This poll's point on a rate graph: the running rate, or the rate of a request that
+        ended since the previous poll (a burst between two polls still shows its height)."""
+        if self.running_tps > 0:
+            return self.running_tps
+        return (self.last_tps or 0.0) if self.ended_now else 0.0
 
 
-def _finite(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+def _sample_key(name: str, labels: dict[str, str]) -> str:
+    if not labels:
+        return name
+    inner = ",".join('{}="{}"'.format(key, value.replace("\\", "\\\\").replace('"', '\\"'))
+                     for key, value in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text format into {name: value} (labelled samples keep their labels in the
-    key, e.g. `name{position="0"}`). Comments, garbage and truncated lines are skipped, and so
-    are NaN and infinite values: a counter that is not a number cannot give a rate."""
+    """Prometheus text format into {name: value}, each sample read by prometheus_client's own
+    parser (labelled samples keep their labels in the key, e.g. `name{position="0"}`). Sample
+    lines are parsed one at a time so one garbage or truncated line costs only itself, and each
+    sample keeps the name the page gave it (the parser renames a counter's `x` to `x_total`
+    when it sees the TYPE line). NaN and infinite values are skipped: a counter that is not a
+    number cannot give a rate."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     if not isinstance(text, str):
@@ -84,13 +115,17 @@ def parse_metrics(text: str) -> dict[str, float]:
         line = raw.strip()
         if not line or line.startswith("#") or len(line) > 4096:
             continue
-        match = _SAMPLE.match(line)
-        if not match:
+        try:
+            samples = [sample for family in text_string_to_metric_families(line)
+                       for sample in family.samples]
+        except (ValueError, IndexError, KeyError, TypeError):
             continue
-        value = _finite(match.group(3))
-        if value is None:
+        if len(samples) != 1 or not _SAMPLE_LINE.match(line):
             continue
-        values[match.group(1) + (match.group(2) or "")] = value
+        value = float(samples[0].value)
+        if not math.isfinite(value):
+            continue
+        values[_sample_key(samples[0].name, dict(samples[0].labels))] = value
     return values
 
 
@@ -164,6 +199,10 @@ class ThroughputMonitor:
         self._last_decode_calls: float | None = None
         self._last_exact: bool | None = None
         self._slot_seen: dict[int, tuple[int | None, int, float]] = {}
+        # tokens_predicted_total, tokens_predicted_seconds_total, prompt_tokens_total,
+        # prompt_seconds_total at the previous poll of this server process
+        self._counters: tuple[float, float, float, float] | None = None
+        self._last: tuple[float | None, int, float | None, float | None] = (None, 0, None, None)
 
     @property
     def latest(self) -> ThroughputSample | None:
@@ -280,6 +319,7 @@ class ThroughputMonitor:
         if restarted or (self._last_exact is not None and exact != self._last_exact):
             self._epoch += 1  # counters of another process, or of another meaning
             self._slot_seen.clear()
+            self._counters = None
         self._server_id = server_id if server_id is not None else self._server_id
         self._last_decode_calls = decode_calls
         self._last_exact = exact
@@ -311,6 +351,11 @@ class ThroughputMonitor:
                 n_prompt_tokens=slot["n_prompt_tokens"],
                 n_prompt_processed=slot["n_prompt_processed"], gen_tps=rate))
         self._slot_seen = seen
+        ended_now = self._finished(metrics, now)
+        last_tps, last_tokens, last_ended_at, last_prompt_tps = self._last
+        running_tps = sum(slot.gen_tps for slot in progress if slot.processing)
+        if not exact and metrics.get("llamacpp:requests_processing", 0) > 0:
+            running_tps = gen_tps  # no /slots: decode calls are the only live figure
 
         return ThroughputSample(
             at=now, gen_tps=gen_tps, prompt_tps=prompt_tps,
@@ -318,7 +363,33 @@ class ThroughputMonitor:
             requests_deferred=max(0, _int(metrics.get("llamacpp:requests_deferred"))),
             decoded_total=decoded, prompt_tokens_total=prompt,
             slots_decoding=sum(1 for s in busy if s["n_decoded"] > 0),
-            slots=tuple(progress), exact=exact)
+            slots=tuple(progress), exact=exact, running_tps=running_tps, last_tps=last_tps,
+            last_tokens=last_tokens, last_ended_at=last_ended_at,
+            last_prompt_tps=last_prompt_tps, ended_now=ended_now)
+
+    def _finished(self, metrics: dict[str, float], now: float) -> bool:
+        """Requests that ended since the previous poll, from the counters llama-server adds a
+        request's tokens and generation time to when it ends: their own decode rate, whatever
+        the poll interval. True when some ended."""
+        counters = (max(0.0, metrics.get("llamacpp:tokens_predicted_total", 0.0)),
+                    max(0.0, metrics.get("llamacpp:tokens_predicted_seconds_total", 0.0)),
+                    max(0.0, metrics.get("llamacpp:prompt_tokens_total", 0.0)),
+                    max(0.0, metrics.get("llamacpp:prompt_seconds_total", 0.0)))
+        before, self._counters = self._counters, counters
+        tokens, seconds, prompt, prompt_seconds = counters
+        ended_at: float | None = now
+        if before is None:  # the first look at this process: what it did before we watched
+            ended_at, before = None, (0.0, 0.0, 0.0, 0.0)
+        d_tokens, d_seconds = tokens - before[0], seconds - before[1]
+        d_prompt, d_prompt_seconds = prompt - before[2], prompt_seconds - before[3]
+        last_tps, last_tokens, last_at, last_prompt = self._last
+        if d_prompt > 0 and d_prompt_seconds > 0:
+            last_prompt = _rate(d_prompt, d_prompt_seconds)
+        if d_tokens > 0 and d_seconds > 0:
+            self._last = (_rate(d_tokens, d_seconds), int(d_tokens), ended_at, last_prompt)
+            return ended_at is not None
+        self._last = (last_tps, last_tokens, last_at, last_prompt)
+        return False
 
     def _window_base(self, point: _Point) -> _Point:
         """The newest earlier point at least `window` seconds old (so the rate covers the whole

@@ -1,8 +1,11 @@
 """The throughput panel: generation and prompt tokens/s as sparklines over the last minutes,
-requests in flight and queued, and each busy slot's progress."""
+requests in flight and queued, and each busy slot's progress. The figures are decode rates:
+the running requests' while any runs, else the last request's with its age ("last: 334 tok/s,
+12 s ago"), never an average over a window that was mostly idle."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from rich.text import Text
@@ -40,6 +43,37 @@ class ThroughputPanel(Vertical):
         text.append("-" if rate is None else f"{rate:8.1f} tok/s", style="bold")
         return text
 
+    @staticmethod
+    def _age(sample: ThroughputSample) -> str:
+        if sample.last_ended_at is None:
+            return "earlier"  # it ended before this dashboard's first poll
+        return f"{max(0.0, time.monotonic() - sample.last_ended_at):.0f} s ago"
+
+    @classmethod
+    def generation_headline(cls, sample: ThroughputSample) -> Text:
+        if sample.running_tps > 0:
+            return cls._headline("generation", sample.running_tps)
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(f"{'generation':<11}", style="dim")
+        if sample.last_tps is None:
+            text.append("- (no request yet)", style="dim")
+            return text
+        text.append("last: ", style="dim")
+        text.append(f"{sample.last_tps:.1f} tok/s", style="bold")
+        text.append(f", {cls._age(sample)}", style="dim")
+        return text
+
+    @classmethod
+    def prompt_headline(cls, sample: ThroughputSample) -> Text:
+        text = Text(no_wrap=True, overflow="ellipsis")
+        text.append(f"{'prompt':<11}", style="dim")
+        if sample.last_prompt_tps is None:
+            text.append("-", style="bold")
+            return text
+        text.append("last: ", style="dim")
+        text.append(f"{sample.last_prompt_tps:.1f} tok/s", style="bold")
+        return text
+
     def show_sample(self, sample: ThroughputSample | None, error: str = "") -> None:
         """A poll's result; None with `error` when the coordinator did not answer."""
         self.error = error
@@ -48,10 +82,10 @@ class ThroughputPanel(Vertical):
                 Text(error or "coordinator not running", style="dim"))
             return
         self.last = sample
-        self.generation.append(sample.gen_tps)
-        self.prompt.append(sample.prompt_tps)
-        self.query_one("#gen-label", Static).update(self._headline("generation", sample.gen_tps))
-        self.query_one("#prompt-label", Static).update(self._headline("prompt", sample.prompt_tps))
+        self.generation.append(sample.spark_tps)
+        self.prompt.append((sample.last_prompt_tps or 0.0) if sample.ended_now else 0.0)
+        self.query_one("#gen-label", Static).update(self.generation_headline(sample))
+        self.query_one("#prompt-label", Static).update(self.prompt_headline(sample))
         self.query_one("#gen-spark", Sparkline).data = list(self.generation)
         self.query_one("#prompt-spark", Sparkline).data = list(self.prompt)
         self.query_one("#requests", Static).update(self._requests(sample))
@@ -62,6 +96,8 @@ class ThroughputPanel(Vertical):
         text.append("requests ", style="dim")
         text.append(f"{sample.requests_processing} processing", style="bold")
         text.append(f" · {sample.requests_deferred} queued")
+        if sample.last_tokens:
+            text.append(f" · last {sample.last_tokens} tokens", style="dim")
         busy = [slot for slot in sample.slots if slot.processing]
         for slot in busy[:4]:
             text.append(f"\nslot {slot.id}: ", style="dim")
