@@ -350,8 +350,15 @@ class Dashboard:
                 return _greyed("the coordinator is being changed")
             return _greyed("the coordinator's state is not known yet") if shown == PROBING \
                 else OK
-        if action == "rebalance" and not caps.has_coordinator:
-            return KeyCheck(Key.HIDDEN, f"a {caps.coordinator_label} places blocks itself")
+        if action == "rebalance":
+            if not caps.has_coordinator:
+                return KeyCheck(Key.HIDDEN, f"a {caps.coordinator_label} places blocks itself")
+            idle = [row.name for row in self.nodes.values()
+                    if row.status.state == READY and row.layers in ("-", "")]
+            if self.coordinator.state != READY or not idle:
+                # Offered only when it helps: a ready worker the running coordinator leaves out
+                # (one back after a fault).
+                return KeyCheck(Key.HIDDEN, "every ready worker is in the plan")
         if action in ("up", "down", "rebalance"):
             return _greyed("another action is under way") if busy else OK
         if selected is None or selected not in self.nodes:

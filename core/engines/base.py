@@ -8,17 +8,18 @@ EngineContext (transports, state directories, the last known status, a way to re
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from core.checks import Check
 from core.config import ClusterConfig, NodeConfig
 from core.planning.layer_map import LayerMap
 from core.reach.detached import ProcessState
 from core.reach.probe import NodeProbe, WorkerLookup
-from core.reach.transport import Transport
+from core.reach.transport import NOT_RESPONDING, SILENT_KINDS, Transport, TransportError
 from core.status import (
     ClusterStatus,
     CoordinatorStatus,
@@ -30,6 +31,7 @@ from core.status import (
 from core.supervision.throughput import ThroughputSample
 from core.weight_cache import PruneResult, WarmResult, WarmthReport
 
+T = TypeVar("T")
 Span = tuple[str, int, int]  # (node, first block, number of blocks)
 
 
@@ -138,6 +140,24 @@ class Engine(abc.ABC):
                 and abs(previous.started_at - started) <= 2:
             return previous.started_at
         return started
+
+    async def on_node(self, node: NodeConfig, work: Awaitable[T]) -> T:
+        """`work` (round trips to `node`) under its [ssh] status_timeout: a node silent past
+        it is a TransportError of kind not-responding, never a wait of minutes."""
+        timeout = node.ssh.status_timeout
+        silent = (f"no answer to a status check within {timeout:g} s: the node is frozen "
+                  "(swap, sleep), overloaded, or its link is down ([ssh] status_timeout)")
+        asked = time.monotonic()
+        try:
+            return await asyncio.wait_for(work, timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TransportError(node.name, silent, kind=NOT_RESPONDING) from None
+        except TransportError as exc:
+            if exc.kind not in SILENT_KINDS and time.monotonic() - asked >= timeout * 0.95:
+                # The deadline cancelled the command and asyncssh answered the cancel with
+                # a closed channel: the node was silent until then, nobody refused us.
+                raise TransportError(node.name, silent, kind=NOT_RESPONDING) from None
+            raise
 
     # ---- nodes ------------------------------------------------------------------------------
 

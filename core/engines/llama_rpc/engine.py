@@ -93,6 +93,9 @@ class LlamaRpcEngine(Engine):
         return await llama_rpc.port_open(node.rpc_host or node.host, node.rpc_port)
 
     async def probe_node(self, node: NodeConfig) -> NodeStatus:
+        return await self.on_node(node, self._probe(node))
+
+    async def _probe(self, node: NodeConfig) -> NodeStatus:
         transport = self.ctx.transport(node.name)
         state_dir = self.ctx.node_state_dir(node)
         asked = time.monotonic()

@@ -92,10 +92,11 @@ class PetalsEngine(Engine):
         transport = self.ctx.transport(node.name)
         state_dir = self.ctx.node_state_dir(node)
         asked = time.monotonic()
-        proc = await detached.status(transport, state_dir, backend.listen_address(node))
+        proc = await self.on_node(node, detached.status(transport, state_dir,
+                                                        backend.listen_address(node)))
         started, probe_ms = self.started_at(node.name, proc), rounded_ms(time.monotonic() - asked)
         if proc.state == "dead":
-            tail = await detached.log_tail(transport, state_dir, 40)
+            tail = await self.on_node(node, detached.log_tail(transport, state_dir, 40))
             return self.status(node, FAILED, proc.pid, backend.explain_server_log(tail))
         if proc.state != "running":
             previous = self.ctx.last_status(node.name)
