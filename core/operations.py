@@ -7,19 +7,22 @@ here prints. What differs between engines is asked of the engine's capabilities.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from core import weight_cache
 from core.checks import DoctorReport
 from core.cluster import Cluster, ClusterError
 from core.config import NodeConfig
 from core.doctor import run_doctor
 from core.engines.base import EngineError, Generation, PlanView, Span
+from core.planning.layer_map import LayerMap
 from core.reach import detached
 from core.reach.probe import NodeProbe, probe_node, probe_nodes
 from core.reach.transport import LocalTransport, TransportError
 from core.status import ClusterStatus, CoordinatorStatus, Level, NodeState, NodeStatus
 from core.supervision.throughput import ThroughputSample
+from core.units import format_bytes
 from core.weight_cache import PruneResult, WarmProgress, WarmResult, WarmthReport
 
 SMOKE_PROMPT = "The capital of France is"
@@ -87,6 +90,36 @@ async def plan(cluster: Cluster, probes: dict[str, NodeProbe] | None = None) -> 
         return await cluster.engine.plan(found)
     except EngineError as exc:
         raise OperationError([str(exc)], "plan", started_nothing=True) from None
+
+
+async def plan_preview(cluster: Cluster) -> PlanView:
+    """The plan as `plan` and the dashboard's `p` show it: with the workers' weight caches
+    (what a load would still send to each node, the nodes the plan leaves out too) where the
+    engine keeps one. A cache that cannot be read leaves the plan as it is, with a sentence."""
+    planned = await plan(cluster)
+    if not cluster.capabilities.has_weight_cache:
+        return planned
+    try:
+        report, _ = await cache_report(cluster, spans=planned.spans)
+    except OperationError as exc:
+        lines = [f"weight caches: not read ({'; '.join(exc.problems)})"]
+        return replace(planned, text=planned.text + "\n" + "\n".join(lines))
+    lines = ["", "weight caches (what a load would still send to each node):"]
+    for node in report.nodes:
+        if node.error:
+            lines.append(f"  {node.name}: {node.error}")
+        elif node.planned is None:
+            lines.append(f"  {node.name}: not in the plan; its cache holds "
+                         f"{format_bytes(node.cache_bytes)}")
+        else:
+            lines.append(f"  {node.name}: sends {format_bytes(node.send_bytes)} "
+                         f"({node.warm_share:.0%} of its {format_bytes(node.cacheable_bytes)} "
+                         "of cacheable tensors warm)")
+    data = {**planned.json, "cache": [
+        {"node": n.name, "planned": list(n.planned) if n.planned else None,
+         "send_bytes": n.send_bytes if n.planned else None, "warm_share": n.warm_share,
+         "cache_bytes": n.cache_bytes, "error": n.error} for n in report.nodes]}
+    return replace(planned, text=planned.text + "\n".join(lines), json=data)
 
 
 async def preflight_and_plan(cluster: Cluster) -> PlanView:
@@ -221,6 +254,22 @@ async def start_coordinator(cluster: Cluster) -> CoordinatorStatus:
 
 async def stop_coordinator(cluster: Cluster) -> CoordinatorStatus:
     return await cluster.stop_coordinator()
+
+
+async def cold_blocks(cluster: Cluster, layer_map: LayerMap) -> tuple[int, ...]:
+    """The map's blocks whose weights their node's cache does not hold (a load would send
+    them); () where the engine keeps no cache or the caches cannot be read now."""
+    if not cluster.capabilities.has_weight_cache or not layer_map.blocks:
+        return ()
+    spans = [(s.node, s.first, s.count) for s in layer_map.spans
+             if s.count > 0 and s.node in {n.name for n in cluster.config.nodes}]
+    if not spans:
+        return ()
+    try:
+        report, _ = await cache_report(cluster, spans=spans)
+    except OperationError:
+        return ()
+    return weight_cache.cold_blocks(report)
 
 
 # ---- live figures -----------------------------------------------------------------------------

@@ -12,6 +12,11 @@ class PartWarmth:
     part: str  # "block 3", "output"
     warm_bytes: int
     cacheable_bytes: int
+    block: int | None = None  # the block's index; None for the input and output tensors
+
+    @property
+    def cold(self) -> bool:
+        return self.warm_bytes < self.cacheable_bytes
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,13 @@ class WarmthReport:
     model_bytes: int
     cacheable_share: float  # of the model's bytes, in tensors above the threshold
     nodes: tuple[NodeWarmth, ...]
+
+
+def cold_blocks(report: WarmthReport) -> tuple[int, ...]:
+    """Blocks some of whose cacheable tensors are missing from the cache of the node the plan
+    gives them to: a load sends their weights over the network."""
+    return tuple(sorted({part.block for node in report.nodes if node.planned is not None
+                         for part in node.parts if part.block is not None and part.cold}))
 
 
 @dataclass(frozen=True)

@@ -339,3 +339,29 @@ async def test_the_bar_never_says_ready_over_a_reload(config: ClusterConfig) -> 
         assert "ready" not in shown() and "no answer within 2 s" in shown()
         app.main.post_message(MainScreen.CoordinatorUpdated(CoordinatorStatus(READY, url, 8)))
         await wait_until(pilot, lambda: "coordinator ready" in shown(), "ready")
+
+
+async def test_the_layer_map_marks_cold_blocks(config: ClusterConfig) -> None:
+    """Blocks whose weights their node's cache lacks are drawn apart and named: the next load
+    sends them over the network."""
+    from dataclasses import replace
+
+    from core.planning.layer_map import llama_map
+    from core.status import LayerShare
+    from tui.widgets.layer_map import CELL, COLD, LayerMapView
+
+    app = make_app(config, live=False)
+    async with app.run_test(size=SIZE) as pilot:
+        view = app.main.query_one(LayerMapView)
+        shares = [LayerShare("gpu-a", "10.0.0.1:50052", 0, 4, 4, 12 << 20),
+                  LayerShare("gpu-b", "10.0.0.2:50052", 4, 4, 4, 8 << 20)]
+        warm = llama_map(shares, blocks=8)
+        app.main.post_message(MainScreen.LayerMapUpdated(replace(warm, cold=(4, 5))))
+        await pilot.pause()
+        plain = view.render_map(view.map).plain  # type: ignore[arg-type]
+        assert plain.splitlines()[1] == CELL * 4 + COLD * 2 + CELL * 2
+        assert "cold: blocks 4, 5 not in their node's cache" in plain
+        app.main.post_message(MainScreen.LayerMapUpdated(warm))
+        await pilot.pause()
+        plain = view.render_map(view.map).plain  # type: ignore[arg-type]
+        assert COLD not in plain and "cold" not in plain

@@ -62,7 +62,7 @@ async def _doctor(config: ClusterConfig, as_json: bool) -> int:
 async def _plan(config: ClusterConfig, as_json: bool) -> int:
     cluster = Cluster(config)
     try:
-        planned = await operations.plan(cluster)
+        planned = await operations.plan_preview(cluster)
     except OperationError as exc:
         print_problems(exc.problems)
         return 1

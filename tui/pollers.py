@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from core import operations
 from core.cluster import Cluster
@@ -21,6 +22,7 @@ REFRESH_MAX_BACKOFF = 30.0
 PROBE_PARALLEL = 16  # as the Cluster's own fan-out
 METRICS_INTERVAL = 1.0  # seconds between throughput polls (one in flight)
 RESOURCES_INTERVAL = 30.0  # seconds between resource probes (device, free memory)
+WARMTH_INTERVAL = 15.0  # seconds between reads of the workers' weight caches (cold blocks)
 MAP_INTERVAL_LOADED = 15.0  # once llama-server has placed the model (else the engine's own)
 
 
@@ -93,6 +95,8 @@ async def metrics_forever(cluster: Cluster,
     `idle_note(state)` says why there is no throughput."""
     caps = cluster.capabilities
     next_map = 0.0
+    next_warmth = 0.0
+    cold: tuple[int, ...] = ()  # the caches' answer, kept between their (rarer) reads
     shown_idle = False
     while True:
         state = cluster.coordinator.state
@@ -104,6 +108,11 @@ async def metrics_forever(cluster: Cluster,
                     layer_map = await cluster.layer_map()
                 except Exception as exc:  # the map is a view: never stop the app for it
                     error = f"layer map: {exc}"
+            if layer_map is not None and caps.has_weight_cache:
+                if now >= next_warmth:
+                    cold = await operations.cold_blocks(cluster, layer_map)
+                    next_warmth = now + WARMTH_INTERVAL
+                layer_map = replace(layer_map, cold=cold)
             deliver_map(layer_map, error)
             loaded = layer_map is not None and layer_map.source != PLAN
             next_map = now + (MAP_INTERVAL_LOADED if caps.has_coordinator and state == READY
@@ -111,7 +120,6 @@ async def metrics_forever(cluster: Cluster,
         if caps.has_throughput and state == READY:
             shown_idle = False
             try:
-                # The engine directly: core/operations has no throughput yet.
                 sample = await operations.throughput(cluster)
                 deliver_sample(sample, "" if sample is not None else "no answer from /metrics")
             except Exception as exc:

@@ -43,6 +43,7 @@ class LayerMap:
     spans: tuple[MapSpan, ...] = ()
     unserved: tuple[int, ...] = ()  # blocks nobody holds (Petals: no live ONLINE server)
     source: str = PLAN
+    cold: tuple[int, ...] = ()  # blocks whose weights are not in their node's cache (yet)
 
     def owner(self, block: int) -> str | None:
         for span in self.spans:

@@ -249,7 +249,7 @@ class ClusterWorkers(Screen[None]):
     @work(group="plan", exclusive=True, exit_on_error=False)
     async def plan_preview(self) -> None:
         try:
-            text, refused = (await operations.plan(self.cluster)).text, False
+            text, refused = (await operations.plan_preview(self.cluster)).text, False
         except OperationError as exc:
             text, refused = str(exc), True
         self.post_message(self.PlanReady(text, refused))

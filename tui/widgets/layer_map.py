@@ -15,9 +15,15 @@ PALETTE = ("dodger_blue2", "dark_orange", "medium_purple2", "spring_green3", "go
            "light_sea_green")
 COORDINATOR_COLOUR = "grey62"
 UNSERVED_COLOUR = "bold red"
-CELL, EMPTY, UNSERVED = "█", "░", "✗"
+CELL, EMPTY, UNSERVED, COLD = "█", "░", "✗", "▒"
 SOURCE_LABEL = {PLAN: "planned, nothing loaded yet", LOADED: "as loaded by llama-server",
                 SWARM: "as served in the swarm (DHT)"}
+
+
+def _blocks(blocks: set[int]) -> str:
+    shown = ", ".join(str(b) for b in sorted(blocks)[:12])
+    more = "" if len(blocks) <= 12 else f" and {len(blocks) - 12} more"
+    return f"block{'s' if len(blocks) > 1 else ''} {shown}{more}"
 
 
 def _size(count: int) -> str:
@@ -57,12 +63,15 @@ class LayerMapView(Static):
         text.append(f"{layer_map.blocks} blocks, {SOURCE_LABEL.get(layer_map.source, '')}\n",
                     style="dim")
         unserved = set(layer_map.unserved)
+        cold = set(layer_map.cold)
         owners = [layer_map.owner(b) for b in range(layer_map.blocks)]
         for block, owner in enumerate(owners):
             if block in unserved:
                 text.append(UNSERVED, style=UNSERVED_COLOUR)
             elif owner is None:
                 text.append(EMPTY, style="dim")
+            elif block in cold:  # its weights are not in the node's cache: a load sends them
+                text.append(COLD, style=self.colour(owner))
             else:
                 text.append(CELL, style=self.colour(owner))
             if block % 10 == 9 and block + 1 < layer_map.blocks:
@@ -91,6 +100,9 @@ class LayerMapView(Static):
             elif layer_map.source in (LOADED, SWARM) and span.planned_count is not None \
                     and span.node != COORDINATOR:
                 text.append(" = plan", style="green")
+        if cold:
+            text.append(f"\n{COLD} cold: {_blocks(cold)} not in their node's cache "
+                        "(the next load sends them; torbiz-tui cache warm)", style="yellow")
         if unserved:
             shown = ", ".join(str(b) for b in sorted(unserved)[:12])
             more = "" if len(unserved) <= 12 else f" and {len(unserved) - 12} more"

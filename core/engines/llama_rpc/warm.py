@@ -107,8 +107,10 @@ def node_warmth(node: NodeConfig, manifest: Manifest, span: tuple[int, int] | No
             (t.block is not None and first <= t.block < first + count)
             or (t.block is None and t.part == "output" and last)))
     parts: dict[str, list[int]] = {}
+    blocks: dict[str, int | None] = {}
     for t in needed:
         row = parts.setdefault(t.part, [0, 0])
+        blocks[t.part] = t.block
         row[1] += t.size
         if t.hash in good:
             row[0] += t.size
@@ -119,7 +121,7 @@ def node_warmth(node: NodeConfig, manifest: Manifest, span: tuple[int, int] | No
         warm_bytes=sum(t.size for t in needed if t.hash in good),
         cacheable_bytes=sum(t.size for t in needed), small_bytes=small,
         free_bytes=listing.free_bytes,
-        parts=tuple(PartWarmth(p, w, c) for p, (w, c) in parts.items()))
+        parts=tuple(PartWarmth(p, w, c, blocks[p]) for p, (w, c) in parts.items()))
 
 
 # ---- caches that cannot lie --------------------------------------------------------------------
