@@ -119,7 +119,7 @@ async def plan_preview(cluster: Cluster) -> PlanView:
         {"node": n.name, "planned": list(n.planned) if n.planned else None,
          "send_bytes": n.send_bytes if n.planned else None, "warm_share": n.warm_share,
          "cache_bytes": n.cache_bytes, "error": n.error} for n in report.nodes]}
-    return replace(planned, text=planned.text + "\n".join(lines), json=data)
+    return replace(planned, text=planned.text + "\n" + "\n".join(lines), json=data)
 
 
 async def preflight_and_plan(cluster: Cluster) -> PlanView:
