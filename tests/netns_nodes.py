@@ -39,8 +39,16 @@ class NamespacedNodes(SshdCluster):
         self.hosts = [f"10.216.{self.block}.{4 * i + 2}" for i in range(count)]
         self._made: list[str] = []
 
+    @property
+    def _fence(self) -> str:
+        return f"10.216.{self.block}.0/24"
+
     def start(self) -> None:
         try:
+            # While a node's link is down its /30 route is gone: without this, packets for it
+            # would follow this machine's default route out of the machine. An unreachable
+            # route for the whole block keeps them here ("no route to host", a cut cable).
+            _ip("route", "replace", "unreachable", self._fence)
             for i, name in enumerate(self.names):
                 ns, (near, far) = self.namespaces[name], self.veths[name]
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
@@ -138,4 +146,6 @@ class NamespacedNodes(SshdCluster):
         super().stop()
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "route", "del", "unreachable", self._fence], capture_output=True,
+                       check=False)
         self._made.clear()

@@ -450,9 +450,13 @@ class SshTransport(Transport):
 def lost_connection(label: str, exc: Exception) -> TransportError:
     """The sentence for a connection that broke; a keepalive that went unanswered means the
     node (or the link) froze, not that it refused us."""
-    if "keepalive" in str(exc).lower():
-        return TransportError(label, f"stopped answering SSH keepalives ({exc}): the node is "
-                                     "frozen (swap, sleep) or its link is down",
+    text = str(exc).lower()
+    silent = (isinstance(exc, OSError) and exc.errno in SILENT_ERRNOS) or any(
+        word in text for word in ("keepalive", "no route to host", "host is down",
+                                  "network is unreachable", "timed out"))
+    if silent:
+        return TransportError(label, f"stopped answering ({exc}): the node is frozen (swap, "
+                                     "sleep) or its link is down",
                               kind=NOT_RESPONDING)
     return TransportError(label, f"SSH connection lost ({exc})")
 

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import json
 import os
+import secrets
 import re
 import shutil
 import subprocess
@@ -114,7 +115,7 @@ def _library() -> ctypes.CDLL:
                     "no C compiler (cc) here to build the tensor hasher: install one (e.g. "
                     "apt-get install gcc); hashing a model in Python would take hours")
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.{os.getpid()}")
+            partial = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}")
             done = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(partial),
                                    str(TOOL_SOURCE)], capture_output=True, text=True)
             if done.returncode != 0:
@@ -210,7 +211,9 @@ def load_manifest(path: Path | str) -> Manifest:
     manifest = compute_manifest(path)
     stored.parent.mkdir(parents=True, exist_ok=True)
     data = manifest.to_json() | {"key": key}
-    partial = stored.with_name(f".{stored.name}.{os.getpid()}")
+    # A name of its own per writer: two threads (or two supervisors) of one process may store
+    # the same manifest at once; the last rename wins, each file is whole.
+    partial = stored.with_name(f".{stored.name}.{os.getpid()}.{secrets.token_hex(4)}")
     partial.write_text(json.dumps(data))
     partial.replace(stored)
     return manifest
