@@ -201,6 +201,11 @@ class Engine(abc.ABC):
         """A live sample of the serving side's rates, or None when the engine has none."""
         return None
 
+    async def stalled_workers(self) -> dict[str, str]:
+        """Workers holding up a request the serving side has stopped decoding (node -> the
+        sentence), reported `not responding` even while their node answers; none by default."""
+        return {}
+
     def recoverer(self, host: Any) -> Any:
         """What restarts the serving side after a lost worker (capabilities.can_recover), or
         None. `host` is the cluster, as supervision sees it."""

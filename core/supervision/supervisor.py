@@ -96,6 +96,8 @@ class Supervisor:
         coordinator_before = cluster.coordinator
         nodes, coordinator = await asyncio.gather(self._refresh_nodes(),
                                                   cluster.refresh_coordinator())
+        if coordinator.state == READY and await cluster.engine.stalled_workers():
+            nodes = [cluster.nodes[n.name] for n in cluster.config.nodes]
         now = time.monotonic()
         if self.recoverer is not None:
             for seen in (coordinator_before, coordinator):
