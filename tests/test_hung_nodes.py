@@ -92,6 +92,8 @@ async def test_frozen_node_mid_stream_is_left_out_within_seconds_and_comes_back(
     await _until(lambda: cluster.nodes["node2"].state == NOT_RESPONDING, 5.5, "not responding")
     detected = _first(s, "node2", frozen)
     assert detected - frozen <= 5.0
+    seen: set[str] = set()
+    sampler = asyncio.create_task(_sample(lambda: cluster.nodes["node2"].state, seen))
     ended = await asyncio.wait_for(stream, 15)  # never hangs on the silent worker
     assert ended != "done", ended
     await _until(lambda: bool(s.recoveries), 20, "recovery")
@@ -100,6 +102,9 @@ async def test_frozen_node_mid_stream_is_left_out_within_seconds_and_comes_back(
     assert "node2" in result.lost and "node2" not in result.workers
     assert result.recovered_after is not None and result.recovered_after <= 10.0
     assert await _completion(s.url)
+    await asyncio.sleep(6)  # past the connect timeout and a reconnect or two, still frozen
+    sampler.cancel()
+    assert seen == {NOT_RESPONDING}, seen  # silent: never unreachable nor failed
 
     nodes.thaw("node2")
     await _until(lambda: cluster.nodes["node2"].state == READY, 20, "back")
@@ -132,6 +137,17 @@ async def test_frozen_idle_node_is_not_responding_not_unreachable(hung) -> None:
     assert s.recoveries[0].recovered_after is not None
     assert s.recoveries[0].recovered_after <= 10.0
     assert await _completion(s.url)
+    seen: set[str] = set()
+    await _sample(lambda: cluster.nodes["node1"].state, seen, 8.0)
+    assert seen == {NOT_RESPONDING}, seen  # frozen is silent: never unreachable
+
+
+async def _sample(state: Callable[[], str], seen: set[str], seconds: float = 1e9) -> None:
+    """Every state the node shows, five times a second, for `seconds` (or until cancelled)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.add(state())
+        await asyncio.sleep(0.2)
 
 
 async def test_link_down_is_not_responding_and_heals(hung) -> None:
@@ -178,6 +194,7 @@ async def test_stopped_worker_alone_stalls_the_decode_and_is_not_responding(hung
     try:
         await _until(lambda: cluster.nodes["node2"].state == NOT_RESPONDING, 8,
                      "not responding")
+        await _until(lambda: any(d.part == "node2" for d in s.detections), 2, "detection")
         detection = next(d for d in s.detections if d.part == "node2" and d.at >= stopped)
         print(f"node2 detected after {detection.at - stopped:.2f} s: {detection.reason}")
         assert detection.at - stopped <= 5.0

@@ -34,7 +34,7 @@ from core.engines.llama_rpc.coordinator import (
 )
 from core.engines.llama_rpc.recovery import Recoverer, RecoveryHost, last_recovery
 from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, placement_file
-from core.engines.llama_rpc.stall import StallWatch, process_stopped
+from core.engines.llama_rpc.stall import STALL_ASK_S, StallWatch, process_stopped
 from core.local_log import since_last_start
 from core.planning.layer_map import LayerMap, llama_map
 from core.planning.placement import (
@@ -331,8 +331,9 @@ class LlamaRpcEngine(Engine):
 
         async def ask(node: NodeConfig, pid: int) -> str | None:
             try:
-                return await self.on_node(node, process_stopped(
-                    self.ctx.transport(node.name), pid, node.ssh.status_timeout))
+                # Short: a node silent to this is the status check's to report.
+                return await asyncio.wait_for(process_stopped(
+                    self.ctx.transport(node.name), pid, STALL_ASK_S), STALL_ASK_S)
             except Exception:  # a node that does not answer is the status check's to report
                 return None
 

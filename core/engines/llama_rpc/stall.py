@@ -21,6 +21,7 @@ from core.reach.shell import quote_argv
 from core.reach.transport import Transport
 
 STALL_S = 2.0  # a busy slot whose progress has not moved for this long is looked into
+STALL_ASK_S = 1.0  # deadline of asking a node whether its worker runs
 NOT_RUNNING = ("T", "t")  # ps STAT: stopped by a signal, or by a tracer
 
 
