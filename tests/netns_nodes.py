@@ -40,6 +40,7 @@ class NamespacedNodes(SshdCluster):
         self.hosts = [f"10.216.{self.block}.{4 * i + 2}" for i in range(count)]
         self._made: list[str] = []
         self._relays: list[LatencyRelay] = []
+        self._relayed: dict[str, list[LatencyRelay]] = {}
 
     def start(self) -> None:
         try:
@@ -143,11 +144,17 @@ class NamespacedNodes(SshdCluster):
                   LatencyRelay(address, (host, rpc_port), delay_ms=delay_ms,
                                listen_port=rpc_port).start()]
         self._relays.extend(relays)
+        self._relayed[name] = relays
         pub = next(n.host_key_pub for n in self.nodes if n.name == name)
         with open(self.known_hosts, "a") as known:
             known.write(f"[{address}]:{relays[0].port} {pub}\n")
         return {"host": address, "ssh_port": relays[0].port, "rpc_port": rpc_port,
                 "rpc_bind": host}
+
+    def delay(self, name: str, delay_ms: float) -> None:
+        """Change the added latency of the node's relays (relay() first) from now on."""
+        for relay in self._relayed[name]:
+            relay.delay = delay_ms / 1000.0
 
     def stop(self) -> None:
         for relay in self._relays:
