@@ -218,17 +218,21 @@ async def fault_table(workdir: Path) -> list[Row]:
     return rows
 
 
-async def hung_table(workdir: Path, rate: str) -> list[Row]:
+async def hung_table(workdir: Path, rate: str, delay_ms: float = 50) -> list[Row]:
     """Frozen, cut-off and thinned nodes: each node an sshd in network + PID namespaces of its
     own (tests/netns_nodes.py), the rest as fault_table. `screen` is what the core reported
     (and so what the table, `status` and `watch` show) for the node and the coordinator."""
     from core.status import READY
+    from core.status_text import node_state_text
     from tests.netns_nodes import NamespacedNodes
 
     nodes = NamespacedNodes(workdir / "nodes", 3)
     nodes.start()
+    # node1's SSH and RPC cross a latency relay (0 ms until its link is slowed).
+    relayed = nodes.relay("node1", 0)
     model = ensure_demo_model(workdir / "demo.gguf")
-    config = load_config(ssh_cluster_file(workdir, nodes, model, name="bench-hung"))
+    config = load_config(ssh_cluster_file(workdir, nodes, model, name="bench-hung",
+                                          node_overrides={"node1": relayed}))
     cluster = Cluster(config)
     detections: list[Detection] = []
     recoveries: list[RecoveryResult] = []
@@ -286,11 +290,18 @@ async def hung_table(workdir: Path, rate: str) -> list[Row]:
         await asyncio.sleep(2)
         t0 = time.monotonic()
         nodes.shape("node1", rate)
-        await asyncio.sleep(8)
+        nodes.delay("node1", delay_ms)
+        shown: set[str] = set()
+        for _ in range(40):
+            shown.add(node_state_text(cluster.nodes["node1"]))
+            await asyncio.sleep(0.2)
         failed, sent, attempts = client.since(t0)
-        rows.append(Row(f"link slowed (node1, tbf {rate})", None, None, failed, sent,
-                        f"screen: node1 {cluster.nodes['node1'].state}, RTT "
-                        f"{cluster.nodes['node1'].probe_ms} ms", attempts))
+        bad = [d for d in detections if d.part == "node1" and d.at >= t0]
+        rows.append(Row(f"link slowed (node1, tbf {rate} + {delay_ms:g} ms each way)", None,
+                        None, failed, sent,
+                        f"screen: node1 {'/'.join(sorted(shown))}, RTT "
+                        f"{cluster.nodes['node1'].probe_ms} ms; "
+                        f"{len(bad)} detections, {len(recoveries)} recoveries in all", attempts))
         traffic.cancel()
         watching.cancel()
         await asyncio.gather(traffic, watching, return_exceptions=True)
@@ -521,6 +532,8 @@ def main() -> int:
     parser.add_argument("--skip-cache", action="store_true")
     parser.add_argument("--skip-hung", action="store_true")
     parser.add_argument("--slow-rate", default="256kbit", help="tbf rate of the slowed link")
+    parser.add_argument("--slow-delay-ms", type=float, default=50,
+                        help="latency the relay adds each way on the slowed link")
     args = parser.parse_args()
     # Ctrl-C must clean up even when started from a shell that ignores SIGINT in background jobs.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -539,7 +552,8 @@ def main() -> int:
                 print("hung, cut-off and slow nodes (each node in network + PID namespaces of "
                       "its own), a client sending completions throughout:", flush=True)
                 (workdir / "hung").mkdir()
-                print_fault_table(asyncio.run(hung_table(workdir / "hung", args.slow_rate)))
+                print_fault_table(asyncio.run(hung_table(workdir / "hung", args.slow_rate,
+                                                          args.slow_delay_ms)))
                 print(flush=True)
             if not args.skip_cache:
                 (workdir / "cache").mkdir()

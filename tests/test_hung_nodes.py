@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from core import operations
@@ -90,6 +92,8 @@ async def test_frozen_node_mid_stream_is_left_out_within_seconds_and_comes_back(
     await _until(lambda: cluster.nodes["node2"].state == NOT_RESPONDING, 5.5, "not responding")
     detected = _first(s, "node2", frozen)
     assert detected - frozen <= 5.0
+    seen: set[str] = set()
+    sampler = asyncio.create_task(_sample(lambda: cluster.nodes["node2"].state, seen))
     ended = await asyncio.wait_for(stream, 15)  # never hangs on the silent worker
     assert ended != "done", ended
     await _until(lambda: bool(s.recoveries), 20, "recovery")
@@ -98,6 +102,9 @@ async def test_frozen_node_mid_stream_is_left_out_within_seconds_and_comes_back(
     assert "node2" in result.lost and "node2" not in result.workers
     assert result.recovered_after is not None and result.recovered_after <= 10.0
     assert await _completion(s.url)
+    await asyncio.sleep(6)  # past the connect timeout and a reconnect or two, still frozen
+    sampler.cancel()
+    assert seen == {NOT_RESPONDING}, seen  # silent: never unreachable nor failed
 
     nodes.thaw("node2")
     await _until(lambda: cluster.nodes["node2"].state == READY, 20, "back")
@@ -130,6 +137,17 @@ async def test_frozen_idle_node_is_not_responding_not_unreachable(hung) -> None:
     assert s.recoveries[0].recovered_after is not None
     assert s.recoveries[0].recovered_after <= 10.0
     assert await _completion(s.url)
+    seen: set[str] = set()
+    await _sample(lambda: cluster.nodes["node1"].state, seen, 8.0)
+    assert seen == {NOT_RESPONDING}, seen  # frozen is silent: never unreachable
+
+
+async def _sample(state: Callable[[], str], seen: set[str], seconds: float = 1e9) -> None:
+    """Every state the node shows, five times a second, for `seconds` (or until cancelled)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.add(state())
+        await asyncio.sleep(0.2)
 
 
 async def test_link_down_is_not_responding_and_heals(hung) -> None:
@@ -157,3 +175,40 @@ async def test_link_down_is_not_responding_and_heals(hung) -> None:
     await _until(lambda: any("node3 is back" in n.text for n in s.notices), 5, "told")
     restarted = any("node3 is back but its worker died" in n.text for n in s.notices)
     assert cluster.nodes["node3"].pid == pid or restarted
+
+
+async def test_stopped_worker_alone_stalls_the_decode_and_is_not_responding(hung) -> None:
+    """Only node2's rpc-server is SIGSTOPped: its sshd answers, the status check says the
+    process runs and listens; the stalled decode (a busy slot that stops moving) is what
+    finds it."""
+    s, nodes = await hung(3)
+    cluster = s.cluster
+    worker = psutil.Process(nodes.host_pid("node2", cluster.nodes["node2"].pid or 0))
+    assert "rpc-server" in worker.name(), worker.cmdline()
+    s.start()
+    first = asyncio.Event()
+    stream = asyncio.create_task(_stream(s.url, first))
+    await asyncio.wait_for(first.wait(), 30)
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        await _until(lambda: cluster.nodes["node2"].state == NOT_RESPONDING, 8,
+                     "not responding")
+        await _until(lambda: any(d.part == "node2" for d in s.detections), 2, "detection")
+        detection = next(d for d in s.detections if d.part == "node2" and d.at >= stopped)
+        print(f"node2 detected after {detection.at - stopped:.2f} s: {detection.reason}")
+        assert detection.at - stopped <= 5.0
+        assert "is stopped" in detection.reason and "request" in detection.reason
+        assert all(st.state != NOT_RESPONDING for n, st in cluster.nodes.items() if n != "node2")
+        ended = await asyncio.wait_for(stream, 15)
+        assert ended != "done", ended
+        await _until(lambda: bool(s.recoveries), 20, "recovery")
+        assert s.recoveries[0].outcome == RECOVERED, s.recoveries[0].reason
+        assert "node2" in s.recoveries[0].lost
+        assert await _completion(s.url)
+        # It stays `not responding` while its process stays stopped, though SSH answers.
+        await asyncio.sleep(2)
+        assert cluster.nodes["node2"].state == NOT_RESPONDING
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    await _until(lambda: cluster.nodes["node2"].state == READY, 20, "back")

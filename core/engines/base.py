@@ -19,7 +19,13 @@ from core.config import ClusterConfig, NodeConfig
 from core.planning.layer_map import LayerMap
 from core.reach.detached import ProcessState
 from core.reach.probe import NodeProbe, WorkerLookup
-from core.reach.transport import NOT_RESPONDING, SILENT_KINDS, Transport, TransportError
+from core.reach.transport import (
+    LOST,
+    NOT_RESPONDING,
+    SILENT_KINDS,
+    Transport,
+    TransportError,
+)
 from core.status import (
     ClusterStatus,
     CoordinatorStatus,
@@ -153,6 +159,11 @@ class Engine(abc.ABC):
         except (asyncio.TimeoutError, TimeoutError):
             raise TransportError(node.name, silent, kind=NOT_RESPONDING) from None
         except TransportError as exc:
+            was = self.ctx.last_status(node.name).state
+            if exc.kind == LOST and was == NodeState.NOT_RESPONDING:
+                # The connection of a node already silent closed (keepalives unanswered, a
+                # cancelled command): nobody refused us, the node is still silent.
+                raise TransportError(node.name, silent, kind=NOT_RESPONDING) from None
             if exc.kind not in SILENT_KINDS and time.monotonic() - asked >= timeout * 0.95:
                 # The deadline cancelled the command and asyncssh answered the cancel with
                 # a closed channel: the node was silent until then, nobody refused us.
@@ -200,6 +211,11 @@ class Engine(abc.ABC):
     async def throughput(self) -> ThroughputSample | None:
         """A live sample of the serving side's rates, or None when the engine has none."""
         return None
+
+    async def stalled_workers(self) -> dict[str, str]:
+        """Workers holding up a request the serving side has stopped decoding (node -> the
+        sentence), reported `not responding` even while their node answers; none by default."""
+        return {}
 
     def recoverer(self, host: Any) -> Any:
         """What restarts the serving side after a lost worker (capabilities.can_recover), or

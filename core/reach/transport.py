@@ -30,6 +30,7 @@ _CHUNK = 65536
 
 NOT_RESPONDING = "not-responding"  # TransportError.kind: connected (or TCP up), but silent
 SILENT_KINDS = frozenset({NOT_RESPONDING, "timeout"})
+LOST = "lost"  # an open connection broke (nobody said why): unreachable, unless already silent
 # connect() errors that mean silence rather than a refusal
 SILENT_ERRNOS = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
                            errno.EHOSTDOWN})  # a node that did not answer in time
@@ -458,7 +459,7 @@ def lost_connection(label: str, exc: Exception) -> TransportError:
         return TransportError(label, f"stopped answering ({exc}): the node is frozen (swap, "
                                      "sleep) or its link is down",
                               kind=NOT_RESPONDING)
-    return TransportError(label, f"SSH connection lost ({exc})")
+    return TransportError(label, f"SSH connection lost ({exc})", kind=LOST)
 
 
 def make_transport(node: NodeConfig) -> Transport:

@@ -94,8 +94,10 @@ class Supervisor:
         cluster = self.cluster
         before = dict(cluster.nodes)
         coordinator_before = cluster.coordinator
-        nodes, coordinator = await asyncio.gather(self._refresh_nodes(),
-                                                  cluster.refresh_coordinator())
+        nodes, coordinator, stalled = await asyncio.gather(
+            self._refresh_nodes(), cluster.refresh_coordinator(), self._stalled_workers())
+        if stalled:
+            nodes = [cluster.nodes[n.name] for n in cluster.config.nodes]
         now = time.monotonic()
         if self.recoverer is not None:
             for seen in (coordinator_before, coordinator):
@@ -125,6 +127,13 @@ class Supervisor:
         self.detections.extend(found)
         del self.detections[:-1000]
         return found
+
+    async def _stalled_workers(self) -> dict[str, str]:
+        """Workers a stalled request waits on (the engine's answer), while the coordinator
+        serves; asked beside the status checks, never after them."""
+        if self.cluster.coordinator.state != READY:
+            return {}
+        return await self.cluster.engine.stalled_workers()
 
     def _welcome_back(self, before: dict[str, NodeStatus], nodes: list[NodeStatus]) -> None:
         """A node back after hanging or losing its link: its worker is reattached (same pid),

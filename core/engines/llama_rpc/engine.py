@@ -34,6 +34,7 @@ from core.engines.llama_rpc.coordinator import (
 )
 from core.engines.llama_rpc.recovery import Recoverer, RecoveryHost, last_recovery
 from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, placement_file
+from core.engines.llama_rpc.stall import STALL_ASK_S, StallWatch, process_stopped
 from core.local_log import since_last_start
 from core.planning.layer_map import LayerMap, llama_map
 from core.planning.placement import (
@@ -56,7 +57,7 @@ from core.status import (
     rounded_ms,
 )
 from core.supervision.load_log import LoadReport, parse_load_log
-from core.supervision.throughput import ThroughputMonitor, ThroughputSample
+from core.supervision.throughput import ThroughputMonitor, ThroughputSample, parse_slots
 from core.weight_cache import PruneResult, WarmResult, WarmthReport
 
 
@@ -76,6 +77,8 @@ class LlamaRpcEngine(Engine):
         self.runner = CoordinatorRunner(ctx, self.nodes())
         self._throughput: ThroughputMonitor | None = None
         self._http: httpx.AsyncClient | None = None
+        self._stalls = StallWatch()
+        self._stopped: dict[str, str] = {}  # node -> why its stopped worker stalls requests
 
     def nodes(self) -> list[NodeConfig]:
         return [n for n in self.config.nodes if n.backend == self.name]
@@ -101,6 +104,12 @@ class LlamaRpcEngine(Engine):
         asked = time.monotonic()
         proc = await detached.status(transport, state_dir, llama_rpc.listen_address(node))
         probe_ms = rounded_ms(time.monotonic() - asked)
+        if proc.state == "running" and proc.pid is not None and node.name in self._stopped:
+            stopped = await self._still_stopped(node, transport, proc.pid)
+            if stopped:
+                return self.status(node, NodeState.NOT_RESPONDING, proc.pid, stopped,
+                                   started_at=self.started_at(node.name, proc),
+                                   probe_ms=probe_ms)
         if proc.state == "running":
             ready = await self._listening(node, proc)
             return self.status(node, NodeState.READY if ready else NodeState.STARTING, proc.pid,
@@ -247,9 +256,8 @@ class LlamaRpcEngine(Engine):
 
     async def throughput(self) -> ThroughputSample | None:
         if self._throughput is None:
-            self._http = httpx.AsyncClient(timeout=5.0, trust_env=False,
-                                           headers=auth_headers(self.config))
-            self._throughput = ThroughputMonitor(coordinator_url(self.config), client=self._http)
+            self._throughput = ThroughputMonitor(coordinator_url(self.config),
+                                                 client=self._client())
         return await self._throughput.poll()
 
     async def status_detail(self, base: ClusterStatus) -> ClusterStatus:
@@ -303,6 +311,57 @@ class LlamaRpcEngine(Engine):
 
     def last_recovery(self) -> dict[str, Any] | None:
         return last_recovery(self.ctx)
+
+    async def stalled_workers(self) -> dict[str, str]:
+        """While a busy slot has not moved for STALL_S, the ready workers whose process does
+        not run (SIGSTOPped: the node still answers SSH): reported `not responding`, with the
+        stalled request named, and kept so until their process runs again."""
+        try:
+            response = await self._client().get(f"{coordinator_url(self.config)}/slots",
+                                                 timeout=1.0)
+            slots = parse_slots(response.json()) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            slots = None
+        stalled = self._stalls.update(slots or [], time.monotonic())
+        if not stalled:
+            return {}
+        suspects = [(n, self.ctx.last_status(n.name)) for n in self.nodes()
+                    if n.name not in self._stopped]
+        suspects = [(n, st) for n, st in suspects if st.state == NodeState.READY and st.pid]
+
+        async def ask(node: NodeConfig, pid: int) -> str | None:
+            try:
+                # Short: a node silent to this is the status check's to report.
+                return await asyncio.wait_for(process_stopped(
+                    self.ctx.transport(node.name), pid, STALL_ASK_S), STALL_ASK_S)
+            except Exception:  # a node that does not answer is the status check's to report
+                return None
+
+        answers = await asyncio.gather(*(ask(n, st.pid or 0) for n, st in suspects))
+        found: dict[str, str] = {}
+        for (node, status), stat in zip(suspects, answers, strict=True):
+            if stat is None:
+                continue
+            found[node.name] = self._stopped[node.name] = (
+                f"its worker (pid {status.pid}) is stopped (ps state {stat}) while "
+                f"{stalled[0].sentence()}: it holds the request up; resume it (kill -CONT "
+                f"{status.pid}) or restart it")
+            self.status(node, NodeState.NOT_RESPONDING, status.pid, found[node.name],
+                        started_at=status.started_at, probe_ms=status.probe_ms)
+        return found
+
+    async def _still_stopped(self, node: NodeConfig, transport: Any, pid: int) -> str | None:
+        """The kept reason while the worker a stalled request waited on is still stopped."""
+        if await process_stopped(transport, pid, node.ssh.status_timeout) is not None:
+            return self._stopped[node.name]
+        self._stopped.pop(node.name, None)
+        return None
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=5.0, trust_env=False,
+                                           headers=auth_headers(self.config))
+        return self._http
 
     async def close(self) -> None:
         if self._throughput is not None:
