@@ -51,8 +51,12 @@ class CacheListing:
 def _listing_script(state_dir: str) -> str:
     return f"""umask 077
 d={path_word(cache_dir(state_dir))}
-if [ ! -d "$d" ]; then echo "TORBIZ nocache"; exit 0; fi
-cd "$d" || {{ echo "TORBIZ nocache"; exit 0; }}
+if [ ! -d "$d" ] || ! cd "$d"; then
+  # The space it would be written to: that of the nearest directory that exists.
+  p="$d"; while [ -n "$p" ] && [ ! -d "$p" ]; do p="${{p%/*}}"; done
+  set -f; set -- $(df -Pk "${{p:-/}}" 2>/dev/null | tail -n 1); set +f
+  echo "FREE ${{4:-}}"; echo "TORBIZ nocache"; exit 0
+fi
 chmod 700 . 2>/dev/null
 ls -1atr | while IFS= read -r f; do
   case $f in
@@ -72,7 +76,7 @@ def parse_listing(text: str) -> CacheListing:
     for line in text.splitlines():
         words = line.split()
         if words[:2] == ["TORBIZ", "nocache"]:
-            return CacheListing(False)
+            return CacheListing(False, free_bytes=free)
         if len(words) == 3 and words[0] in ("F", "P") and HEX16.match(words[1]) \
                 and words[2].isdigit():
             (files if words[0] == "F" else parts)[words[1]] = int(words[2])
