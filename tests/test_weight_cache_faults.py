@@ -241,3 +241,43 @@ def test_node_without_cc_cuts_with_dd_and_hashes_with_python3(
     assert f"cache file {victim}" in verified.stdout and "hash mismatch" in verified.stdout, \
         verified.stdout
     assert not (rpc_dir(tmp_path) / victim).exists()
+
+
+async def test_doctor_warns_of_wrong_cache_files(tmp_path: Path, big_model: Path) -> None:
+    from core.cluster import Cluster
+    from core.config import load_config
+    from core.operations import doctor
+    from tests.cluster_files import free_port, toml_text
+
+    manifest = load_manifest(big_model)
+    d = tmp_path / "state" / "doc" / "w0" / "cache" / "rpc"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml_text({"name": "doc", "state_dir": str(tmp_path / "state")},
+                             [{"name": "w0", "host": "127.0.0.1", "transport": "local",
+                               "rpc_port": free_port()}], model={"gguf": str(big_model)}))
+
+    async def cache_check() -> tuple[str, str]:
+        cluster = Cluster(load_config(cfg))
+        try:
+            report = await doctor(cluster)
+        finally:
+            await cluster.close()
+        found = [c for c in report.checks if c.part == "w0" and c.name == "cache"]
+        assert len(found) == 1, report.checks
+        return found[0].level, found[0].message
+
+    assert (await cache_check())[0] == "ok"
+    t1, t2 = manifest.cacheable()[:2]
+    d.mkdir(parents=True)
+    with open(big_model, "rb") as f:
+        f.seek(t1.offset)
+        (d / t1.hash).write_bytes(f.read(t1.size))  # right
+        f.seek(t2.offset)
+        (d / t2.hash).write_bytes(f.read(t2.size - 1))  # truncated
+    level, message = await cache_check()
+    assert level == "warning"
+    assert f"{t2.hash} ({t2.name}) is truncated" in message
+    assert "run `torbiz-tui cache warm w0`" in message
+    assert (d / t2.hash).exists()  # the doctor only looks
+    (d / t2.hash).unlink()
+    assert await cache_check() == ("ok", "1 tensor(s) of the model cached, sizes right")
