@@ -92,6 +92,7 @@ class WarmResult:
     elapsed_s: float
     moved_aside: tuple[str, ...] = ()  # sentences
     error: str | None = None
+    evicted: tuple[tuple[str, int], ...] = ()  # (file, bytes) evicted for cache_limit_gb
 
 
 @dataclass(frozen=True)

@@ -281,3 +281,43 @@ async def test_doctor_warns_of_wrong_cache_files(tmp_path: Path, big_model: Path
     assert (d / t2.hash).exists()  # the doctor only looks
     (d / t2.hash).unlink()
     assert await cache_check() == ("ok", "1 tensor(s) of the model cached, sizes right")
+
+
+def test_prewarm_keeps_within_cache_limit(tmp_path: Path, big_model: Path) -> None:
+    """Over the limit: tensors of no configured model go first, oldest first, then the model's
+    tensors outside the node's span; the span alone above the limit is refused."""
+    from tests.cluster_files import free_port, toml_text
+
+    manifest = load_manifest(big_model)
+    span = span_tensors(manifest)
+    d = tmp_path / "state" / "lim" / "w0" / "cache" / "rpc"
+    d.mkdir(parents=True)
+    mib = 1 << 20
+    for i, name in enumerate(["00000000000000aa", "00000000000000bb", "00000000000000cc"]):
+        (d / name).write_bytes(b"z" * 4 * mib)  # of no configured model
+        os.utime(d / name, (1_000_000 + i, 1_000_000 + i))  # aa oldest
+    os.utime(d, None)
+
+    def config(limit_bytes: int) -> Path:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(toml_text(
+            {"name": "lim", "state_dir": str(tmp_path / "state")},
+            [{"name": "w0", "host": "127.0.0.1", "transport": "local", "rpc_port": free_port(),
+              "cache_limit_gb": limit_bytes / (1 << 30)}],
+            model={"gguf": str(big_model)}, plan={"policy": "spread",
+                                                  "coordinator_layers": False}))
+        return cfg
+
+    too_small = cli(config(sum(span.values()) - mib), "cache", "warm")
+    assert too_small.returncode == 1
+    assert "error: w0: its planned blocks need" in too_small.stdout, too_small.stdout
+    assert "above its cache_limit_gb" in too_small.stdout
+    assert sorted(p.name for p in d.iterdir()) == ["00000000000000aa", "00000000000000bb",
+                                                   "00000000000000cc"]
+
+    # Room for the span and two of the three foreign files: the oldest goes.
+    fits = cli(config(sum(span.values()) + 9 * mib), "cache", "warm")
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "evicted 1 file(s), 4.0 MiB" in fits.stdout and "00000000000000aa" in fits.stdout, \
+        fits.stdout
+    assert {p.name for p in d.iterdir()} == set(span) | {"00000000000000bb", "00000000000000cc"}
