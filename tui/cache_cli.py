@@ -34,7 +34,7 @@ def _span(row: NodeWarmth) -> str:
     if row.planned is None:
         return "not planned"
     first, count = row.planned
-    return f"{first}-{first + count - 1}"
+    return f"{first}-{first + count - 1}" + (" (standby)" if row.standby else "")
 
 
 def format_warmth(report: WarmthReport, why: str | None) -> list[str]:

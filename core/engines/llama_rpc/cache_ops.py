@@ -4,6 +4,7 @@ size check before a worker starts, prune. Every node in parallel; one sentence p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 from core.config import NodeConfig
@@ -43,6 +44,8 @@ async def warmth(ctx: EngineContext, nodes: Sequence[NodeConfig],
         return warm.node_warmth(node, manifest, planned.get(node.name), listing, state_dir)
 
     rows = await asyncio.gather(*(one(n) for n in nodes))
+    standbys = set(standby.standby_names(ctx.config))
+    rows = [dataclasses.replace(r, standby=r.name in standbys) for r in rows]
     cacheable = sum(t.size for t in manifest.cacheable())
     return WarmthReport(manifest.path, manifest.size,
                         cacheable / manifest.size if manifest.size else 0.0, tuple(rows))
