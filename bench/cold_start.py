@@ -9,7 +9,10 @@ first generated token:
       cut out of the node's file on the node, in parallel), then the load
   (d) everything warm (the caches (c) left), the load only
 and the bytes that crossed each worker's link (its interface's rx counter).
-(b), the pre-warm pushed over SSH, is not measured here: the workers' namespaces run no sshd.
+Then the same through torbiz itself on sshd nodes in namespaces of their own (bench/
+cold_start_sshd.py): `up` cold, (b) the pre-warm pushed over SSH to both workers in parallel
+then `up`, `up` warm, a warm coordinator restart, and a recovery after killing a worker onto a
+pre-warmed standby vs onto a cold one (`[plan] standby`).
 
     sudo .venv/bin/python bench/cold_start.py [--rate 200mbit]
 """
@@ -28,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
+from bench.cold_start_sshd import SshdRow, sshd_rounds  # noqa: E402
 from bench.faults import Namespaces, Procs, _healthy, _wait_port  # noqa: E402
 from core.config import NodeConfig  # noqa: E402
 from core.demo_model import write_demo_model  # noqa: E402
 from core.engines.llama_rpc import warm  # noqa: E402
 from core.engines.llama_rpc.build import find_cached_binary  # noqa: E402
-from core.engines.llama_rpc.manifest import HASH_THRESHOLD, load_manifest  # noqa: E402
+from core.engines.llama_rpc.manifest import HASH_THRESHOLD, Manifest, load_manifest  # noqa: E402
 from core.reach.transport import LocalTransport  # noqa: E402
 from core.supervision.load_log import tensor_split_for  # noqa: E402
 
@@ -50,6 +54,8 @@ def rx_bytes(ns: str, dev: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", default="200mbit")
+    parser.add_argument("--only", choices=("direct", "sshd"), default=None,
+                        help="run only the direct rounds or only the rounds through torbiz")
     args = parser.parse_args()
     rpc, server = find_cached_binary("ggml-rpc-server"), find_cached_binary("llama-server")
     if not (rpc and server):
@@ -66,6 +72,8 @@ def main() -> int:
     rows: list[tuple[str, float, float, list[int]]] = []
     spans = [(0, 2), (2, 2)]
     try:
+        if args.only == "sshd":
+            raise _Skip
         spaces.up()
         port = 8080
 
@@ -125,23 +133,60 @@ def main() -> int:
         round_("(a) llama.cpp cold load", prewarm=False, fresh=True)
         round_("(c) pre-warm from node copies + load", prewarm=True, fresh=True)
         round_("(d) all warm", prewarm=False, fresh=False)
+    except _Skip:
+        pass
     finally:
         procs.stop_all()
         spaces.down()
     _ = httpx
+    sshd_rows = [] if args.only == "direct" else asyncio.run(
+        sshd_rounds(model, args.rate, workdir / "sshd"))
+    if rows:
+        print_direct(rows, manifest, spans, share, workers, args.rate)
+    if sshd_rows:
+        print_sshd(sshd_rows, manifest, args.rate)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+class _Skip(Exception):
+    pass
+
+
+def print_direct(rows: list[tuple[str, float, float, list[int]]], manifest: Manifest,
+                 spans: list[tuple[int, int]], share: float, workers: int, rate: str) -> None:
     cold = rows[0][1]
     per_worker = [sum(t.size for t in manifest.tensors
                       if t.block is not None and s[0] <= t.block < s[0] + s[1]) for s in spans]
     print(f"\nmodel {manifest.size / 2**20:.0f} MiB, {share:.0%} in tensors > 10 MiB; "
-          f"{workers} workers, each in its own namespace behind tbf {args.rate}; time from "
+          f"{workers} workers, each in its own namespace behind tbf {rate}; time from "
           "start to the first token:")
     print(f"  {'round':<40} {'total':>8} {'pre-warm':>9} {'a/this':>7}  bytes over each link")
     for label, took, warm_s, crossed in rows:
         print(f"  {label:<40} {took:7.2f}s {warm_s:8.2f}s {cold / took:6.2f}x  "
               + ", ".join(f"{c / 2**20:.1f} MiB ({c / p:.0%} of its blocks)"
                           for c, p in zip(crossed, per_worker, strict=True)))
-    shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+
+
+def print_sshd(rows: list[SshdRow], manifest: Manifest, rate: str) -> None:
+    by = {r.label: r for r in rows}
+    cold = rows[0].took
+    restart = next((r.took for r in rows if r.label.startswith("warm restart")), None)
+    print(f"\nthrough torbiz: sshd nodes node1, node2 (workers) and node3 (standby), each in "
+          f"network + PID namespaces of its own behind tbf {rate}; no node has a copy of the "
+          "model (pre-warms push over SSH); time to the first token:")
+    print(f"  {'round':<40} {'total':>8} {'pre-warm':>9} {'vs up cold':>10} "
+          f"{'vs restart':>10}  bytes over each link")
+    for r in rows:
+        vs_restart = f"{r.took / restart:9.2f}x" if restart and r.label.startswith(
+            "recovery") else " " * 10
+        crossed = ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in r.crossed.items())
+        print(f"  {r.label:<40} {r.took:7.2f}s {r.prewarm_s:8.2f}s {cold / r.took:9.2f}x "
+              f"{vs_restart}  {crossed}")
+    for r in rows:
+        if r.note:
+            print(f"  {r.label}: {r.note}")
+    _ = (by, manifest)
 
 
 if __name__ == "__main__":

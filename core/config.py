@@ -100,6 +100,7 @@ class PlanConfig:
     cache_type: str = "f16"  # KV cache type (llama-server --cache-type-k/-v)
     coordinator_layers: bool = True  # may the coordinator's own CPU hold layers (pack)
     prewarm: bool = False  # `up` fills the workers' tensor caches first (cache warm)
+    standby: tuple[str, ...] = ()  # nodes left out of the plan, warmed to replace a lost one
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,7 @@ _PLAN_KEYS: dict[str, tuple[type, ...]] = {
     "cache_type": (str,),
     "coordinator_layers": (bool,),
     "prewarm": (bool,),
+    "standby": (list,),
 }
 POLICIES = ("pack", "spread")
 CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
@@ -397,7 +399,14 @@ def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
         _check_positive(path, "plan", "reserve_gb", reserve, allow_zero=True)
     return PlanConfig(policy=policy, reserve_gb=_float_or_none(reserve), cache_type=cache_type,
                       coordinator_layers=table.get("coordinator_layers", True),
-                      prewarm=table.get("prewarm", False))
+                      prewarm=table.get("prewarm", False),
+                      standby=_standby(path, table.get("standby", [])))
+
+
+def _standby(path: Path, names: list[Any]) -> tuple[str, ...]:
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(path, "plan", "key 'standby' must be a list of node names")
+    return tuple(names)
 
 
 _DHT_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z")
@@ -652,6 +661,10 @@ def parse_config(data: dict[str, Any], path: Path) -> ClusterConfig:
     if len({n.backend for n in nodes}) > 1:
         raise ConfigError(path, "nodes", "mixes llama-rpc and petals nodes: a cluster is one "
                                          "backend (use one cluster file per backend)")
+    unknown = [n for n in plan.standby if n not in {node.name for node in nodes}]
+    if unknown:
+        raise ConfigError(path, "plan", f"key 'standby' names {', '.join(unknown)}, not a node "
+                                        "of this cluster")
     return ClusterConfig(name=name, state_dir=state_dir, model=model, coordinator=coordinator,
                          nodes=tuple(nodes), ssh=ssh, plan=plan, source=path, petals=petals,
                          recover=cluster.get("recover", True))

@@ -111,6 +111,10 @@ async def plan_preview(cluster: Cluster) -> PlanView:
         elif node.planned is None:
             lines.append(f"  {node.name}: not in the plan; its cache holds "
                          f"{format_bytes(node.cache_bytes)}")
+        elif node.standby:
+            first, count = node.planned
+            lines.append(f"  {node.name}: standby (not in the plan), {node.warm_share:.0%} of "
+                         f"blocks {first}-{first + count - 1} warm for a recovery onto it")
         else:
             lines.append(f"  {node.name}: sends {format_bytes(node.send_bytes)} "
                          f"({node.warm_share:.0%} of its {format_bytes(node.cacheable_bytes)} "

@@ -35,6 +35,7 @@ class NodeWarmth:
     small_bytes: int  # the span's tensors at or below it: always sent
     free_bytes: int | None
     parts: tuple[PartWarmth, ...] = ()
+    standby: bool = False  # [plan] standby: `planned` is the blocks it would take over
 
     @property
     def send_bytes(self) -> int:
@@ -92,6 +93,7 @@ class WarmResult:
     elapsed_s: float
     moved_aside: tuple[str, ...] = ()  # sentences
     error: str | None = None
+    evicted: tuple[tuple[str, int], ...] = ()  # (file, bytes) evicted for cache_limit_gb
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def _span(row: NodeWarmth) -> str:
     if row.planned is None:
         return "not planned"
     first, count = row.planned
-    return f"{first}-{first + count - 1}"
+    return f"{first}-{first + count - 1}" + (" (standby)" if row.standby else "")
 
 
 def format_warmth(report: WarmthReport, why: str | None) -> list[str]:
@@ -123,6 +123,11 @@ async def run_cache(config: ClusterConfig, args: argparse.Namespace) -> int:
                       f"its {w.source} in {w.elapsed_s:.1f} s; {w.skipped} already warm")
                 for sentence in w.moved_aside:
                     print(f"  {sanitize(sentence)}")
+                if w.evicted:
+                    print(f"  evicted {len(w.evicted)} file(s), "
+                          f"{format_bytes(sum(s for _, s in w.evicted))}, oldest first, to "
+                          "stay within its cache_limit_gb: "
+                          + " ".join(h for h, _ in w.evicted))
             return 1 if failed else 0
         if args.verify:
             for sentence in await operations.cache_verify(cluster, args.nodes or None):

@@ -4,11 +4,12 @@ size check before a worker starts, prune. Every node in parallel; one sentence p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 from core.config import NodeConfig
 from core.engines.base import EngineContext, EngineError, Span
-from core.engines.llama_rpc import warm
+from core.engines.llama_rpc import standby, warm
 from core.engines.llama_rpc.manifest import Manifest, ManifestError, load_manifest
 from core.reach.transport import TransportError
 from core.weight_cache import NodeWarmth, PruneResult, WarmResult, WarmthReport
@@ -31,7 +32,7 @@ def _spans(spans: Sequence[Span] | None) -> dict[str, tuple[int, int]]:
 async def warmth(ctx: EngineContext, nodes: Sequence[NodeConfig],
                  spans: Sequence[Span] | None) -> WarmthReport:
     manifest = await manifest_of(ctx)
-    planned = _spans(spans)
+    planned = _spans(standby.with_standbys(ctx.config, spans or ()))
 
     async def one(node: NodeConfig) -> NodeWarmth:
         state_dir = ctx.node_state_dir(node)
@@ -43,6 +44,8 @@ async def warmth(ctx: EngineContext, nodes: Sequence[NodeConfig],
         return warm.node_warmth(node, manifest, planned.get(node.name), listing, state_dir)
 
     rows = await asyncio.gather(*(one(n) for n in nodes))
+    standbys = set(standby.standby_names(ctx.config))
+    rows = [dataclasses.replace(r, standby=r.name in standbys) for r in rows]
     cacheable = sum(t.size for t in manifest.cacheable())
     return WarmthReport(manifest.path, manifest.size,
                         cacheable / manifest.size if manifest.size else 0.0, tuple(rows))
@@ -51,7 +54,7 @@ async def warmth(ctx: EngineContext, nodes: Sequence[NodeConfig],
 async def prewarm(ctx: EngineContext, nodes: Sequence[NodeConfig], spans: Sequence[Span],
                   verify: bool, progress: warm.Progress) -> list[WarmResult]:
     manifest = await manifest_of(ctx)
-    planned = _spans(spans)
+    planned = _spans(standby.with_standbys(ctx.config, spans))
     chosen = [n for n in nodes if n.name in planned]
     return list(await asyncio.gather(*(
         warm.warm_node(ctx.transport(n.name), ctx.config, n, ctx.node_state_dir(n), manifest,
@@ -96,3 +99,16 @@ async def prune(ctx: EngineContext, nodes: Sequence[NodeConfig],
             return PruneResult(node.name, (), 0, None, dry_run, error=str(exc))
 
     return list(await asyncio.gather(*(one(n) for n in nodes)))
+
+
+async def warm_share(ctx: EngineContext, node: NodeConfig, span: tuple[int, int]) -> float | None:
+    """The share of the span's cacheable bytes the node's cache holds, name and size right."""
+    if not node.cache or ctx.config.model.gguf is None:
+        return None
+    try:
+        manifest = await manifest_of(ctx)
+        state_dir = ctx.node_state_dir(node)
+        listing = await warm.list_cache(ctx.transport(node.name), state_dir)
+    except (EngineError, TransportError):
+        return None
+    return warm.node_warmth(node, manifest, span, listing, state_dir).warm_share

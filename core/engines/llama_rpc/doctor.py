@@ -7,9 +7,9 @@ import ipaddress
 
 from core.checks import FAIL, OK, WARN, Check
 from core.config import ClusterConfig, NodeConfig
-from core.engines.base import EngineContext
+from core.engines.base import EngineContext, EngineError
+from core.engines.llama_rpc import cache_ops, rpc_version, warm
 from core.engines.llama_rpc import rpc as llama_rpc
-from core.engines.llama_rpc import rpc_version
 from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
     coordinator_api_key,
@@ -18,6 +18,7 @@ from core.engines.llama_rpc.coordinator import (
 from core.engines.llama_rpc.rpc import RpcVersion
 from core.reach import detached
 from core.reach.probe import NodeProbe
+from core.reach.transport import TransportError
 
 CLOCK_TOLERANCE_S = 2.0
 
@@ -127,4 +128,36 @@ async def node_checks(ctx: EngineContext, node: NodeConfig, probe: NodeProbe,
     checks.append(port_check(node, proc, "worker"))
     if proc.state == "running" and proc.port == "listening":
         checks.append(await _protocol_check(node, await _expected_version(ctx.config)))
+    cache = await cache_check(ctx, node)
+    if cache is not None:
+        checks.append(cache)
     return checks
+
+
+async def cache_check(ctx: EngineContext, node: NodeConfig) -> Check | None:
+    """The size check the worker's start runs, read-only: cache files of the model whose size
+    is not their tensor's (a truncated one is loaded silently, an oversized one crashes the
+    worker). Nothing is moved here; `cache warm` moves them aside and refills."""
+    if not node.cache or ctx.config.model.gguf is None or not ctx.config.model.gguf.is_file():
+        return None
+    state_dir = ctx.node_state_dir(node)
+    try:
+        manifest = await cache_ops.manifest_of(ctx)
+        listing = await warm.list_cache(ctx.transport(node.name), state_dir)
+    except EngineError as exc:
+        return Check(node.name, "cache", WARN, f"cannot check its weight cache: {exc}")
+    except TransportError:
+        return None  # the node's other checks say it cannot be reached
+    bad = warm.wrong_sizes(manifest, listing)
+    if bad:
+        return Check(node.name, "cache", WARN,
+                     f"{len(bad)} cache file(s) of the model have the wrong size ("
+                     + "; ".join(bad[h] for h in sorted(bad)[:3])
+                     + ("; ..." if len(bad) > 3 else "")
+                     + f") in {warm.cache_dir(state_dir)}: run `torbiz-tui cache warm "
+                     f"{node.name}` (moves them aside and refills; the next start would "
+                     "move them aside too)")
+    wanted = manifest.by_hash()
+    good = sum(1 for h, size in listing.files.items() if h in wanted and wanted[h].size == size)
+    return Check(node.name, "cache", OK, f"{good} tensor(s) of the model cached, sizes right"
+                 if listing.exists else "no weight cache yet (`torbiz-tui cache warm` fills it)")

@@ -23,7 +23,7 @@ from core.engines.base import (
     Span,
     port_taken,
 )
-from core.engines.llama_rpc import cache_ops, doctor, generate
+from core.engines.llama_rpc import cache_ops, doctor, generate, standby
 from core.engines.llama_rpc import rpc as llama_rpc
 from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
@@ -203,7 +203,7 @@ class LlamaRpcEngine(Engine):
 
     async def plan(self, probes: dict[str, NodeProbe]) -> PlanView:
         try:
-            placement = await make_placement(self.config, probes)
+            placement = await make_placement(standby.without_standbys(self.config), probes)
         except (PlacementError, PlanRefused) as exc:
             raise EngineError(str(exc)) from exc
         return plan_view(placement, self.config.plan.policy)
@@ -218,6 +218,7 @@ class LlamaRpcEngine(Engine):
                     self.ctx.notice(f"{result.node}: pre-warmed {result.written} tensors from "
                                     f"its {result.source} in {result.elapsed_s:.1f} s",
                                     node=result.node)
+        names += [n for n in standby.standby_names(self.config) if n not in names]
         return await asyncio.gather(*(self.ctx.start_node(n, timeout=30.0) for n in names))
 
     # ---- what runs --------------------------------------------------------------------------
@@ -305,6 +306,10 @@ class LlamaRpcEngine(Engine):
 
     async def prune_cache(self, dry_run: bool) -> list[PruneResult]:
         return await cache_ops.prune(self.ctx, self.nodes(), dry_run)
+
+    async def standby_warmth(self, name: str, span: tuple[int, int]) -> float | None:
+        """The share of span's cacheable bytes the node's cache holds (None: cannot tell)."""
+        return await cache_ops.warm_share(self.ctx, self.config.node(name), span)
 
     def recoverer(self, host: RecoveryHost) -> Recoverer:
         return Recoverer(host, self)

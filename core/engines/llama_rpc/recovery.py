@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from core.config import ClusterConfig, NodeConfig
 from core.engines.base import Span
 from core.engines.llama_rpc import rpc as llama_rpc
+from core.engines.llama_rpc import standby
 from core.engines.llama_rpc.coordinator import coordinator_state_dir, local_transport
 from core.engines.llama_rpc.serving import PLACEMENT_FILE
 from core.planning.placement import (
@@ -93,6 +94,8 @@ class RecoveringEngine(Protocol):
 
     async def layer_shares(self) -> tuple[LayerShare, ...]: ...
 
+    async def standby_warmth(self, name: str, span: tuple[int, int]) -> float | None: ...
+
 
 class _HasConfig(Protocol):
     @property
@@ -120,6 +123,7 @@ class Recoverer:
         self._endpoint_checked: dict[str, tuple[float, bool]] = {}  # node -> (when, answers)
         self._need_since: float | None = None
         self._served: int | None = None  # pid of the last coordinator seen ready
+        self._handovers: list[standby.Handover] = []  # the running recovery's, onto standbys
 
     def saw_ready(self, pid: int | None) -> None:
         """The supervisor saw this coordinator serve: if it fails now, it is ours to recover."""
@@ -251,6 +255,7 @@ class Recoverer:
 
     async def _recover(self, lost: list[str], since: float) -> RecoveryResult:
         cluster = self.cluster
+        self._handovers = []
         running = cluster.coordinator.state in (READY, NOT_RESPONDING)
         silent = [n for n in lost if cluster.nodes[n].state == NOT_RESPONDING]
         what = (f"coordinator lost worker{'s' if len(lost) > 1 else ''} {', '.join(lost)}"
@@ -261,7 +266,9 @@ class Recoverer:
                      if n.name not in lost and cluster.nodes[n.name].state == READY]
         try:
             probes = await self._probe(remaining, running)
-            spans = await self._plan(probes)
+            self._handovers = await self._standby_handovers(lost, probes)
+            spans = (standby.handed_over(self._previous_spans(), self._handovers)
+                     if self._handovers else await self._plan(probes))
         except PlanRefused as exc:
             head = (f"cannot recover without {', '.join(lost)}" if lost
                     else "cannot restart the coordinator")
@@ -299,6 +306,47 @@ class Recoverer:
             return self._end(FAILED_RECOVERY, lost, spans, since,
                              f"the coordinator did not restart: {status.error}")
         return self._end(RECOVERED, lost, spans, since, "")
+
+    def _previous_spans(self) -> dict[str, tuple[int, int]]:
+        placement = read_json(_state_dir(self.cluster) / PLACEMENT_FILE) or {}
+        plan = placement.get("plan")
+        try:
+            return {str(k): (int(v[0]), int(v[1])) for k, v in plan.items()} \
+                if isinstance(plan, dict) else {}
+        except (TypeError, ValueError, IndexError):
+            return {}
+
+    async def _standby_handovers(self, lost: list[str],
+                                 probes: dict[str, NodeProbe]) -> list[standby.Handover]:
+        """Each lost worker's blocks handed whole to a ready node the plan left out: the one
+        whose cache holds most of them (a configured standby, or any fully warm node), when
+        its memory holds them. Empty when a lost worker has no such node: re-plan instead."""
+        previous = self._previous_spans()
+        config = self.cluster.config
+        spare = [n for n in probes if n not in previous and n not in lost]
+        if not lost or not spare or any(n not in previous for n in lost):
+            return []
+        handovers: list[standby.Handover] = []
+        for name in lost:
+            span = previous[name]
+            if span[1] == 0:
+                continue
+            shares = await asyncio.gather(*(self.engine.standby_warmth(n, span) for n in spare))
+            ranked = sorted(zip(spare, shares, strict=True), key=lambda c: -(c[1] or 0.0))
+            for node, share in ranked:
+                if node not in config.plan.standby and (share or 0.0) < 0.999:
+                    continue
+                try:
+                    fits = await standby.fitting(config, node, probes[node], span)
+                except PlacementError:
+                    fits = False
+                if fits:
+                    handovers.append(standby.Handover(name, node, span, share or 0.0))
+                    spare.remove(node)
+                    break
+            else:
+                return []
+        return handovers
 
     async def _silent_workers(self, spans: tuple[Span, ...]) -> list[str]:
         """The workers in `spans` that do not answer an RPC HELLO within HELLO_DEADLINE."""
@@ -370,6 +418,10 @@ class Recoverer:
                      else "with every block on this machine's CPU")
             reason = (f"coordinator recovered in {took:.1f} s: restarted {where}"
                       + (f", without {', '.join(lost)}" if lost else ""))
+            handovers = [h for h in self._handovers if h.standby in workers]
+            if handovers:
+                reason = (f"{standby.handover_sentence(handovers, took)}: restarted {where}, "
+                          f"without {', '.join(lost)}")
         result = RecoveryResult(outcome, tuple(lost), workers, spans,
                                 took if outcome == RECOVERED else None, reason, time.time(),
                                 missing)

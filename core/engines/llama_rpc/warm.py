@@ -51,8 +51,12 @@ class CacheListing:
 def _listing_script(state_dir: str) -> str:
     return f"""umask 077
 d={path_word(cache_dir(state_dir))}
-if [ ! -d "$d" ]; then echo "TORBIZ nocache"; exit 0; fi
-cd "$d" || {{ echo "TORBIZ nocache"; exit 0; }}
+if [ ! -d "$d" ] || ! cd "$d"; then
+  # The space it would be written to: that of the nearest directory that exists.
+  p="$d"; while [ -n "$p" ] && [ ! -d "$p" ]; do p="${{p%/*}}"; done
+  set -f; set -- $(df -Pk "${{p:-/}}" 2>/dev/null | tail -n 1); set +f
+  echo "FREE ${{4:-}}"; echo "TORBIZ nocache"; exit 0
+fi
 chmod 700 . 2>/dev/null
 ls -1atr | while IFS= read -r f; do
   case $f in
@@ -72,7 +76,7 @@ def parse_listing(text: str) -> CacheListing:
     for line in text.splitlines():
         words = line.split()
         if words[:2] == ["TORBIZ", "nocache"]:
-            return CacheListing(False)
+            return CacheListing(False, free_bytes=free)
         if len(words) == 3 and words[0] in ("F", "P") and HEX16.match(words[1]) \
                 and words[2].isdigit():
             (files if words[0] == "F" else parts)[words[1]] = int(words[2])
@@ -424,6 +428,10 @@ async def warm_node(transport: Transport, config: ClusterConfig, node: NodeConfi
         listing = await list_cache(transport, state_dir)
         missing = [t for t in _unique(needed) if listing.files.get(t.hash) != t.size]
         need_bytes = sum(t.size for t in missing)
+        evicted = await make_room(transport, node, state_dir, manifest, listing,
+                                  {t.hash for t in needed}, need_bytes)
+        if evicted:
+            listing = await list_cache(transport, state_dir)
         if listing.free_bytes is not None and need_bytes > listing.free_bytes:
             raise WarmError(_space_sentence(node, need_bytes, listing.free_bytes,
                                             cache_dir(state_dir)))
@@ -445,11 +453,53 @@ async def warm_node(transport: Transport, config: ClusterConfig, node: NodeConfi
                               finished=True))
         return WarmResult(node.name, source, len(missing), written,
                           len(_unique(needed)) - len(missing), time.monotonic() - started,
-                          tuple(aside))
+                          tuple(aside), evicted=tuple(evicted))
     except (WarmError, TransportError) as exc:
         error = str(exc)
         progress(WarmProgress(node.name, 0, 0, time.monotonic() - started, "", True, error))
         return WarmResult(node.name, "", 0, 0, 0, time.monotonic() - started, error=error)
+
+
+def limit_bytes(node: NodeConfig) -> int | None:
+    return int(node.cache_limit_gb * (1 << 30)) if node.cache_limit_gb is not None else None
+
+
+def eviction_for(node: NodeConfig, manifest: Manifest, listing: CacheListing,
+                 keep: set[str], need_bytes: int) -> list[tuple[str, int]]:
+    """What to evict so that the cache plus need_bytes stays within the node's cache_limit_gb:
+    tensors of no configured model first, then the model's tensors outside this node's span,
+    each oldest first; never one in `keep` (the span's). Raises WarmError when the span alone
+    is above the limit."""
+    limit = limit_bytes(node)
+    if limit is None:
+        return []
+    wanted = manifest.by_hash()
+    span_bytes = sum(wanted[h].size for h in keep if h in wanted)
+    if span_bytes > limit:
+        raise WarmError(f"{node.name}: its planned blocks need {format_bytes(span_bytes)} of "
+                        f"cached tensors, above its cache_limit_gb ({format_bytes(limit)}); "
+                        "raise cache_limit_gb or give it fewer blocks; nothing was written")
+    total = sum(listing.files.values()) + need_bytes
+    foreign = [(h, s) for h, s in listing.files.items() if h not in wanted]  # oldest first
+    other = [(h, s) for h, s in listing.files.items() if h in wanted and h not in keep]
+    evict = []
+    for h, size in foreign + other:
+        if total <= limit:
+            break
+        evict.append((h, size))
+        total -= size
+    return evict
+
+
+async def make_room(transport: Transport, node: NodeConfig, state_dir: str, manifest: Manifest,
+                    listing: CacheListing, keep: set[str],
+                    need_bytes: int) -> list[tuple[str, int]]:
+    evict = eviction_for(node, manifest, listing, keep, need_bytes)
+    names = " ".join(f'"$d"/{h}' for h, _ in evict if HEX16.match(h))
+    if names:
+        await transport.run(f"d={path_word(cache_dir(state_dir))}\nrm -f {names}\n",
+                            timeout=120.0)
+    return evict
 
 
 def _unique(tensors: Sequence[TensorEntry]) -> list[TensorEntry]:

@@ -1,0 +1,87 @@
+"""Warm standbys on real sshd nodes with real rpc-server and llama-server: `[plan] standby`
+leaves the node out of the plan, `cache warm` fills it with every planned block, and when a
+worker is killed the recovery hands its blocks to the standby and says it came from its warm
+cache; the standby's worker received none of the cached tensors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core import operations
+from core.cluster import Cluster
+from core.config import load_config
+from core.engines.llama_rpc.build import find_cached_binary
+from core.engines.llama_rpc.manifest import load_manifest
+from core.supervision.recovery_record import RECOVERED
+from tests.cluster_files import ssh_cluster_file
+from tests.test_faults import Supervised, _completion, _until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _binaries() -> None:
+    if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
+        pytest.skip("llama.cpp binaries not built: run `torbiz-tui build-llama`")
+
+
+def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tui.cli", "-c", str(cfg), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def with_standby(cfg: Path, names: list[str]) -> None:
+    text = cfg.read_text().replace("[plan]\n", "[plan]\nstandby = " + json.dumps(names) + "\n")
+    cfg.write_text(text)
+
+
+async def test_recovery_onto_a_warm_standby(tmp_path: Path, sshd_cluster) -> None:
+    from core.demo_model import write_demo_model
+
+    model = write_demo_model(tmp_path / "big.gguf", n_layer=2, n_embd=1024, n_head=8,
+                             n_head_kv=8, n_ff=5632, n_vocab=8192)
+    sshd = sshd_cluster(count=3)
+    cfg = ssh_cluster_file(tmp_path, sshd, model)
+    with_standby(cfg, ["node3"])
+    manifest = load_manifest(model)
+
+    warm = cli(cfg, "cache", "warm")
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    shown = json.loads(cli(cfg, "cache", "--json").stdout)
+    rows = {r["name"]: r for r in shown["nodes"]}
+    assert rows["node3"]["planned"] == [0, 2] and rows["node3"]["warm_share"] == 1.0
+    cache3 = tmp_path / "state" / "t" / "node3" / "cache" / "rpc"
+    assert {p.name for p in cache3.iterdir()} == {t.hash for t in manifest.for_span(0, 2, True)}
+
+    cluster = Cluster(load_config(cfg))
+    s = Supervised(cluster, sshd)
+    try:
+        up = await operations.up(cluster)
+        assert {n for n, _, c in up.plan.spans if c} == {"node1", "node2"}  # type: ignore[union-attr]
+        assert cluster.nodes["node3"].state == "ready"  # its worker idles, ready
+        s.supervisor.interval = 0.5
+        s.start()
+        await _until(lambda: cluster.coordinator.state == "ready", 30, "coordinator ready")
+        await asyncio.sleep(1.0)
+        os.kill(cluster.nodes["node2"].pid or 0, signal.SIGKILL)
+        await _until(lambda: bool(s.recoveries), 60, "recovery")
+        result = s.recoveries[0]
+        assert result.outcome == RECOVERED, result.reason
+        assert set(result.workers) == {"node1", "node3"}
+        assert result.reason.startswith("recovered onto node3 from its warm cache in "), \
+            result.reason
+        assert ("node3", 1, 1) in result.spans and ("node1", 0, 1) in result.spans
+        assert await _completion(s.url)
+    finally:
+        await s.stop()
+        await cluster.close()
+        await cluster.down()
+        await cluster.close()
