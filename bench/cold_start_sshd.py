@@ -130,7 +130,8 @@ async def sshd_rounds(model: Path, rate: str, workdir: Path) -> list[SshdRow]:
                 await asyncio.to_thread(_first_token, cluster.coordinator.url)
                 restart = time.monotonic() - started
                 if standby_warm:
-                    rows.append(SshdRow("warm restart (coordinator stop + start)", restart, 0.0, {}))
+                    rows.append(SshdRow("warm restart (coordinator stop + start)", restart, 0.0,
+                                        {}))
                 task = asyncio.create_task(supervisor.run(results.append))
                 while cluster.coordinator.state != "ready":
                     await asyncio.sleep(0.1)

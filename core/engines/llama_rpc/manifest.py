@@ -13,8 +13,8 @@ import ctypes
 import hashlib
 import json
 import os
-import secrets
 import re
+import secrets
 import shutil
 import subprocess
 import threading
