@@ -211,3 +211,18 @@ def test_layers_cell_names_the_span(count: int, expected: str) -> None:
     spans = (MapSpan("alpha", 3, count),) if count else ()
     model.layer_map_changed(LayerMap(8, spans, source=LOADED))
     assert model.nodes["alpha"].layers == expected
+
+
+def test_rebalance_is_offered_for_a_worker_left_out_but_never_for_a_standby() -> None:
+    def running(standbys: tuple[str, ...] = ()) -> Dashboard:
+        model = refreshed(Dashboard(LLAMA, [status("alpha"), status("beta")],
+                                    CoordinatorStatus(STOPPED, URL), standbys=standbys))
+        model.coordinator_changed(CoordinatorStatus(READY, URL, 7))
+        model.node_changed(status("alpha", READY, pid=41))
+        model.node_changed(status("beta", READY, pid=42))
+        model.layer_map_changed(LayerMap(4, (MapSpan("alpha", 0, 4),), source=LOADED))
+        return model
+
+    assert running().can("rebalance")  # beta is ready and holds nothing: it came back
+    assert not running(("beta",)).can("rebalance")  # beta waits as a standby on purpose
+    assert "in the plan" in running(("beta",)).why_not("rebalance")

@@ -48,7 +48,7 @@ class TorbizApp(App[int]):
             self.cluster.capabilities, self.cluster.nodes.values(),
             self.cluster.coordinator, read_only=read_only,
             engine_title=engine.name.capitalize(),
-            serving_name=engine.serving_name,
+            serving_name=engine.serving_name, standbys=config.plan.standby,
             event_lines=log_lines, clock=clock)
         self.main = MainScreen(self.cluster, self.supervisor, self.model, live=live,
                                log_lines=log_lines)

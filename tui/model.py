@@ -162,8 +162,10 @@ class Dashboard:
     def __init__(self, capabilities: Capabilities,
                  nodes: Iterable[NodeStatus], coordinator: CoordinatorStatus, *,
                  read_only: bool = False, engine_title: str = "", serving_name: str = "",
-                 event_lines: int = 5_000, clock: Callable[[], str] | None = None) -> None:
+                 event_lines: int = 5_000, clock: Callable[[], str] | None = None,
+                 standbys: Iterable[str] = ()) -> None:
         self.capabilities = capabilities
+        self.standbys = frozenset(standbys)  # left out of the plan on purpose: no rebalance
         self.read_only = read_only
         self.engine_title = engine_title
         label = capabilities.coordinator_label
@@ -354,7 +356,8 @@ class Dashboard:
             if not caps.has_coordinator:
                 return KeyCheck(Key.HIDDEN, f"a {caps.coordinator_label} places blocks itself")
             idle = [row.name for row in self.nodes.values()
-                    if row.status.state == READY and row.layers in ("-", "")]
+                    if row.status.state == READY and row.layers in ("-", "")
+                    and row.name not in self.standbys]
             if self.coordinator.state != READY or not idle:
                 # Offered only when it helps: a ready worker the running coordinator leaves out
                 # (one back after a fault).
