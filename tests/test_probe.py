@@ -102,7 +102,7 @@ def test_nvidia_absurd_and_hostile_rows() -> None:
     gpus = parse_nvidia_smi(text, errors)
     assert [(g.index, g.name, g.total_bytes, g.free_bytes) for g in gpus] == [
         (1, "Odd", 1024 * MIB, 1024 * MIB),  # free capped at total
-        (2, "[31mEvil, Inc[0m", 4096 * MIB, 1024 * MIB),  # escapes made inert
+        (2, "Evil, Inc", 4096 * MIB, 1024 * MIB),  # escapes removed whole
     ]
     assert any("99999999999 MiB, which cannot be right" in e for e in errors)
     assert any("more free memory (2048 MiB) than total (1024 MiB)" in e for e in errors)
@@ -419,10 +419,23 @@ async def test_hostile_tool_output_over_ssh(tmp_path: Path, sshd_cluster) -> Non
         await transport.close()
     assert [(g.index, g.total_bytes) for g in result.gpus] == [(0, 8192 * MIB)]
     assert "\x1b" not in result.gpus[0].name and "\x07" not in result.gpus[0].name
+    assert "title" not in result.gpus[0].name  # the escape sequence goes whole
     assert result.gpus[0].name.startswith("Evil")
     assert result.worker_binary != "/tmp/evil"
     assert result.cores == os.cpu_count() and result.ram_total_bytes > 0
     assert any("not a GPU row" in e for e in result.errors)
+
+
+async def test_a_worker_path_with_escapes_is_refused(tmp_path: Path) -> None:
+    odd = tmp_path / "bin\x1b]0;owned\x07"
+    odd.mkdir()
+    binary = odd / "rpc-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    result = await probe_node(local_transport(rpc_server=str(binary)))
+    assert result.worker_binary is None
+    assert any("worker binary lookup printed" in e and "\x1b" not in e and "owned" not in e
+               for e in result.errors), result.errors
 
 
 async def test_hung_tool_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
