@@ -425,10 +425,23 @@ async def test_hostile_tool_output_over_ssh(tmp_path: Path, sshd_cluster) -> Non
         await transport.close()
     assert [(g.index, g.total_bytes) for g in result.gpus] == [(0, 8192 * MIB)]
     assert "\x1b" not in result.gpus[0].name and "\x07" not in result.gpus[0].name
+    assert "title" not in result.gpus[0].name  # the escape sequence goes whole
     assert result.gpus[0].name.startswith("Evil")
     assert result.worker_binary != "/tmp/evil"
     assert result.cores == os.cpu_count() and result.ram_total_bytes > 0
     assert any("not a GPU row" in e for e in result.errors)
+
+
+async def test_a_worker_path_with_escapes_is_refused(tmp_path: Path) -> None:
+    odd = tmp_path / "bin\x1b]0;owned\x07"
+    odd.mkdir()
+    binary = odd / "rpc-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    result = await probe_node(local_transport(rpc_server=str(binary)))
+    assert result.worker_binary is None
+    assert any("worker binary lookup printed" in e and "\x1b" not in e and "owned" not in e
+               for e in result.errors), result.errors
 
 
 async def test_hung_tool_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""Remote text reaches the screen inert: no escape sequences, no control characters, no markup."""
+"""Remote text reaches the screen inert: no escape sequences, no control characters, no markup.
+(core.text.terminal_safe is the one sanitizer; tui.text re-exports it as `sanitize`.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
-from tui.text import sanitize
+from core.text import terminal_safe as sanitize
 
 
 @pytest.mark.parametrize(

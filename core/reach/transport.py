@@ -210,6 +210,11 @@ class LocalTransport(Transport):
         if over is not False:  # timed out, or printed too much: the whole group goes
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            # A pipe whose reading is paused (full buffer, nobody reads now) never reports
+            # EOF, and asyncio's wait() waits for the pipes too: close them.
+            pipes = getattr(proc, "_transport", None)
+            if pipes is not None:
+                pipes.close()
             await proc.wait()
         if over is None:
             raise TransportError(self.label, f"command timed out after {timeout:g} s",
@@ -230,8 +235,15 @@ class LocalTransport(Transport):
                 yield line
         finally:
             proc.stdin.close()
+
+            async def ended() -> None:
+                assert proc.stdout is not None
+                while await proc.stdout.read(_CHUNK):  # unread output would hold wait() up
+                    pass
+                await proc.wait()
+
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), 5)
+                await asyncio.wait_for(ended(), 5)
 
 
 def _expand(path: str | None) -> str | None:
