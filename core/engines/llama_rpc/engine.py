@@ -69,7 +69,8 @@ class LlamaRpcEngine(Engine):
     capabilities = Capabilities(
         has_coordinator=True, can_recover=True, has_throughput=True,
         node_start_needs_plan=False, coordinator_label="coordinator", worker_label="worker",
-        map_interval_s=2.0, has_weight_cache=True)
+        map_interval_s=2.0, has_weight_cache=True,
+        can_calibrate=True)
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
@@ -297,6 +298,17 @@ class LlamaRpcEngine(Engine):
 
     async def prune_cache(self, dry_run: bool) -> list[PruneResult]:
         return await cache_ops.prune(self.ctx, self.nodes(), dry_run)
+
+    async def calibrate(self, names: Sequence[str], force: bool, progress: Any,
+                        statuses: Any, probes: Any) -> list[str]:
+        from core.engines.llama_rpc import calibrate_run
+
+        return await calibrate_run.run(self, names, force, progress, statuses, probes)
+
+    def speed_lines(self, plan: PlanView) -> tuple[list[str], dict[str, Any]]:
+        from core.engines.llama_rpc import speed_view
+
+        return speed_view.plan_speed(self.config, plan)
 
     def recoverer(self, host: RecoveryHost) -> Recoverer:
         return Recoverer(host, self)

@@ -1,0 +1,121 @@
+"""A TCP relay that adds a fixed delay each way: a link `delay_s` long, for a kernel without
+netem. Every chunk read on one side is written to the other `delay_s` after it arrived, in
+order, so a request/reply exchange through the relay takes 2 * delay_s more (one round trip).
+The connection to the target is opened when a client connects (the SYN is not delayed).
+
+    relay = LatencyRelay("127.0.0.1", 50052, delay_s=0.010)
+    port = await relay.start()          # listens on 127.0.0.1:port
+    ...
+    await relay.stop()
+
+Or as a process: python -m tests.latency_relay LISTEN_HOST LISTEN_PORT TARGET_HOST TARGET_PORT
+DELAY_MS (bench/speed.py runs it so inside a node's network namespace)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import time
+
+
+class LatencyRelay:
+    def __init__(self, target_host: str, target_port: int, *, delay_s: float,
+                 listen_host: str = "127.0.0.1", listen_port: int = 0) -> None:
+        self.target = (target_host, target_port)
+        self.delay_s = delay_s
+        self.listen = (listen_host, listen_port)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.connections = 0
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._client, *self.listen)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def cut(self) -> None:
+        """Drop every open connection (a link that drops) and stop accepting new ones."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        self.connections += 1
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
+            except OSError:
+                writer.close()
+                return
+            for w in (writer, up_writer):
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+            except asyncio.CancelledError:
+                pass  # stop() or cut(): the connection drops
+            finally:
+                for w in (writer, up_writer):
+                    with contextlib.suppress(Exception):
+                        w.close()
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    with contextlib.suppress(OSError):
+                        writer.write_eof()
+                    return
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while True:
+                data = await reader.read(1 << 16)
+                queue.put_nowait((time.monotonic() + self.delay_s, data))
+                if not data:
+                    break
+            await sender
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+
+
+async def _main(argv: list[str]) -> None:
+    listen_host, listen_port, host, port, delay_ms = argv
+    relay = LatencyRelay(host, int(port), delay_s=float(delay_ms) / 1000,
+                         listen_host=listen_host, listen_port=int(listen_port))
+    await relay.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(sys.argv[1:]))
