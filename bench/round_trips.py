@@ -65,7 +65,8 @@ def main() -> None:
     xs = [2 * d / 1000 for d, _ in rows]  # one round trip adds 2D
     ys = [t for _, t in rows]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    covariance = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    slope = covariance / sum((x - mx) ** 2 for x in xs)
     print(f"round trips per worker per token: {slope:.2f} (least squares over {len(rows)} "
           "delays)")
 

@@ -6,8 +6,9 @@ The method (its cost is printed by `torbiz-tui calibrate`):
   requests (9 bytes out, 12 back): the median is the round trip. rpc-server serves one client
   at a time, so this runs only while no coordinator holds the workers.
 - this machine's CPU: a short-lived llama-server with every block on it (-ngl 0) decodes
-  CAL_TOKENS tokens after a CAL_PROMPT_TOKENS-token prompt, twice; the second's
-  predicted_ms / predicted_n (llama-server's own timing) is its time per token, T_local.
+  CAL_TOKENS tokens after a CAL_PROMPT_TOKENS-token prompt, 1 + CAL_RUNS times; the median of
+  the last CAL_RUNS predicted_ms / predicted_n (llama-server's own timing) is its time per
+  token, T_local.
 - each node: the same with its worker holding k blocks (every block when its budget allows,
   else as many as fit; the first n - k stay on this CPU): T_k. Its seconds per block per
   token are (T_k - T_local (n-k)/n - link) / k, where link is the round trips and
@@ -44,6 +45,7 @@ from core.state_file import read_json, write_json
 CAL_TOKENS = 24
 CAL_PROMPT_TOKENS = 32
 RTT_ROUNDS = 20
+CAL_RUNS = 3  # measured runs after the warm-up: their median (2 shared cores are noisy)
 RPC_CMD_DEVICE_COUNT = 15
 LOCAL = "coordinator"  # this machine's CPU (layer_map.COORDINATOR)
 _PROMPT = " ".join(["the"] * CAL_PROMPT_TOKENS)
@@ -202,8 +204,8 @@ async def timed_decode(binary: str, model: Path, context: int, endpoint: str | N
                         break
                 await asyncio.sleep(0.1)
             loaded = time.monotonic() - started
-            per_token = 0.0
-            for _ in range(2):  # the first warms up; the second is measured
+            runs: list[float] = []
+            for _ in range(1 + CAL_RUNS):  # the first warms up; the median of the rest counts
                 try:
                     reply = await client.post(f"{url}/completion", json={
                         "prompt": _PROMPT, "n_predict": CAL_TOKENS, "temperature": 0,
@@ -220,8 +222,8 @@ async def timed_decode(binary: str, model: Path, context: int, endpoint: str | N
                 if count < 2:
                     raise CalibrationError("llama-server generated no tokens: "
                                            + _last_error(tail))
-                per_token = float(timings["predicted_ms"]) / 1000 / count
-            return Decode(per_token, loaded)
+                runs.append(float(timings["predicted_ms"]) / 1000 / count)
+            return Decode(statistics.median(runs[1:]), loaded)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)

@@ -10,6 +10,7 @@ from core.engines.llama_rpc import calibrate as cal
 from core.engines.llama_rpc.calibrate import Calibration, CalibrationError
 from core.engines.llama_rpc.coordinator import CoordinatorError, find_coordinator_binary
 from core.engines.llama_rpc.rpc import HelloError, hello
+from core.planning.model_info import ModelInfo
 from core.planning.perf import DEFAULT_ROUND_TRIPS, LinkSpeed, NodeSpeed
 from core.planning.placement import PlacementError, node_budget, read_model
 from core.planning.planner import layer_costs
@@ -104,7 +105,7 @@ async def _one(engine: LlamaRpcEngine, name: str, force: bool,
     return found
 
 
-def _blocks_that_fit(config: Any, node: Any, probe: NodeProbe | None, model: Any) -> int:
+def _blocks_that_fit(config: Any, node: Any, probe: NodeProbe | None, model: ModelInfo) -> int:
     """Every block when the node's budget holds them, else as many of the last ones as fit
     (at least one)."""
     costs = layer_costs(model, config.model.context, config.plan.cache_type)

@@ -36,6 +36,7 @@ from core.engines.llama_rpc.recovery import Recoverer, RecoveryHost, last_recove
 from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, placement_file
 from core.local_log import since_last_start
 from core.planning.layer_map import LayerMap, llama_map
+from core.planning.perf import LinkSpeed, NodeSpeed
 from core.planning.placement import (
     Placement,
     PlacementError,
@@ -195,7 +196,8 @@ class LlamaRpcEngine(Engine):
 
     async def plan(self, probes: dict[str, NodeProbe]) -> PlanView:
         try:
-            placement = await make_placement(self.config, probes)
+            placement = await make_placement(self.config, probes,
+                                             *self._measured())
         except (PlacementError, PlanRefused) as exc:
             raise EngineError(str(exc)) from exc
         return plan_view(placement, self.config.plan.policy)
@@ -304,6 +306,11 @@ class LlamaRpcEngine(Engine):
         from core.engines.llama_rpc import calibrate_run
 
         return await calibrate_run.run(self, names, force, progress, statuses, probes)
+
+    def _measured(self) -> tuple[dict[str, NodeSpeed], dict[str, LinkSpeed]]:
+        from core.engines.llama_rpc import calibrate_run
+
+        return calibrate_run.measured(self.config, [n.name for n in self.nodes()])
 
     def speed_lines(self, plan: PlanView) -> tuple[list[str], dict[str, Any]]:
         from core.engines.llama_rpc import speed_view
