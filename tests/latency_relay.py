@@ -65,9 +65,19 @@ class LatencyRelay:
                 sock = w.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pipes = [asyncio.create_task(self._pipe(reader, up_writer)),
+                     asyncio.create_task(self._pipe(up_reader, writer))]
             try:
-                await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+                # One side gone (a reset, a close): the other follows once in-flight data is
+                # delivered, so the worker is free for its next client (it serves one at a time).
+                _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+                if pending:
+                    await asyncio.wait(pending, timeout=self.delay_s + 0.2)
+                for task in pipes:
+                    task.cancel()
             except asyncio.CancelledError:
+                for task in pipes:
+                    task.cancel()
                 pass  # stop() or cut(): the connection drops
             finally:
                 for w in (writer, up_writer):

@@ -118,7 +118,7 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
                      f"without {prediction.tokens_per_s:.1f}")
     for part in prediction.nodes:
         needed = not any(part.node not in k for k in results)
-        if needed and len(prediction.nodes) > 1 and part.link_seconds > 0:
+        if needed and part.link_seconds > 0:
             notes.append(f"{part.node}: kept, the model does not fit without it; it costs "
                          f"{part.share:.0%} of each token (link {part.link_seconds * 1000:.1f} "
                          f"ms, compute {part.compute_seconds * 1000:.1f} ms)")
