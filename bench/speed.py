@@ -99,8 +99,8 @@ async def run(args: argparse.Namespace) -> None:
                 print(f"round {round_ + 1} {policy}: predicted {predicted:.1f}, measured "
                       f"{', '.join(f'{r:.1f}' for r in rates)} tok/s", flush=True)
         print()
-        print(f"| plan | nodes | predicted tok/s | measured tok/s (median; min-max) | "
-              f"predicted/measured |")
+        print("| plan | nodes | predicted tok/s | measured tok/s (median; min-max) | "
+              "predicted/measured |")
         print("|---|---|---|---|---|")
         medians = {}
         for policy in POLICIES:
