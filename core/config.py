@@ -223,7 +223,7 @@ _PLAN_KEYS: dict[str, tuple[type, ...]] = {
     "prewarm": (bool,),
     "standby": (list,),
 }
-POLICIES = ("pack", "spread")
+POLICIES = ("pack", "spread", "fastest")  # fastest: by measured speed (core/planning/fastest.py)
 CACHE_TYPES = ("f16", "f32", "q8_0", "q4_0")
 _TOP_KEYS = {"cluster", "ssh", "model", "coordinator", "plan", "nodes", "petals"}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",

@@ -97,6 +97,10 @@ async def plan_preview(cluster: Cluster) -> PlanView:
     (what a load would still send to each node, the nodes the plan leaves out too) where the
     engine keeps one. A cache that cannot be read leaves the plan as it is, with a sentence."""
     planned = await plan(cluster)
+    speed, speed_json = cluster.engine.speed_lines(planned)
+    if speed:
+        planned = replace(planned, text=planned.text + "\n\n" + "\n".join(speed),
+                          json={**planned.json, **speed_json})
     if not cluster.capabilities.has_weight_cache:
         return planned
     try:
@@ -439,3 +443,33 @@ async def cache_prune(cluster: Cluster, *, dry_run: bool = False) -> list[PruneR
         return await cluster.engine.prune_cache(dry_run)
     except EngineError as exc:
         raise OperationError([str(exc)], "cache") from None
+
+
+# ---- calibration ---------------------------------------------------------------------------------
+
+async def calibrate(cluster: Cluster, names: Sequence[str] | None = None, *, force: bool = False,
+                    progress: Callable[[str], None] = lambda line: None) -> list[str]:
+    """Measure each node's speed for this model and its link (or read the cache): a sentence
+    per part. Workers not running are started; refused while a coordinator holds them."""
+    if not cluster.capabilities.can_calibrate:
+        raise OperationError(["this engine's nodes cannot be calibrated"], "calibrate",
+                             started_nothing=True)
+    coordinator = await cluster.refresh_coordinator()
+    if coordinator.state in (NodeState.READY, NodeState.STARTING, NodeState.NOT_RESPONDING):
+        raise OperationError([
+            f"the coordinator is {coordinator.state} and holds every worker (rpc-server serves "
+            "one client at a time): torbiz-tui down, calibrate, then up"], "calibrate",
+            started_nothing=True)
+    chosen = list(names) if names else [n.name for n in cluster.engine.nodes()]
+    for name in chosen:
+        cluster.config.node(name)  # KeyError names an unknown node
+    statuses = {s.name: s for s in await cluster.refresh_nodes() if s.name in chosen}
+    stopped = [n for n in chosen if statuses.get(n) is not None
+               and statuses[n].state in (NodeState.STOPPED, NodeState.FAILED)]
+    for status in await cluster.start_workers(stopped) if stopped else []:
+        statuses[status.name] = status
+    try:
+        probes = await probe(cluster, chosen)
+    except OperationError:
+        probes = {}
+    return await cluster.engine.calibrate(chosen, force, progress, statuses, probes)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.latency_relay import LatencyRelay
+from tests.latency_relay import ThreadedRelay
 from tests.sshd_cluster import SSHD, SshdCluster
 
 _blocks = itertools.count((os.getpid() * 13) % 250)
@@ -39,8 +39,8 @@ class NamespacedNodes(SshdCluster):
         self.veths = {name: (f"{tag}h{i}", f"{tag}n{i}") for i, name in enumerate(self.names)}
         self.hosts = [f"10.216.{self.block}.{4 * i + 2}" for i in range(count)]
         self._made: list[str] = []
-        self._relays: list[LatencyRelay] = []
-        self._relayed: dict[str, list[LatencyRelay]] = {}
+        self._relays: list[ThreadedRelay] = []
+        self._relayed: dict[str, list[ThreadedRelay]] = {}
 
     @property
     def _fence(self) -> str:
@@ -141,15 +141,15 @@ class NamespacedNodes(SshdCluster):
                            check=True, capture_output=True)
 
     def relay(self, name: str, delay_ms: float, rpc_port: int = 50052) -> dict[str, object]:
-        """Put a LatencyRelay (tests/latency_relay.py, `delay_ms` each way) in front of the
+        """Put a ThreadedRelay (tests/latency_relay.py, `delay_ms` each way) in front of the
         node's sshd and its rpc-server port, on a loopback address of its own; returns the
         cluster-file keys that reach the node through it (ssh and the coordinator's RPC both
         cross the relay; the worker still binds the node's own address)."""
         i = self.names.index(name)
         address = f"127.77.{self.block}.{i + 2}"
         host = self.hosts[i]
-        relays = [LatencyRelay(address, (host, self.port), delay_ms=delay_ms).start(),
-                  LatencyRelay(address, (host, rpc_port), delay_ms=delay_ms,
+        relays = [ThreadedRelay(address, (host, self.port), delay_ms=delay_ms).start(),
+                  ThreadedRelay(address, (host, rpc_port), delay_ms=delay_ms,
                                listen_port=rpc_port).start()]
         self._relays.extend(relays)
         self._relayed[name] = relays

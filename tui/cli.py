@@ -17,6 +17,7 @@ from core.log_lines import Repeats
 from core.operations import SMOKE_PROMPT, OperationError
 from core.status import NodeState
 from tui.cache_cli import add_cache_parser, run_cache
+from tui.cli_calibrate import add_calibrate_parser, run_calibrate
 from tui.cli_format import format_doctor, format_status, print_event, print_problems
 from tui.text import sanitize
 
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--petals", action="store_true", help="the Petals venv (the node's python "
                    "key, default ~/.cache/torbiz/petals-venv)")
     add_cache_parser(sub)
+    add_calibrate_parser(sub)
     p = sub.add_parser("make-demo-model", help="write the tiny random-weight demo GGUF")
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_rebalance(config))
         if args.command == "plan":
             return asyncio.run(_plan(config, args.json))
+        if args.command == "calibrate":
+            return asyncio.run(run_calibrate(config, args))
         if args.command == "cache":
             return asyncio.run(run_cache(config, args))
         if args.command == "doctor":

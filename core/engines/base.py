@@ -53,6 +53,7 @@ class Capabilities:
     worker_label: str  # "worker" (rpc-server) or "server" (Petals)
     map_interval_s: float  # how often the layer map is worth reading while it runs
     has_weight_cache: bool = False  # workers keep weights in a cache `cache warm` can fill
+    can_calibrate: bool = False  # nodes' and links' speeds can be measured (`calibrate`)
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,17 @@ class Engine(abc.ABC):
 
     async def prune_cache(self, dry_run: bool) -> list[PruneResult]:
         raise EngineError(f"the {self.name} engine keeps no weight cache")
+
+    # ---- calibration (engines with can_calibrate) -----------------------------------------
+
+    async def calibrate(self, names: Sequence[str], force: bool, progress: Any,
+                        statuses: Any, probes: Any) -> list[str]:
+        """Measure (or read from the cache) each node's speed and link: a sentence each."""
+        raise EngineError(f"the {self.name} engine cannot measure its nodes' speed")
+
+    def speed_lines(self, plan: PlanView) -> tuple[list[str], dict[str, Any]]:
+        """The plan's predicted speed, per node its share of each token (text, JSON)."""
+        return [], {}
 
     async def close(self) -> None:  # noqa: B027 - most engines hold nothing to release
         """Release what the engine holds (monitors, HTTP clients)."""

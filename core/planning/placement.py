@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from core.config import ClusterConfig, NodeConfig
+from core.planning.fastest import FASTEST, plan_fastest
 from core.planning.model_info import ModelInfo, ModelInfoError, read_gguf_info
+from core.planning.perf import LinkSpeed, NodeSpeed
 from core.planning.planner import NodeBudget, Plan, PlanRefused, plan_layers
 from core.planning.repack import NO_REPACK, CpuRepack, cpu_repack, parse_cpuinfo_flags
 from core.reach.probe import NodeProbe
@@ -34,6 +36,7 @@ class Placement:
     budgets: tuple[NodeBudget, ...]
     devices: dict[str, str]  # node -> "CPU" or the GPU names the budget came from
     plan: Plan
+    notes: tuple[str, ...] = ()  # the fastest policy: why nodes were left out, or its fallback
 
 
 def _reserve_gb(config: ClusterConfig, node: NodeConfig | None, gpu: bool) -> float:
@@ -94,8 +97,11 @@ async def read_model(config: ClusterConfig) -> ModelInfo:
                              f"{exc.strerror or exc}") from None
 
 
-async def make_placement(config: ClusterConfig, probes: dict[str, NodeProbe]) -> Placement:
-    """Plan the llama-rpc nodes that were probed; raises PlacementError or PlanRefused."""
+async def make_placement(config: ClusterConfig, probes: dict[str, NodeProbe],
+                         speeds: Mapping[str, NodeSpeed] | None = None,
+                         links: Mapping[str, LinkSpeed] | None = None) -> Placement:
+    """Plan the llama-rpc nodes that were probed; raises PlacementError or PlanRefused.
+    The fastest policy places by `speeds` and `links` (the calibration)."""
     model = await read_model(config)
     budgets: list[NodeBudget] = []
     devices: dict[str, str] = {}
@@ -112,6 +118,10 @@ async def make_placement(config: ClusterConfig, probes: dict[str, NodeProbe]) ->
         budget, device = node_budget(config, node, probe)
         budgets.append(budget)
         devices[node.name] = device
+    if config.plan.policy == FASTEST:
+        fastest = plan_fastest(model, budgets, speeds or {}, links or {},
+                               context=config.model.context, cache_type=config.plan.cache_type)
+        return Placement(model, tuple(budgets), devices, fastest.plan, fastest.notes)
     plan = plan_layers(model, budgets, context=config.model.context,
                        cache_type=config.plan.cache_type, policy=config.plan.policy)
     return Placement(model, tuple(budgets), devices, plan)
@@ -144,6 +154,7 @@ def format_placement(placement: Placement) -> str:
                      "[\"--no-repack\"] saves it, at some speed")
     if plan.unused:
         lines.append(f"not used: {', '.join(plan.unused)}")
+    lines.extend(placement.notes)
     return "\n".join(lines)
 
 

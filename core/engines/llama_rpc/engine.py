@@ -37,6 +37,7 @@ from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, p
 from core.engines.llama_rpc.stall import STALL_ASK_S, StallWatch, process_stopped
 from core.local_log import since_last_start
 from core.planning.layer_map import LayerMap, llama_map
+from core.planning.perf import LinkSpeed, NodeSpeed
 from core.planning.placement import (
     Placement,
     PlacementError,
@@ -70,7 +71,8 @@ class LlamaRpcEngine(Engine):
     capabilities = Capabilities(
         has_coordinator=True, can_recover=True, has_throughput=True,
         node_start_needs_plan=False, coordinator_label="coordinator", worker_label="worker",
-        map_interval_s=2.0, has_weight_cache=True)
+        map_interval_s=2.0, has_weight_cache=True,
+        can_calibrate=True)
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx)
@@ -203,7 +205,8 @@ class LlamaRpcEngine(Engine):
 
     async def plan(self, probes: dict[str, NodeProbe]) -> PlanView:
         try:
-            placement = await make_placement(standby.without_standbys(self.config), probes)
+            placement = await make_placement(standby.without_standbys(self.config), probes,
+                                             *self._measured())
         except (PlacementError, PlanRefused) as exc:
             raise EngineError(str(exc)) from exc
         return plan_view(placement, self.config.plan.policy)
@@ -310,6 +313,22 @@ class LlamaRpcEngine(Engine):
     async def standby_warmth(self, name: str, span: tuple[int, int]) -> float | None:
         """The share of span's cacheable bytes the node's cache holds (None: cannot tell)."""
         return await cache_ops.warm_share(self.ctx, self.config.node(name), span)
+
+    async def calibrate(self, names: Sequence[str], force: bool, progress: Any,
+                        statuses: Any, probes: Any) -> list[str]:
+        from core.engines.llama_rpc import calibrate_run
+
+        return await calibrate_run.run(self, names, force, progress, statuses, probes)
+
+    def _measured(self) -> tuple[dict[str, NodeSpeed], dict[str, LinkSpeed]]:
+        from core.engines.llama_rpc import calibrate_run
+
+        return calibrate_run.measured(self.config, [n.name for n in self.nodes()])
+
+    def speed_lines(self, plan: PlanView) -> tuple[list[str], dict[str, Any]]:
+        from core.engines.llama_rpc import speed_view
+
+        return speed_view.plan_speed(self.config, plan)
 
     def recoverer(self, host: RecoveryHost) -> Recoverer:
         return Recoverer(host, self)
