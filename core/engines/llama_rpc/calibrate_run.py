@@ -4,7 +4,7 @@ node; what the plan's speed figures come from. The method is calibrate.py's docs
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.engines.llama_rpc import calibrate as cal
 from core.engines.llama_rpc.calibrate import Calibration, CalibrationError
@@ -18,7 +18,18 @@ from core.reach.probe import NodeProbe
 from core.status import NodeState, NodeStatus
 
 if TYPE_CHECKING:
-    from core.engines.llama_rpc.engine import LlamaRpcEngine
+    from core.config import ClusterConfig
+    from core.engines.llama_rpc.serving import CoordinatorRunner
+
+
+class CalibratingEngine(Protocol):
+    """What a calibration needs of the llama.cpp engine (the engine itself, structurally)."""
+
+    @property
+    def config(self) -> ClusterConfig: ...
+
+    @property
+    def runner(self) -> CoordinatorRunner: ...
 
 
 def _binary_key(path: str) -> dict[str, Any]:
@@ -28,7 +39,7 @@ def _binary_key(path: str) -> dict[str, Any]:
     return {"llama_server": path, "llama_server_mtime_ns": st.st_mtime_ns}
 
 
-async def run(engine: LlamaRpcEngine, names: Sequence[str], force: bool,
+async def run(engine: CalibratingEngine, names: Sequence[str], force: bool,
               progress: Callable[[str], None], statuses: Mapping[str, NodeStatus],
               probes: Mapping[str, NodeProbe]) -> list[str]:
     """One sentence per part measured or read: this machine's CPU first, then each node.
@@ -65,7 +76,7 @@ async def run(engine: LlamaRpcEngine, names: Sequence[str], force: bool,
     return lines
 
 
-async def _one(engine: LlamaRpcEngine, name: str, force: bool,
+async def _one(engine: CalibratingEngine, name: str, force: bool,
                progress: Callable[[str], None], statuses: Mapping[str, NodeStatus],
                probes: Mapping[str, NodeProbe], model: Any, binary: str,
                base: dict[str, Any], local: Calibration) -> Calibration:
@@ -77,7 +88,7 @@ async def _one(engine: LlamaRpcEngine, name: str, force: bool,
             if status is not None else ""
         raise CalibrationError(f"its worker is not ready{why}: torbiz-tui doctor, then start it")
     try:
-        (endpoint,) = await engine.runner._endpoints([node])
+        (endpoint,) = await engine.runner.endpoints([node])
     except Exception as exc:  # noqa: BLE001 - EngineError or a tunnel's failure: a sentence
         raise CalibrationError(f"no way to its worker: {exc}") from None
     host, _, port = endpoint.rpartition(":")

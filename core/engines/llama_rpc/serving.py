@@ -96,7 +96,7 @@ class CoordinatorRunner:
             check_spans(spans)
             workers = [config.node(name) for name, _, count in spans if count > 0]
             layers = [count for _, _, count in spans if count > 0]
-        endpoints = await self._endpoints(workers)
+        endpoints = await self.endpoints(workers)
         await self.check_workers_answer(workers, endpoints, binary)
         host = config.coordinator.host
         if await llama_rpc.port_open("127.0.0.1" if host in ("0.0.0.0", "::") else host,
@@ -118,7 +118,7 @@ class CoordinatorRunner:
     async def status(self) -> CoordinatorStatus:
         return await coordinator_status(self.config)
 
-    async def _endpoints(self, workers: list[NodeConfig]) -> list[str]:
+    async def endpoints(self, workers: list[NodeConfig]) -> list[str]:
         """Where the coordinator reaches each worker: its endpoint, or for rpc_bind = "loopback"
         the local end of an SSH tunnel (started here, detached, when not running yet)."""
         results = await asyncio.gather(*(self._tunnel_endpoint(n) if n.rpc_bind == "loopback"
