@@ -4,7 +4,8 @@
 #   and the llama.cpp binaries (cached under ~/.cache/torbiz/, keyed by version).
 # Usage: scripts/setup.sh [--no-llama] [--with-test-tools]
 #   --with-test-tools also installs what only the tests use (Debian's chromium, for the
-#   `torbiz-tui web` test in a headless browser; the Petals venv, scripts/petals-env.sh).
+#   `torbiz-tui web` test in a headless browser; fish, zsh, tcsh, csh and busybox for nodes
+#   with other login shells and tools; the Petals venv, scripts/petals-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 no_llama=0; test_tools=0
@@ -26,6 +27,12 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 [ "$test_tools" = 1 ] && ! command -v chromium >/dev/null && need_apt+=(chromium)
+# Login shells and a BusyBox userland for the tests of nodes unlike ours.
+if [ "$test_tools" = 1 ]; then
+  for tool in fish zsh tcsh csh busybox; do
+    command -v $tool >/dev/null || need_apt+=($tool)
+  done
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
