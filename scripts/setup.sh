@@ -5,7 +5,8 @@
 # Usage: scripts/setup.sh [--no-llama] [--with-test-tools]
 #   --with-test-tools also installs what only the tests use (Debian's chromium, for the
 #   `torbiz-tui web` test in a headless browser; Debian's prometheus, which the metrics test
-#   starts on loopback to scrape `torbiz-tui metrics`; the Petals venv, scripts/petals-env.sh).
+#   starts on loopback to scrape `torbiz-tui metrics`; fish, zsh, tcsh, csh and busybox for
+#   nodes with other login shells and tools; the Petals venv, scripts/petals-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 no_llama=0; test_tools=0
@@ -28,6 +29,12 @@ command -v ssh-keygen >/dev/null || need_apt+=(openssh-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 [ "$test_tools" = 1 ] && ! command -v chromium >/dev/null && need_apt+=(chromium)
 [ "$test_tools" = 1 ] && ! command -v prometheus >/dev/null && need_apt+=(prometheus)
+# Login shells and a BusyBox userland for the tests of nodes unlike ours.
+if [ "$test_tools" = 1 ]; then
+  for tool in fish zsh tcsh csh busybox; do
+    command -v $tool >/dev/null || need_apt+=($tool)
+  done
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

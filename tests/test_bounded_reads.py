@@ -51,8 +51,8 @@ async def main():
     what = spec["what"]
     if what == "run":
         r = await transport.run(spec["script"], timeout=120)
-        out = {"stdout": len(r.stdout), "stderr": len(r.stderr), "truncated": r.truncated,
-               "status": r.exit_status}
+        out = {"stdout": len(r.stdout), "stderr": len(r.stderr), "status": r.exit_status,
+               "truncated": getattr(r, "truncated", None)}
     elif what == "tail":
         lines = await detached.log_tail(transport, spec["state"], 20, raw=spec.get("raw", False))
         out = {"lines": [len(line) for line in lines], "last": lines[-1][-20:]}
