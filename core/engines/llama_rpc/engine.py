@@ -120,6 +120,8 @@ class LlamaRpcEngine(Engine):
             tail = await detached.log_tail(transport, state_dir)
             return self.status(node, NodeState.FAILED, proc.pid,
                                llama_rpc.explain_worker_log(tail))
+        if proc.state == "unverified":  # a pidfile that proves nothing: never "stopped"
+            return self.status(node, NodeState.FAILED, proc.pid, proc.error)
         previous = self.ctx.last_status(node.name)
         if previous.state == NodeState.FAILED and previous.pid is None:
             return previous  # a start that failed before spawning keeps its reason

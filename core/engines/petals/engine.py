@@ -98,6 +98,8 @@ class PetalsEngine(Engine):
         if proc.state == "dead":
             tail = await self.on_node(node, detached.log_tail(transport, state_dir, 40))
             return self.status(node, FAILED, proc.pid, backend.explain_server_log(tail))
+        if proc.state == "unverified":  # a pidfile that proves nothing: never "stopped"
+            return self.status(node, FAILED, proc.pid, proc.error)
         if proc.state != "running":
             previous = self.ctx.last_status(node.name)
             if previous.state == FAILED and previous.pid is None:
@@ -156,9 +158,12 @@ class PetalsEngine(Engine):
         transport = self.ctx.transport(node.name)
         state_dir = self.ctx.node_state_dir(node)
         model_dir = str(swarm.get("model", config.model.hf))
-        args = backend.server_args(config, node, state_dir, model_dir,
-                                   (int(span[0]), int(span[0]) + int(span[1])), running,
-                                   gpu=bool(swarm.get("gpu", {}).get(node.name)))
+        try:
+            args = backend.server_args(config, node, state_dir, model_dir,
+                                       (int(span[0]), int(span[0]) + int(span[1])), running,
+                                       gpu=bool(swarm.get("gpu", {}).get(node.name)))
+        except ValueError as exc:  # a peer address in the swarm file that is no multiaddr
+            return self.status(node, FAILED, None, str(exc))
         proc = await detached.spawn(transport, state_dir, args, env=backend.SERVER_ENV,
                                     resolve=backend.resolve_python_sh(node),
                                     listen=backend.listen_address(node))

@@ -9,6 +9,7 @@ from typing import Any
 from core.config import ClusterConfig
 from core.engines.petals import commands as backend
 from core.engines.petals.placement import PetalsPlacement
+from core.peer_address import valid_multiaddr
 from core.state_file import read_json, write_json
 
 SWARM_FILE = "swarm.json"
@@ -48,5 +49,5 @@ def swarm_peers(config: ClusterConfig, swarm: dict[str, Any] | None = None) -> l
     swarm = read_swarm(config) if swarm is None else swarm
     peers = list(config.petals.initial_peers)
     peers += [m for m in swarm.get("maddrs", {}).values() if m not in peers]
-    return peers
+    return [p for p in peers if isinstance(p, str) and valid_multiaddr(p)]  # file is data
 
