@@ -8,6 +8,7 @@ namespace, as every Petals process in these tests does."""
 from __future__ import annotations
 
 import glob
+import os
 import subprocess
 import sys
 import textwrap
@@ -99,13 +100,25 @@ def test_a_monitor_that_cannot_join_leaves_nothing_in_tmp() -> None:
         dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER}"
         # A /tmp of its own (a tmpfs in a private mount namespace): what the driver finds
         # there at the end is exactly what this monitor left, whatever else runs on the machine.
+        # The old /tmp stays reachable under OLD (the checkout or a venv may live in it).
+        old = f"/run/torbiz-oldtmp-{os.getpid()}"
         private_tmp = ["unshare", "--mount", "sh", "-c",
-                       'mount -t tmpfs torbiz-tmp /tmp && exec "$@"', "sh"]
-        done = subprocess.run(
-            ns.argv([*private_tmp, sys.executable, "-c", _DRIVER, str(python), dead,
-                     "/tmp/monitor.log"]),
-            capture_output=True, text=True, timeout=240,
-            cwd=Path(__file__).resolve().parent.parent)
+                       f'mkdir -p {old} && mount --bind /tmp {old} && '
+                       'mount -t tmpfs torbiz-tmp /tmp && cd "$1" && shift && exec "$@"', "sh"]
+
+        def moved(path: str) -> str:
+            return old + path[len("/tmp"):] if path == "/tmp" or path.startswith("/tmp/") \
+                else path
+
+        repo = str(Path(__file__).resolve().parent.parent)
+        try:
+            done = subprocess.run(
+                ns.argv([*private_tmp, moved(repo), moved(sys.executable), "-c", _DRIVER,
+                         moved(str(python)), dead, "/tmp/monitor.log"]),
+                capture_output=True, text=True, timeout=240,
+                env={**os.environ, "PYTHONPATH": moved(repo)})
+        finally:
+            subprocess.run(["rmdir", old], capture_output=True, check=False)
     finally:
         ns.delete()
     assert done.returncode == 0, done.stderr[-2000:]

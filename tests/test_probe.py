@@ -438,7 +438,8 @@ async def test_a_worker_path_with_escapes_is_refused(tmp_path: Path) -> None:
     binary = odd / "rpc-server"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    result = await probe_node(local_transport(rpc_server=str(binary)))
+    odd_node = local_transport(rpc_server=str(binary))
+    result = await probe_node(odd_node, worker=worker_lookup(odd_node.node, True))
     assert result.worker_binary is None
     assert any("worker binary lookup printed" in e and "\x1b" not in e and "owned" not in e
                for e in result.errors), result.errors
