@@ -89,7 +89,9 @@ async def test_frozen_node_mid_stream_is_left_out_within_seconds_and_comes_back(
     frozen = time.monotonic()
     nodes.freeze("node2")
 
-    await _until(lambda: cluster.nodes["node2"].state == NOT_RESPONDING, 5.5, "not responding")
+    await _until(lambda: cluster.nodes["node2"].state == NOT_RESPONDING
+                 and any(d.part == "node2" for d in s.detections), 5.5,
+                 "not responding, detected")
     detected = _first(s, "node2", frozen)
     assert detected - frozen <= 5.0
     seen: set[str] = set()
@@ -129,7 +131,9 @@ async def test_frozen_idle_node_is_not_responding_not_unreachable(hung) -> None:
     await asyncio.sleep(1)
     frozen = time.monotonic()
     nodes.freeze("node1")
-    await _until(lambda: cluster.nodes["node1"].state == NOT_RESPONDING, 5.5, "not responding")
+    await _until(lambda: cluster.nodes["node1"].state == NOT_RESPONDING
+                 and any(d.part == "node1" for d in s.detections), 5.5,
+                 "not responding, detected")
     assert _first(s, "node1", frozen) - frozen <= 5.0
     assert "unreachable" not in cluster.nodes["node1"].state
     await _until(lambda: bool(s.recoveries), 20, "recovery")
@@ -158,7 +162,9 @@ async def test_link_down_is_not_responding_and_heals(hung) -> None:
     await asyncio.sleep(1)
     cut = time.monotonic()
     nodes.link_down("node3")
-    await _until(lambda: cluster.nodes["node3"].state == NOT_RESPONDING, 5.5, "not responding")
+    await _until(lambda: cluster.nodes["node3"].state == NOT_RESPONDING
+                 and any(d.part == "node3" for d in s.detections), 5.5,
+                 "not responding, detected")
     assert _first(s, "node3", cut) - cut <= 5.0
     await _until(lambda: bool(s.recoveries), 20, "recovery")
     assert s.recoveries[0].outcome == RECOVERED, s.recoveries[0].reason

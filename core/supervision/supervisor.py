@@ -62,6 +62,7 @@ class Supervisor:
         self.interval = interval
         self.detections: list[Detection] = []
         self._known_bad: set[str] = set()
+        self._passes = 0  # checks done: the first sees what was bad before supervision began
         enabled = cluster.config.recover if recover is None else recover
         self.recoverer: Recoverer | None = (cluster.engine.recoverer(cluster)
                                             if enabled and cluster.capabilities.can_recover
@@ -126,6 +127,7 @@ class Supervisor:
                             None if detection.part == "coordinator" else detection.part)
         self.detections.extend(found)
         del self.detections[:-1000]
+        self._passes += 1
         return found
 
     async def _stalled_workers(self) -> dict[str, str]:
@@ -159,7 +161,11 @@ class Supervisor:
     def _went_bad(self, before: NodeStatus | None, after: NodeStatus) -> bool:
         if after.state not in BAD or after.name in self._known_bad:
             return False
-        return before is None or before.state != after.state or after.state == FAILED
+        if before is None or before.state != after.state or after.state == FAILED:
+            return True
+        # Bad before this pass began but not at our last one: another caller (a recovery's
+        # probe, the dashboard) saw it first. It is still news to whoever watches.
+        return self._passes > 0
 
     @property
     def recovering(self) -> bool:
