@@ -54,8 +54,9 @@ def rx_bytes(ns: str, dev: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", default="200mbit")
-    parser.add_argument("--only", choices=("direct", "sshd"), default=None,
-                        help="run only the direct rounds or only the rounds through torbiz")
+    parser.add_argument("--only", choices=("direct", "sshd", "recovery"), default=None,
+                        help="run only the direct rounds, only the rounds through torbiz, or "
+                        "only the warm restart and the recoveries (with `up` warm first)")
     args = parser.parse_args()
     rpc, server = find_cached_binary("ggml-rpc-server"), find_cached_binary("llama-server")
     if not (rpc and server):
@@ -72,7 +73,7 @@ def main() -> int:
     rows: list[tuple[str, float, float, list[int]]] = []
     spans = [(0, 2), (2, 2)]
     try:
-        if args.only == "sshd":
+        if args.only in ("sshd", "recovery"):
             raise _Skip
         spaces.up()
         port = 8080
@@ -140,7 +141,7 @@ def main() -> int:
         spaces.down()
     _ = httpx
     sshd_rows = [] if args.only == "direct" else asyncio.run(
-        sshd_rounds(model, args.rate, workdir / "sshd"))
+        sshd_rounds(model, args.rate, workdir / "sshd", args.only == "recovery"))
     if rows:
         print_direct(rows, manifest, spans, share, workers, args.rate)
     if sshd_rows:

@@ -24,7 +24,7 @@ import httpx  # noqa: E402
 from core import operations  # noqa: E402
 from core.cluster import Cluster  # noqa: E402
 from core.config import load_config  # noqa: E402
-from core.supervision.recovery_record import RECOVERED  # noqa: E402
+from core.supervision.recovery_record import RECOVERED, format_steps  # noqa: E402
 from core.supervision.supervisor import Supervisor  # noqa: E402
 from tests.cluster_files import ssh_cluster_file  # noqa: E402
 from tests.netns_nodes import NamespacedNodes  # noqa: E402
@@ -62,7 +62,8 @@ def _first_token(url: str, deadline: float = 300.0) -> None:
         time.sleep(0.05)
 
 
-async def sshd_rounds(model: Path, rate: str, workdir: Path) -> list[SshdRow]:
+async def sshd_rounds(model: Path, rate: str, workdir: Path,
+                      recovery_only: bool = False) -> list[SshdRow]:
     nodes = NamespacedNodes(workdir / "nodes", 3)
     rows: list[SshdRow] = []
     nodes.start()
@@ -105,9 +106,10 @@ async def sshd_rounds(model: Path, rate: str, workdir: Path) -> list[SshdRow]:
                 await cluster.close()
 
         fresh(nodes.names)
-        await timed_up("(a') torbiz up, cold", prewarm=False)
-        fresh(nodes.names)
-        await timed_up("(b) pre-warm pushed over SSH + up", prewarm=True)
+        if not recovery_only:
+            await timed_up("(a') torbiz up, cold", prewarm=False)
+            fresh(nodes.names)
+            await timed_up("(b) pre-warm pushed over SSH + up", prewarm=True)
         await timed_up("(d') torbiz up, all warm", prewarm=False)
 
         async def recovery(label: str, standby_warm: bool) -> None:
@@ -125,20 +127,24 @@ async def sshd_rounds(model: Path, rate: str, workdir: Path) -> list[SshdRow]:
                 # yardstick: the workers stay, every cache is warm.
                 started = time.monotonic()
                 await cluster.stop_coordinator()
+                stopped = time.monotonic() - started
                 spans = tuple((n, f, c) for n, (f, c) in _planned(cluster).items())
                 await cluster.start_coordinator(spans=spans)
+                ready = time.monotonic() - started
                 await asyncio.to_thread(_first_token, cluster.coordinator.url)
                 restart = time.monotonic() - started
                 if standby_warm:
                     rows.append(SshdRow("warm restart (coordinator stop + start)", restart, 0.0,
-                                        {}))
+                                        {}, f"stopped +{stopped:.2f} s, started (health 200) "
+                                        f"+{ready - stopped:.2f} s, first token "
+                                        f"+{restart - ready:.2f} s"))
                 task = asyncio.create_task(supervisor.run(results.append))
                 while cluster.coordinator.state != "ready":
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.5)
                 rx0 = {n: _rx(nodes, n) for n in ["node1", "node3"]}
                 victim = nodes.host_pid("node2", cluster.nodes["node2"].pid or 0)
-                killed = time.monotonic()
+                killed, killed_wall = time.monotonic(), time.time()
                 os.kill(victim, signal.SIGKILL)
                 while not any(getattr(r, "outcome", None) for r in results):
                     if time.monotonic() - killed > 300:
@@ -148,8 +154,15 @@ async def sshd_rounds(model: Path, rate: str, workdir: Path) -> list[SshdRow]:
                 if getattr(outcome, "outcome", None) != RECOVERED:
                     raise SystemExit(f"bench: recovery failed: {getattr(outcome, 'reason', '')}")
                 await asyncio.to_thread(_first_token, cluster.coordinator.url)
-                rows.append(SshdRow(label, time.monotonic() - killed, 0.0, crossed_since(rx0),
-                                    str(getattr(outcome, "reason", ""))))
+                took = time.monotonic() - killed
+                # the record's clock: it ended at `at`, `recovered_after` after the detection
+                detected = (float(getattr(outcome, "at", 0.0))
+                            - float(getattr(outcome, "recovered_after", 0.0) or 0.0)
+                            - killed_wall)
+                steps = format_steps(getattr(outcome, "steps", ()))
+                rows.append(SshdRow(label, took, 0.0, crossed_since(rx0),
+                                    f"{getattr(outcome, 'reason', '')}; detected +{detected:.2f}"
+                                    f" s after the kill, then {steps}"))
                 print(f"  {label}: {rows[-1].took:.2f} s ({rows[-1].note})", file=sys.stderr,
                       flush=True)
             finally:

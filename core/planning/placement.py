@@ -85,11 +85,26 @@ def local_cpu_repack(extra_args: Sequence[str] = (), cpuinfo: Path = CPUINFO) ->
     return cpu_repack(parse_cpuinfo_flags(text), platform.machine())
 
 
+_models: dict[tuple[str, int, int, int], ModelInfo] = {}  # the file's identity -> its facts
+
+
+def _read_gguf_once(path: Path) -> ModelInfo:
+    """read_gguf_info, remembered while the file is unchanged (it parses the whole header,
+    vocabulary included: 0.3 s for a small model, which a recovery should not wait on)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _models:
+        if len(_models) >= 8:
+            _models.clear()
+        _models[key] = read_gguf_info(path)
+    return _models[key]
+
+
 async def read_model(config: ClusterConfig) -> ModelInfo:
     if config.model.gguf is None:
         raise PlacementError("no model: set [model] gguf in the config")
     try:
-        return await asyncio.to_thread(read_gguf_info, config.model.gguf)
+        return await asyncio.to_thread(_read_gguf_once, Path(config.model.gguf))
     except ModelInfoError as exc:
         raise PlacementError(str(exc)) from None
     except OSError as exc:

@@ -26,11 +26,23 @@ class RecoveryResult:
     reason: str  # what happened, as a sentence
     at: float  # wall-clock time (time.time()) the recovery ended
     missing_bytes: int = 0  # degraded: memory the rest lacks
+    # (step, seconds from the detection to its end), in order: where the time went
+    steps: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["spans"] = [list(s) for s in self.spans]
+        data["steps"] = {name: round(at, 3) for name, at in self.steps}
         return data
+
+
+def format_steps(steps: tuple[tuple[str, float], ...]) -> str:
+    """`confirmed +0.31 s, probed +0.12 s, ...`: each step's own share of the time."""
+    out, last = [], 0.0
+    for name, at in steps:
+        out.append(f"{name} +{at - last:.2f} s")
+        last = at
+    return ", ".join(out)
 
 
 def format_recovery(record: dict[str, Any]) -> str:

@@ -32,7 +32,8 @@ from core.engines.llama_rpc.coordinator import (
     coordinator_state_dir,
     coordinator_url,
 )
-from core.engines.llama_rpc.recovery import Recoverer, RecoveryHost, last_recovery
+from core.engines.llama_rpc.recovery import Recoverer, last_recovery
+from core.engines.llama_rpc.recovery_survey import RecoveryHost
 from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, placement_file
 from core.engines.llama_rpc.stall import STALL_ASK_S, StallWatch, process_stopped
 from core.local_log import since_last_start

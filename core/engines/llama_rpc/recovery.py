@@ -19,16 +19,23 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from core.config import ClusterConfig, NodeConfig
+from core.config import ClusterConfig
 from core.engines.base import Span
 from core.engines.llama_rpc import rpc as llama_rpc
 from core.engines.llama_rpc import standby
 from core.engines.llama_rpc.coordinator import coordinator_state_dir, local_transport
+from core.engines.llama_rpc.recovery_survey import (
+    RecoveringEngine,
+    RecoveryHost,
+    Survey,
+    coordinator_running,
+    survey,
+)
 from core.engines.llama_rpc.serving import PLACEMENT_FILE
 from core.planning.placement import (
     COORDINATOR,
@@ -39,8 +46,7 @@ from core.planning.placement import (
 )
 from core.planning.planner import layer_costs
 from core.reach import detached
-from core.reach.probe import NodeProbe, probe_node
-from core.reach.transport import TransportError
+from core.reach.probe import NodeProbe
 from core.state_file import read_json, write_json
 from core.status import FAILED, NOT_RESPONDING, READY, STOPPED, UNREACHABLE
 from core.supervision.recovery_record import (
@@ -56,46 +62,6 @@ CONFIRM_DELAY = 0.3  # a stop by another process removes the pidfile just after 
 ENDPOINT_RECHECK = 5.0  # seconds between port checks of a worker whose node is unreachable
 HELLO_DEADLINE = 2.0  # a remaining worker that does not answer its HELLO in this is left out
 KILL_GRACE = 0.5  # llama-server blocked on a silent worker ignores TERM: KILL soon
-
-if TYPE_CHECKING:
-    from core.reach.probe import WorkerLookup
-    from core.reach.transport import Transport
-    from core.status import CoordinatorStatus, LayerShare, Level, NodeStatus
-
-
-class RecoveryHost(Protocol):
-    """The cluster as a recovery sees it: its statuses and the operations it may call."""
-
-    config: ClusterConfig
-    nodes: dict[str, NodeStatus]
-    coordinator: CoordinatorStatus
-
-    def transport(self, name: str) -> Transport: ...
-
-    def notice(self, text: str, level: Level | str = ..., node: str | None = None,
-               extra: dict[str, Any] | None = None) -> None: ...
-
-    async def probe_node(self, name: str) -> NodeStatus: ...
-
-    async def refresh_coordinator(self) -> CoordinatorStatus: ...
-
-    async def stop_coordinator(self) -> CoordinatorStatus: ...
-
-    async def start_coordinator(self, *, timeout: float = ...,
-                                spans: Sequence[Span] | None = None) -> CoordinatorStatus: ...
-
-
-class RecoveringEngine(Protocol):
-    """What the recovery needs of the llama.cpp engine."""
-
-    def nodes(self) -> list[NodeConfig]: ...
-
-    def worker_lookup(self, node: NodeConfig, is_local: bool) -> WorkerLookup | None: ...
-
-    async def layer_shares(self) -> tuple[LayerShare, ...]: ...
-
-    async def standby_warmth(self, name: str, span: tuple[int, int]) -> float | None: ...
-
 
 class _HasConfig(Protocol):
     @property
@@ -124,6 +90,11 @@ class Recoverer:
         self._need_since: float | None = None
         self._served: int | None = None  # pid of the last coordinator seen ready
         self._handovers: list[standby.Handover] = []  # the running recovery's, onto standbys
+        self._steps: list[tuple[str, float]] = []  # the running recovery's, from detection
+        self._since = 0.0
+
+    def _step(self, name: str) -> None:
+        self._steps.append((name, time.monotonic() - self._since))
 
     def saw_ready(self, pid: int | None) -> None:
         """The supervisor saw this coordinator serve: if it fails now, it is ours to recover."""
@@ -207,24 +178,34 @@ class Recoverer:
         since = self._need_since
         if need in self._attempted:
             return None
-        # Confirm: another process stopping a part removes its pidfile a moment after the
-        # process died; that is `stopped`, not a fault.
-        await asyncio.sleep(CONFIRM_DELAY)
-        await asyncio.gather(self.cluster.refresh_coordinator(),
-                             *(self.cluster.probe_node(n) for n in need[1]))
-        need = await self.needed()
-        if need is None or need in self._attempted:
-            return None
-        with self._lock() as locked:
-            if not locked:
-                return None  # another process is recovering this cluster
-            await self.cluster.refresh_coordinator()
-            need = await self.needed()  # it may have just finished one
+        self._since, self._steps = since, []
+        # What the recovery reads (probes, caches) is read-only: begun now, it runs while the
+        # fault is confirmed instead of after.
+        early = asyncio.create_task(survey(self.cluster, self.engine, sorted(need[1]),
+                                           self._previous_spans()))
+        try:
+            # Confirm: another process stopping a part removes its pidfile a moment after the
+            # process died; that is `stopped`, not a fault.
+            await asyncio.sleep(CONFIRM_DELAY)
+            await asyncio.gather(self.cluster.refresh_coordinator(),
+                                 *(self.cluster.probe_node(n) for n in need[1]))
+            need = await self.needed()
             if need is None or need in self._attempted:
                 return None
-            self._attempted.add(need)
-            result = await self._recover(sorted(need[1]), since)
-            self._attempted.add((self.cluster.coordinator.pid, need[1]))
+            with self._lock() as locked:
+                if not locked:
+                    return None  # another process is recovering this cluster
+                await self.cluster.refresh_coordinator()
+                need = await self.needed()  # it may have just finished one
+                if need is None or need in self._attempted:
+                    return None
+                self._attempted.add(need)
+                self._step("confirmed")
+                result = await self._recover(sorted(need[1]), since, early)
+                self._attempted.add((self.cluster.coordinator.pid, need[1]))
+        finally:
+            early.cancel()
+            await asyncio.gather(early, return_exceptions=True)
         self._need_since = None
         self.results.append(result)
         del self.results[:-100]
@@ -253,22 +234,25 @@ class Recoverer:
         with contextlib.suppress(OSError):
             write_json(_state_dir(self.cluster) / RECOVERY_FILE, result.to_json())
 
-    async def _recover(self, lost: list[str], since: float) -> RecoveryResult:
+    async def _recover(self, lost: list[str], since: float,
+                       early: asyncio.Task[Survey]) -> RecoveryResult:
         cluster = self.cluster
         self._handovers = []
-        running = cluster.coordinator.state in (READY, NOT_RESPONDING)
-        silent = [n for n in lost if cluster.nodes[n].state == NOT_RESPONDING]
+        running = coordinator_running(cluster)
         what = (f"coordinator lost worker{'s' if len(lost) > 1 else ''} {', '.join(lost)}"
                 if lost else "the coordinator exited")
         cluster.notice(f"recovering: {what}; re-planning over the workers still ready",
                        "warning")
-        remaining = [n for n in self.engine.nodes()
-                     if n.name not in lost and cluster.nodes[n.name].state == READY]
         try:
-            probes = await self._probe(remaining, running)
-            self._handovers = await self._standby_handovers(lost, probes)
+            seen = await early
+            if seen.lost != tuple(lost) or seen.running != running:  # it changed meanwhile
+                seen = await survey(cluster, self.engine, lost, self._previous_spans())
+            probes = seen.probes
+            self._step("surveyed")
+            self._handovers = await self._standby_handovers(lost, seen)
             spans = (standby.handed_over(self._previous_spans(), self._handovers)
                      if self._handovers else await self._plan(probes))
+            self._step("planned")
         except PlanRefused as exc:
             head = (f"cannot recover without {', '.join(lost)}" if lost
                     else "cannot restart the coordinator")
@@ -278,19 +262,22 @@ class Recoverer:
                              missing=exc.missing_bytes)
         except PlacementError as exc:
             return self._end(DEGRADED, lost, (), since, f"cannot re-plan: {exc}")
-        if silent:
-            # llama-server waits on a silent worker forever and ignores TERM meanwhile: KILL
-            # it, which ends the streams in flight at once (the clients retry).
+        if lost:
+            # llama-server waits on a silent worker forever and ignores TERM meanwhile, and on
+            # TERM after a dead worker it aborts (ggml_abort, 0.4-1 s): KILL it, which ends the
+            # streams in flight at once (the clients retry; they would be lost either way).
             await detached.stop(local_transport(), coordinator_state_dir(cluster.config),
                                 signal="KILL", grace=KILL_GRACE)
-        if cluster.coordinator.state in (READY, FAILED, NOT_RESPONDING) or silent:
+        if cluster.coordinator.state in (READY, FAILED, NOT_RESPONDING) or lost:
             # A crashed coordinator still has a pidfile: stop() clears it (and kills leftovers).
             stopped = await cluster.stop_coordinator()
             if stopped.state != "stopped":
                 return self._end(FAILED_RECOVERY, lost, spans, since,
                                  f"could not stop the coordinator: {stopped.error}")
+        self._step("stopped")
         # Every worker it will use must answer now; one that does not is left out, not waited on.
         mute = await self._silent_workers(spans)
+        self._step("hello")
         if mute:
             cluster.notice(f"recovering: worker{'s' if len(mute) > 1 else ''} "
                            f"{', '.join(mute)} did not answer within {HELLO_DEADLINE:g} s: "
@@ -302,6 +289,7 @@ class Recoverer:
                 return self._end(DEGRADED, lost, (), since, f"cannot re-plan without "
                                  f"{', '.join(mute)}: {exc}; the coordinator stays down")
         status = await cluster.start_coordinator(spans=spans)
+        self._step("started")
         if status.state != READY:
             return self._end(FAILED_RECOVERY, lost, spans, since,
                              f"the coordinator did not restart: {status.error}")
@@ -317,12 +305,13 @@ class Recoverer:
             return {}
 
     async def _standby_handovers(self, lost: list[str],
-                                 probes: dict[str, NodeProbe]) -> list[standby.Handover]:
+                                 seen: Survey) -> list[standby.Handover]:
         """Each lost worker's blocks handed whole to a ready node the plan left out: the one
         whose cache holds most of them (a configured standby, or any fully warm node), when
         its memory holds them. Empty when a lost worker has no such node: re-plan instead."""
         previous = self._previous_spans()
         config = self.cluster.config
+        probes = seen.probes
         spare = [n for n in probes if n not in previous and n not in lost]
         if not lost or not spare or any(n not in previous for n in lost):
             return []
@@ -331,7 +320,7 @@ class Recoverer:
             span = previous[name]
             if span[1] == 0:
                 continue
-            shares = await asyncio.gather(*(self.engine.standby_warmth(n, span) for n in spare))
+            shares = [seen.shares.get((name, n)) for n in spare]
             ranked = sorted(zip(spare, shares, strict=True), key=lambda c: -(c[1] or 0.0))
             for node, share in ranked:
                 if node not in config.plan.standby and (share or 0.0) < 0.999:
@@ -367,36 +356,6 @@ class Recoverer:
         answered = await asyncio.gather(*(answers(n) for n in names))
         return [n for n, ok in zip(names, answered, strict=True) if not ok]
 
-    async def _probe(self, remaining: list[NodeConfig], running: bool) -> dict[str, NodeProbe]:
-        """Each remaining node's probe, within a deadline (one that does not answer is left
-        out). A worker serving the running coordinator frees what it holds when that
-        coordinator stops: count it as free."""
-        cluster = self.cluster
-
-        async def one(node: NodeConfig) -> NodeProbe:
-            transport = cluster.transport(node.name)
-            return await asyncio.wait_for(
-                probe_node(transport, worker=self.engine.worker_lookup(node,
-                                                                       transport.is_local)),
-                2 * node.ssh.status_timeout)
-
-        results = await asyncio.gather(*(one(n) for n in remaining), return_exceptions=True)
-        held: dict[str, int] = {}
-        if running:
-            for share in await self.engine.layer_shares():
-                held[share.node] = share.model_bytes + share.kv_bytes + share.compute_bytes
-        probes: dict[str, NodeProbe] = {}
-        for node, result in zip(remaining, results, strict=True):
-            if isinstance(result, (TransportError, asyncio.TimeoutError, TimeoutError)):
-                continue  # it just became unreachable or silent: plan without it
-            if isinstance(result, BaseException):
-                raise result
-            if not result.gpus:
-                result = replace(result, ram_available_bytes=result.ram_available_bytes
-                                 + held.get(node.name, 0))
-            probes[node.name] = result
-        return probes
-
     async def _plan(self, probes: dict[str, NodeProbe]) -> tuple[Span, ...]:
         """Spans over the probed nodes, from their free memory."""
         cluster = self.cluster
@@ -424,7 +383,7 @@ class Recoverer:
                           f"without {', '.join(lost)}")
         result = RecoveryResult(outcome, tuple(lost), workers, spans,
                                 took if outcome == RECOVERED else None, reason, time.time(),
-                                missing)
+                                missing, tuple(self._steps))
         level = {RECOVERED: "info", DEGRADED: "error"}.get(outcome, "error")
         self.cluster.notice(reason if outcome == RECOVERED else f"recovery {outcome}: {reason}",
                             level, extra={"recovery": result.to_json()})
