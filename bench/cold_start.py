@@ -170,24 +170,26 @@ def print_direct(rows: list[tuple[str, float, float, list[int]]], manifest: Mani
 
 
 def print_sshd(rows: list[SshdRow], manifest: Manifest, rate: str) -> None:
-    by = {r.label: r for r in rows}
     cold = rows[0].took
-    restart = next((r.took for r in rows if r.label.startswith("warm restart")), None)
+    restart = next((r.took for r in rows if r.label.startswith("warm restart (")), None)
+    watched = next((r.took for r in rows if r.label.startswith("warm restart, sup")), None)
     print(f"\nthrough torbiz: sshd nodes node1, node2 (workers) and node3 (standby), each in "
           f"network + PID namespaces of its own behind tbf {rate}; no node has a copy of the "
           "model (pre-warms push over SSH); time to the first token:")
-    print(f"  {'round':<40} {'total':>8} {'pre-warm':>9} {'vs up cold':>10} "
-          f"{'vs restart':>10}  bytes over each link")
+    print(f"  {'round':<40} {'total':>8} {'pre-warm':>9} {'vs first':>9} "
+          f"{'vs restart':>10} {'vs superv.':>10}  bytes over each link")
+    blank = " " * 10
     for r in rows:
-        vs_restart = f"{r.took / restart:9.2f}x" if restart and r.label.startswith(
-            "recovery") else " " * 10
+        recovery = r.label.startswith("recovery")
+        vs_restart = f"{r.took / restart:9.2f}x" if restart and recovery else blank
+        vs_watched = f"{r.took / watched:9.2f}x" if watched and recovery else blank
         crossed = ", ".join(f"{n} {b / 2**20:.1f} MiB" for n, b in r.crossed.items())
-        print(f"  {r.label:<40} {r.took:7.2f}s {r.prewarm_s:8.2f}s {cold / r.took:9.2f}x "
-              f"{vs_restart}  {crossed}")
+        print(f"  {r.label:<40} {r.took:7.2f}s {r.prewarm_s:8.2f}s {cold / r.took:8.2f}x "
+              f"{vs_restart} {vs_watched}  {crossed}")
     for r in rows:
         if r.note:
             print(f"  {r.label}: {r.note}")
-    _ = (by, manifest)
+    _ = manifest
 
 
 if __name__ == "__main__":

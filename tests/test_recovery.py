@@ -73,6 +73,12 @@ def test_records_read_as_sentences() -> None:
                           "coordinator recovered in 2.3 s", time.time())
     line = format_recovery(done.to_json())
     assert "in 2.3 s: coordinator restarted over a, c (left out: b)" in line
+    timed = RecoveryResult("recovered", ("b",), ("a", "c"), (("a", 0, 3), ("c", 3, 5)), 2.345,
+                           "coordinator recovered in 2.3 s", time.time(),
+                           steps=(("confirmed", 0.5), ("surveyed", 0.52), ("started", 2.345)))
+    assert timed.to_json()["steps"] == {"confirmed": 0.5, "surveyed": 0.52, "started": 2.345}
+    assert format_recovery(timed.to_json()).endswith(
+        "; from the detection: confirmed +0.50 s, surveyed +0.02 s, started +1.83 s")
     refused = RecoveryResult("degraded", ("b",), (), (), None,
                              "cannot recover without b: 3.1 MiB missing", time.time(),
                              3 * MIB)

@@ -90,9 +90,73 @@ async def test_recovery_onto_a_warm_standby(tmp_path: Path, sshd_cluster) -> Non
         assert result.reason.startswith("recovered onto node3 from its warm cache in "), \
             result.reason
         assert ("node3", 1, 1) in result.spans and ("node1", 0, 1) in result.spans
+        assert [name for name, _ in result.steps] == [
+            "confirmed", "surveyed", "planned", "stopped", "hello", "started"]
+        recorded = json.loads((tmp_path / "state" / "t" / "_coordinator" / "recovery.json")
+                              .read_text())
+        assert list(recorded["steps"]) == [name for name, _ in result.steps]
         assert await _generated(s.url) == 8
     finally:
         await s.stop()
         await cluster.close()
         await cluster.down()
         await cluster.close()
+
+
+async def test_a_standby_frozen_before_the_recovery_reads_it_is_left_out_in_time(
+        tmp_path: Path) -> None:
+    """The recovery reads the standby's cache and probes it while it confirms the fault; a
+    standby that froze since its last status (every process SIGSTOPped) answers neither, and
+    the recovery goes on without it after the node's status deadline: re-planned over the
+    worker that remains."""
+    from tests.netns_nodes import NamespacedNodes
+    from tests.sshd_cluster import SSHD
+
+    if os.geteuid() != 0 or not os.access(SSHD, os.X_OK):
+        pytest.skip("needs root and sshd (network and PID namespaces)")
+    from core.demo_model import ensure_demo_model
+
+    nodes = NamespacedNodes(tmp_path / "nodes", 3)
+    nodes.start()
+    cluster = None
+    try:
+        model = ensure_demo_model(tmp_path / "demo.gguf")
+        cfg = ssh_cluster_file(tmp_path, nodes, model, name="frozen")
+        with_standby(cfg, ["node3"])
+        cluster = Cluster(load_config(cfg))
+        assert not [r.error for r in await operations.cache_warm(cluster, ["node3"])
+                    if r.error]
+        await operations.up(cluster)
+        assert cluster.nodes["node3"].state == "ready"
+        recoverer = cluster.engine.recoverer(cluster)
+        await cluster.refresh_coordinator()
+        assert cluster.coordinator.state == "ready"
+        recoverer.saw_ready(cluster.coordinator.pid)
+        os.kill(nodes.host_pid("node2", cluster.nodes["node2"].pid or 0), signal.SIGKILL)
+        await _until_failed(cluster, "node2")
+        nodes.freeze("node3")  # its last status still says ready
+        assert cluster.nodes["node3"].state == "ready"
+        result = await asyncio.wait_for(recoverer.maybe_recover(), 60)
+        assert result is not None and result.outcome == RECOVERED, result
+        assert result.workers == ("node1",), result.reason
+        assert "node3" not in result.reason.split("without")[0]
+        steps = dict(result.steps)
+        deadline = 2 * cluster.config.node("node3").ssh.status_timeout
+        # bounded by node3's deadline (a generous margin: 2 shared cores), never open-ended
+        assert steps["surveyed"] <= deadline + 3.0, result.steps
+        assert await _generated(cluster.coordinator.url) == 8
+    finally:
+        nodes.thaw("node3")
+        if cluster is not None:
+            await cluster.close()
+            await cluster.down()
+            await cluster.close()
+        nodes.stop()
+
+
+async def _until_failed(cluster: Cluster, name: str) -> None:
+    for _ in range(100):
+        if (await cluster.probe_node(name)).state == "failed":
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{name} never failed")

@@ -4,6 +4,7 @@ beside the coordinator, for `status` from any shell) and its one-line descriptio
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,13 +37,23 @@ class RecoveryResult:
         return data
 
 
-def format_steps(steps: tuple[tuple[str, float], ...]) -> str:
-    """`confirmed +0.31 s, probed +0.12 s, ...`: each step's own share of the time."""
+def format_steps(steps: Sequence[tuple[str, float]]) -> str:
+    """`confirmed +0.31 s, surveyed +0.02 s, ...`: each step's own share of the time."""
     out, last = [], 0.0
     for name, at in steps:
         out.append(f"{name} +{at - last:.2f} s")
         last = at
     return ", ".join(out)
+
+
+def _steps(record: dict[str, Any]) -> list[tuple[str, float]]:
+    steps = record.get("steps")
+    if not isinstance(steps, dict):
+        return []
+    try:
+        return [(str(k), float(v)) for k, v in steps.items()]
+    except (TypeError, ValueError):
+        return []
 
 
 def format_recovery(record: dict[str, Any]) -> str:
@@ -52,6 +63,8 @@ def format_recovery(record: dict[str, Any]) -> str:
     outcome = record.get("outcome", "?")
     if outcome == RECOVERED:
         workers = ", ".join(record.get("workers", ())) or "none"
+        steps = _steps(record)
         return (f"recovered at {when} in {float(record.get('recovered_after') or 0):.1f} s: "
-                f"coordinator restarted over {workers} (left out: {lost})")
+                f"coordinator restarted over {workers} (left out: {lost})"
+                + (f"; from the detection: {format_steps(steps)}" if steps else ""))
     return f"{outcome} at {when} (lost: {lost}): {record.get('reason', '')}"
