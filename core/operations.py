@@ -22,8 +22,8 @@ from core.reach.probe import NodeProbe, probe_node, probe_nodes
 from core.reach.transport import LocalTransport, TransportError
 from core.status import ClusterStatus, CoordinatorStatus, Level, NodeState, NodeStatus
 from core.supervision.throughput import ThroughputSample
-from core.units import format_bytes
 from core.weight_cache import PruneResult, WarmProgress, WarmResult, WarmthReport
+from core.weight_cache_view import plan_json, plan_lines
 
 SMOKE_PROMPT = "The capital of France is"
 
@@ -108,25 +108,9 @@ async def plan_preview(cluster: Cluster) -> PlanView:
     except OperationError as exc:
         lines = [f"weight caches: not read ({'; '.join(exc.problems)})"]
         return replace(planned, text=planned.text + "\n" + "\n".join(lines))
-    lines = ["", "weight caches (what a load would still send to each node):"]
-    for node in report.nodes:
-        if node.error:
-            lines.append(f"  {node.name}: {node.error}")
-        elif node.planned is None:
-            lines.append(f"  {node.name}: not in the plan; its cache holds "
-                         f"{format_bytes(node.cache_bytes)}")
-        elif node.standby:
-            first, count = node.planned
-            lines.append(f"  {node.name}: standby (not in the plan), {node.warm_share:.0%} of "
-                         f"blocks {first}-{first + count - 1} warm for a recovery onto it")
-        else:
-            lines.append(f"  {node.name}: sends {format_bytes(node.send_bytes)} "
-                         f"({node.warm_share:.0%} of its {format_bytes(node.cacheable_bytes)} "
-                         "of cacheable tensors warm)")
-    data = {**planned.json, "cache": [
-        {"node": n.name, "planned": list(n.planned) if n.planned else None,
-         "send_bytes": n.send_bytes if n.planned else None, "warm_share": n.warm_share,
-         "cache_bytes": n.cache_bytes, "error": n.error} for n in report.nodes]}
+    lines = ["", "weight caches (what a load would still send to each node):",
+             *plan_lines(report)]
+    data = {**planned.json, "cache": plan_json(report)}
     return replace(planned, text=planned.text + "\n" + "\n".join(lines), json=data)
 
 

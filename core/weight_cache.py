@@ -4,7 +4,10 @@ and prune results. Engines fill these in; the CLI and the dashboard print them."
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+
+from core.units import format_age, format_bytes
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,21 @@ class PartWarmth:
     @property
     def cold(self) -> bool:
         return self.warm_bytes < self.cacheable_bytes
+
+
+@dataclass(frozen=True)
+class LinkRate:
+    """The measured rate of the link a load uses (this machine to the worker's RPC port)."""
+
+    bytes_per_second: float
+    measured_at: float  # time.time()
+    sent_bytes: int
+    seconds: float
+
+    def describe(self, now: float | None = None) -> str:
+        """`23.7 MiB/s (measured 5 min ago)`."""
+        age = format_age((now if now is not None else time.time()) - self.measured_at)
+        return f"{format_bytes(self.bytes_per_second)}/s (measured {age})"
 
 
 @dataclass(frozen=True)
@@ -36,11 +54,19 @@ class NodeWarmth:
     free_bytes: int | None
     parts: tuple[PartWarmth, ...] = ()
     standby: bool = False  # [plan] standby: `planned` is the blocks it would take over
+    link: LinkRate | None = None  # None: not measured (torbiz-tui calibrate)
 
     @property
     def send_bytes(self) -> int:
         """What a load would still send to this node."""
         return self.cacheable_bytes - self.warm_bytes + self.small_bytes
+
+    @property
+    def load_seconds(self) -> float | None:
+        """What sending `send_bytes` takes at the measured link rate; None when unknown."""
+        if self.link is None or self.link.bytes_per_second <= 0:
+            return None
+        return self.send_bytes / self.link.bytes_per_second
 
     @property
     def warm_share(self) -> float:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from core.config import NodeConfig
 from core.engines.base import EngineContext, EngineError, Span
-from core.engines.llama_rpc import standby, warm
+from core.engines.llama_rpc import link_rate, standby, warm
 from core.engines.llama_rpc.manifest import Manifest, ManifestError, load_manifest
 from core.reach.transport import TransportError
 from core.weight_cache import NodeWarmth, PruneResult, WarmResult, WarmthReport
@@ -45,7 +45,9 @@ async def warmth(ctx: EngineContext, nodes: Sequence[NodeConfig],
 
     rows = await asyncio.gather(*(one(n) for n in nodes))
     standbys = set(standby.standby_names(ctx.config))
-    rows = [dataclasses.replace(r, standby=r.name in standbys) for r in rows]
+    links = await asyncio.to_thread(lambda: [link_rate.load(ctx.config, n) for n in nodes])
+    rows = [dataclasses.replace(r, standby=r.name in standbys, link=link)
+            for r, link in zip(rows, links, strict=True)]
     cacheable = sum(t.size for t in manifest.cacheable())
     return WarmthReport(manifest.path, manifest.size,
                         cacheable / manifest.size if manifest.size else 0.0, tuple(rows))

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from core.engines.llama_rpc import calibrate as cal
+from core.engines.llama_rpc import link_rate
 from core.engines.llama_rpc.calibrate import Calibration, CalibrationError
 from core.engines.llama_rpc.coordinator import CoordinatorError, find_coordinator_binary
 from core.engines.llama_rpc.rpc import HelloError, hello
@@ -73,6 +74,7 @@ async def run(engine: CalibratingEngine, names: Sequence[str], force: bool,
                          "(placed by memory)")
             continue
         lines.append(cal.describe(found))
+        lines.append(await link_rate.calibrate_link(config, node, engine.runner, force))
     return lines
 
 
