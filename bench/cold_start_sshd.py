@@ -99,18 +99,20 @@ async def sshd_rounds(model: Path, rate: str, workdir: Path,
                 await operations.up(cluster)
                 await asyncio.to_thread(_first_token, cluster.coordinator.url)
                 rows.append(SshdRow(label, time.monotonic() - started, warm_s,
-                                    crossed_since(rx0)))
+                                    crossed_since(rx0), predicted if not prewarm
+                                    and "cold" in label else ""))
                 print(f"  {label}: {rows[-1].took:.2f} s", file=sys.stderr, flush=True)
             finally:
                 await cluster.down()
                 await cluster.close()
 
         fresh(nodes.names)
+        predicted = await predicted_load(cfg, workers)
+        await timed_up("(a') torbiz up, cold", prewarm=False)
         if not recovery_only:
-            await timed_up("(a') torbiz up, cold", prewarm=False)
             fresh(nodes.names)
             await timed_up("(b) pre-warm pushed over SSH + up", prewarm=True)
-        await timed_up("(d') torbiz up, all warm", prewarm=False)
+            await timed_up("(d') torbiz up, all warm", prewarm=False)
 
         async def recovery(label: str, standby_warm: bool) -> None:
             fresh(["node3"])
@@ -183,6 +185,26 @@ async def sshd_rounds(model: Path, rate: str, workdir: Path,
     finally:
         nodes.stop()
     return rows
+
+
+async def predicted_load(cfg: Path, workers: list[str]) -> str:
+    """What `plan` predicts for a cold load: each worker's load link measured as `calibrate`
+    does (link_rate.py), the bytes a load would send over it."""
+    from core.engines.llama_rpc import link_rate
+    from core.weight_cache_view import plan_lines
+
+    cluster = Cluster(load_config(cfg))
+    try:
+        await cluster.start_workers(workers)
+        said = [await link_rate.calibrate_link(cluster.config, cluster.config.node(n),
+                                               cluster.engine.runner,  # type: ignore[attr-defined]
+                                               force=True) for n in workers]
+        report, _ = await operations.cache_report(cluster)
+        return "; ".join(said + [ln.strip() for ln in plan_lines(report)
+                                 if ln.strip().startswith(("the load", *workers))])
+    finally:
+        await cluster.down()
+        await cluster.close()
 
 
 def _planned(cluster: Cluster) -> dict[str, tuple[int, int]]:

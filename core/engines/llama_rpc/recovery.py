@@ -189,6 +189,7 @@ class Recoverer:
             await asyncio.sleep(CONFIRM_DELAY)
             await asyncio.gather(self.cluster.refresh_coordinator(),
                                  *(self.cluster.probe_node(n) for n in need[1]))
+            self._step("re-probed")
             need = await self.needed()
             if need is None or need in self._attempted:
                 return None
