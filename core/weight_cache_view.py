@@ -31,8 +31,10 @@ def plan_lines(report: WarmthReport) -> list[str]:
                          f"{format_bytes(node.cache_bytes)}")
         elif node.standby:
             first, count = node.planned
+            then = (f"; a recovery sends it at most {format_bytes(node.send_bytes)}, "
+                    f"{load_time(node)}" if node.link is not None else "")
             lines.append(f"  {node.name}: standby (not in the plan), {node.warm_share:.0%} of "
-                         f"blocks {first}-{first + count - 1} warm for a recovery onto it")
+                         f"blocks {first}-{first + count - 1} warm for a recovery onto it{then}")
         else:
             warm = (f"{node.warm_share:.0%} of its {format_bytes(node.cacheable_bytes)} of "
                     "cacheable tensors warm" if node.cacheable_bytes else
