@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.units import format_bytes
-from core.weight_cache import NodeWarmth, WarmthReport
+from core.weight_cache import NodeWarmth, WarmProgress, WarmResult, WarmthReport
 
 NOT_MEASURED = "link rate not measured: torbiz-tui calibrate"
 
@@ -57,3 +57,25 @@ def plan_json(report: WarmthReport) -> list[dict[str, Any]]:
              "link_bytes_per_second": n.link.bytes_per_second if n.link else None,
              "link_measured_at": n.link.measured_at if n.link else None,
              "load_seconds": n.load_seconds if n.planned else None} for n in report.nodes]
+
+
+def progress_line(p: WarmProgress) -> str:
+    """`node1: push 44.0 MiB / 132.0 MiB at 20.2 MiB/s, 4 s left` (a pre-warm under way)."""
+    eta = f", {p.eta_s:.0f} s left" if p.eta_s is not None else ""
+    state = "done" if p.finished else p.source
+    return (f"{p.node}: {state} {format_bytes(p.done_bytes)} / {format_bytes(p.total_bytes)} "
+            f"at {format_bytes(p.rate)}/s{eta}")
+
+
+def result_lines(w: WarmResult) -> list[str]:
+    """A finished pre-warm of one node: what it wrote, from where, what it moved or evicted."""
+    if w.error:
+        return [f"error: {w.error}"]
+    lines = [f"{w.node}: {w.written} tensor(s), {format_bytes(w.written_bytes)} from its "
+             f"{w.source} in {w.elapsed_s:.1f} s; {w.skipped} already warm"]
+    lines += [f"  {sentence}" for sentence in w.moved_aside]
+    if w.evicted:
+        lines.append(f"  evicted {len(w.evicted)} file(s), "
+                     f"{format_bytes(sum(s for _, s in w.evicted))}, oldest first, to stay "
+                     "within its cache_limit_gb: " + " ".join(h for h, _ in w.evicted))
+    return lines

@@ -15,6 +15,7 @@ from core.config import ClusterConfig
 from core.operations import OperationError
 from core.units import format_bytes, table_lines
 from core.weight_cache import NodeWarmth, WarmProgress, WarmthReport
+from core.weight_cache_view import progress_line, result_lines
 from tui.cli_format import print_problems
 from tui.text import sanitize
 
@@ -79,10 +80,7 @@ def _progress_printer() -> Callable[[WarmProgress], None]:
         last[p.node] = now
         if p.error:
             return  # said once at the end
-        eta = f", {p.eta_s:.0f} s left" if p.eta_s is not None else ""
-        state = "done" if p.finished else p.source
-        print(f"{p.node}: {state} {format_bytes(p.done_bytes)} / {format_bytes(p.total_bytes)} "
-              f"at {format_bytes(p.rate)}/s{eta}", file=sys.stderr, flush=True)
+        print(sanitize(progress_line(p)), file=sys.stderr, flush=True)
 
     return show
 
@@ -113,22 +111,10 @@ async def run_cache(config: ClusterConfig, args: argparse.Namespace) -> int:
             names = args.nodes or None
             warmed = await operations.cache_warm(cluster, names, verify=args.verify,
                                                  progress=_progress_printer())
-            failed = 0
             for w in warmed:
-                if w.error:
-                    failed += 1
-                    print(f"error: {sanitize(w.error)}")
-                    continue
-                print(f"{w.node}: {w.written} tensor(s), {format_bytes(w.written_bytes)} from "
-                      f"its {w.source} in {w.elapsed_s:.1f} s; {w.skipped} already warm")
-                for sentence in w.moved_aside:
-                    print(f"  {sanitize(sentence)}")
-                if w.evicted:
-                    print(f"  evicted {len(w.evicted)} file(s), "
-                          f"{format_bytes(sum(s for _, s in w.evicted))}, oldest first, to "
-                          "stay within its cache_limit_gb: "
-                          + " ".join(h for h, _ in w.evicted))
-            return 1 if failed else 0
+                for line in result_lines(w):
+                    print(sanitize(line))
+            return 1 if any(w.error for w in warmed) else 0
         if args.verify:
             for sentence in await operations.cache_verify(cluster, args.nodes or None):
                 print(sanitize(sentence))

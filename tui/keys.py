@@ -30,6 +30,9 @@ MAIN_BINDINGS: list[BindingType] = [
             tooltip="Stop the coordinator (asks first)"),
     Binding("p", "plan", "Plan", tooltip="Preview the plan: which blocks go on which node, "
                                          "from the model and each node's free memory"),
+    Binding("w", "warm_cache", "Warm",
+            tooltip="Pre-warm the weight caches of the plan's workers and the standbys (as "
+                    "torbiz-tui cache warm), each node's progress shown"),
     Binding("u", "up", "Up", tooltip="Bring the whole cluster up as planned: preflight, "
                                      "workers, then the coordinator"),
     Binding("b", "rebalance", "Rebalance",

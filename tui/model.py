@@ -38,7 +38,7 @@ STOPPING = "stopping"  # while a stop is in flight (the core reports only the ou
 COORDINATOR = "coordinator"  # busy key for a coordinator action
 WHOLE_CLUSTER = "*"  # busy key for up/down
 CHANGES_CLUSTER = frozenset({"start_node", "stop_node", "restart_node", "start_coordinator",
-                             "stop_coordinator", "up", "down", "rebalance"})
+                             "stop_coordinator", "up", "down", "rebalance", "warm_cache"})
 NEEDS_NODE = frozenset({"start_node", "stop_node", "restart_node", "logs"})
 # The keys whose state (shown, greyed, hidden) changes with the cluster.
 KEYED_ACTIONS = tuple(sorted(CHANGES_CLUSTER | NEEDS_NODE | {"generate"}))

@@ -34,6 +34,7 @@ from tui.screens.dialogs import ConfirmScreen, QuitChoice, QuitScreen
 from tui.screens.help import HelpScreen
 from tui.screens.logs import LogsScreen
 from tui.screens.plan import PlanScreen
+from tui.screens.warm_action import WarmAction
 from tui.text import sanitize
 from tui.widgets.coordinator_bar import CoordinatorBar
 from tui.widgets.layer_map import LayerMapView
@@ -48,7 +49,7 @@ SEVERITY: dict[Level, SeverityLevel] = {Level.ERROR: "error", Level.WARNING: "wa
                                         Level.INFO: "information"}
 
 
-class MainScreen(ClusterWorkers):
+class MainScreen(WarmAction):
     """Header, status line, node table (+ filter), coordinator row, the panels row for the
     layer map and throughput, the selected node's log, footer."""
 
@@ -79,6 +80,7 @@ class MainScreen(ClusterWorkers):
         yield self.status_line
         yield self.table
         yield self.node_filter
+        yield self.warm_panel
         with Horizontal(id="coordinator-row"):
             yield self.bar
             yield self.progress
@@ -298,6 +300,8 @@ class MainScreen(ClusterWorkers):
         """False hides a key (read-only mode), None greys it out (makes no sense right now)."""
         if self._gone():
             return True
+        if action == "warm_cache":
+            return self.warm_key()
         found = self.model.check(action, self._selected()).key
         return True if found == Key.ENABLED else None if found == Key.GREYED else False
 
