@@ -30,7 +30,8 @@ MAIN_BINDINGS: list[BindingType] = [
             tooltip="Stop the coordinator (asks first)"),
     Binding("p", "plan", "Plan", tooltip="Preview the plan: which blocks go on which node, "
                                          "from the model and each node's free memory"),
-    Binding("w", "warm_cache", "Warm",
+    # Not in the footer (it is full at 140 columns): in the help and the palette.
+    Binding("w", "warm_cache", "Warm", show=False,
             tooltip="Pre-warm the weight caches of the plan's workers and the standbys (as "
                     "torbiz-tui cache warm), each node's progress shown"),
     Binding("u", "up", "Up", tooltip="Bring the whole cluster up as planned: preflight, "
