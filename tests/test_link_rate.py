@@ -32,12 +32,12 @@ SHAPED_BYTES_PER_S = 40e6 / 8
 def _needs() -> None:
     if not (find_cached_binary("ggml-rpc-server") and find_cached_binary("llama-server")):
         pytest.skip("llama.cpp binaries not built: run `torbiz-tui build-llama`")
-    if os.geteuid() != 0 or not os.access(SSHD, os.X_OK):
-        pytest.skip("needs root and sshd (network and PID namespaces)")
 
 
 async def test_calibrate_measures_the_shaped_link_and_plan_predicts_the_load(
         tmp_path: Path) -> None:
+    if os.geteuid() != 0 or not os.access(SSHD, os.X_OK):
+        pytest.skip("needs root and sshd (network and PID namespaces)")
     nodes = NamespacedNodes(tmp_path / "nodes", 2)
     nodes.start()
     cluster = None
@@ -85,3 +85,45 @@ async def test_calibrate_measures_the_shaped_link_and_plan_predicts_the_load(
             await cluster.down()
             await cluster.close()
         nodes.stop()
+
+
+async def test_a_local_worker_survives_the_transfer_and_a_busy_one_is_named(
+        tmp_path: Path) -> None:
+    """On loopback (no shaping): the transfer ends with the worker still serving, nothing in its
+    cache; while another client holds the worker, the sentence says so instead of hanging."""
+    import asyncio
+    import subprocess
+
+    from tests.cluster_files import free_port
+
+    binary = find_cached_binary("ggml-rpc-server")
+    assert binary is not None
+    port = free_port()
+    cache = tmp_path / "cache"
+    worker = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port), "-c"],
+                              env={**os.environ, "LLAMA_CACHE": str(cache)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                await hello("127.0.0.1", port, timeout=1.0)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                await asyncio.sleep(0.05)
+        rate = await link_rate.measure("127.0.0.1", port)
+        assert rate.bytes_per_second > 0 and rate.sent_bytes >= link_rate.FIRST
+        assert worker.poll() is None
+        assert (await hello("127.0.0.1", port)).major == link_rate.PROTOCOL_MAJOR
+        assert not [p for p in cache.rglob("*") if p.is_file()]  # cache flag 0: nothing kept
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # holds the worker
+        try:
+            with pytest.raises(link_rate.LinkRateError, match="a coordinator holds it"):
+                await link_rate.measure("127.0.0.1", port, timeout=1.0)
+        finally:
+            writer.close()
+        assert worker.poll() is None
+    finally:
+        worker.kill()
+        worker.wait()

@@ -156,9 +156,9 @@ async def _timed(rpc: _Rpc, budget_s: float) -> LinkRate:
             await rpc.reply(8, wait)
             return time.monotonic() - started
 
-        first = await send(FIRST, rpc.timeout + FIRST / 125_000)  # >= 1 Mbit/s
+        first = await send(FIRST, rpc.timeout + FIRST / 12_500)  # a link of 100 kbit/s
         guess = FIRST / max(first, 1e-6)
-        total = int(min(MAX_BYTES, max(FIRST * 4, guess * budget_s))) // 4096 * 4096
+        total = int(min(MAX_BYTES, max(FIRST, guess * budget_s))) // 4096 * 4096
         seconds = await send(total, 4 * budget_s + rpc.timeout + total / max(guess, 1.0))
         return LinkRate(total / seconds, time.time(), total, seconds)
     finally:
