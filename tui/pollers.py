@@ -13,6 +13,7 @@ from core import operations
 from core.cluster import Cluster
 from core.planning.layer_map import PLAN, LayerMap
 from core.status import READY, STARTING
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.supervisor import Supervisor
 from core.supervision.throughput import ThroughputSample
 from tui.model import COORDINATOR, WHOLE_CLUSTER, describe_resources
@@ -87,7 +88,8 @@ async def resources_forever(cluster: Cluster, deliver: Callable[[str, str, str],
 
 async def metrics_forever(cluster: Cluster,
                           deliver_map: Callable[[LayerMap | None, str], object],
-                          deliver_sample: Callable[[ThroughputSample | None, str], object],
+                          deliver_sample: Callable[[ThroughputSample | None, str,
+                                                    Bottleneck | None], object],
                           idle_note: Callable[[str], str]) -> None:
     """The layer map and the throughput, one poll of each in flight: throughput every
     METRICS_INTERVAL while the coordinator serves; the map at the engine's pace while the
@@ -121,10 +123,16 @@ async def metrics_forever(cluster: Cluster,
             shown_idle = False
             try:
                 sample = await operations.throughput(cluster)
-                deliver_sample(sample, "" if sample is not None else "no answer from /metrics")
             except Exception as exc:
-                deliver_sample(None, f"throughput: {exc}")
+                deliver_sample(None, f"throughput: {exc}", None)
+            else:
+                try:
+                    found = await operations.bottleneck(cluster)
+                except Exception:  # a view: the rates still show without it
+                    found = None
+                deliver_sample(sample, "" if sample is not None else "no answer from /metrics",
+                               found)
         elif not shown_idle:
             shown_idle = True
-            deliver_sample(None, idle_note(state))
+            deliver_sample(None, idle_note(state), None)
         await asyncio.sleep(METRICS_INTERVAL)

@@ -34,6 +34,7 @@ from core.status import (
     NodeState,
     NodeStatus,
 )
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.throughput import ThroughputSample
 from core.weight_cache import PruneResult, WarmResult, WarmthReport
 
@@ -211,6 +212,11 @@ class Engine(abc.ABC):
 
     async def throughput(self) -> ThroughputSample | None:
         """A live sample of the serving side's rates, or None when the engine has none."""
+        return None
+
+    async def bottleneck(self, coordinator_pid: int | None) -> Bottleneck | None:
+        """Where each token's time goes while the cluster runs (the last figures while idle);
+        None when the engine cannot tell."""
         return None
 
     async def stalled_workers(self) -> dict[str, str]:

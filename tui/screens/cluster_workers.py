@@ -24,6 +24,7 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.supervisor import Supervisor
 from core.supervision.throughput import ThroughputSample
 from tui import pollers
@@ -78,6 +79,7 @@ class ClusterWorkers(Screen[None]):
     class ThroughputUpdated(Message):
         sample: ThroughputSample | None
         error: str = ""
+        bottleneck: Bottleneck | None = None
 
     @dataclass
     class ResourcesUpdated(Message):
@@ -168,7 +170,8 @@ class ClusterWorkers(Screen[None]):
         await pollers.metrics_forever(
             self.cluster,
             lambda found, error: self.post_message(self.LayerMapUpdated(found, error)),
-            lambda sample, error: self.post_message(self.ThroughputUpdated(sample, error)),
+            lambda sample, error, found: self.post_message(
+                self.ThroughputUpdated(sample, error, found)),
             self.model.idle_throughput_note)
 
     @work(exclusive=True, group="log", exit_on_error=False)

@@ -174,8 +174,10 @@ class MainScreen(ClusterWorkers):
     def _throughput_updated(self, message: ClusterWorkers.ThroughputUpdated) -> None:
         if self._gone():
             return
-        self._draw(Changed(self.model.throughput_changed(message.sample, message.error)))
+        self._draw(Changed(self.model.throughput_changed(message.sample, message.error,
+                                                         message.bottleneck)))
         self.throughput.show_sample(message.sample, message.error)
+        self.layer_map.show_bottleneck(message.bottleneck)
 
     @on(ClusterWorkers.ResourcesUpdated)
     def _resources_updated(self, message: ClusterWorkers.ResourcesUpdated) -> None:

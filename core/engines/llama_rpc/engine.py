@@ -25,6 +25,7 @@ from core.engines.base import (
 )
 from core.engines.llama_rpc import cache_ops, doctor, generate, standby
 from core.engines.llama_rpc import rpc as llama_rpc
+from core.engines.llama_rpc.bottleneck_view import RunningShares
 from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
     api_exposure,
@@ -57,6 +58,7 @@ from core.status import (
     NodeStatus,
     rounded_ms,
 )
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.load_log import LoadReport, parse_load_log
 from core.supervision.throughput import ThroughputMonitor, ThroughputSample, parse_slots
 from core.weight_cache import PruneResult, WarmResult, WarmthReport
@@ -81,6 +83,7 @@ class LlamaRpcEngine(Engine):
         self._http: httpx.AsyncClient | None = None
         self._stalls = StallWatch()
         self._stopped: dict[str, str] = {}  # node -> why its stopped worker stalls requests
+        self._shares = RunningShares(self.config)
 
     def nodes(self) -> list[NodeConfig]:
         return [n for n in self.config.nodes if n.backend == self.name]
@@ -112,6 +115,7 @@ class LlamaRpcEngine(Engine):
                 return self.status(node, NodeState.NOT_RESPONDING, proc.pid, stopped,
                                    started_at=self.started_at(node.name, proc),
                                    probe_ms=probe_ms)
+        self._shares.node_cpu(node.name, proc.cpu_s if proc.state == "running" else None)
         if proc.state == "running":
             ready = await self._listening(node, proc)
             return self.status(node, NodeState.READY if ready else NodeState.STARTING, proc.pid,
@@ -266,12 +270,27 @@ class LlamaRpcEngine(Engine):
                                                  client=self._client())
         return await self._throughput.poll()
 
+    async def bottleneck(self, coordinator_pid: int | None) -> Bottleneck | None:
+        """Where each token's time goes now (or last, while idle)."""
+        sample = self._throughput.latest if self._throughput is not None else None
+
+        async def probe(names: Sequence[str]) -> None:
+            await asyncio.gather(*(self.probe_node(self.config.node(n)) for n in names),
+                                 return_exceptions=True)
+
+        return await self._shares.update(sample, coordinator_pid, probe)
+
     async def status_detail(self, base: ClusterStatus) -> ClusterStatus:
         if base.coordinator.state == NodeState.STOPPED:
             return base
         layers, sample = await asyncio.gather(self.layer_shares(), self.throughput())
+        if sample is not None and sample.requests_processing and not sample.running_tps:
+            await asyncio.sleep(0.5)  # a one-shot look: the running rate needs a second poll
+            sample = await self.throughput()
+        found = await self.bottleneck(base.coordinator.pid)
         return replace(base, layers=layers,
-                       throughput=asdict(sample) if sample is not None else None)
+                       throughput=asdict(sample) if sample is not None else None,
+                       bottleneck=found.to_json() if found is not None else None)
 
     async def generate(self, prompt: str, tokens: int, timeout: float) -> Generation:
         return await generate.through_coordinator(self.config, prompt, tokens, timeout)
