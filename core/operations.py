@@ -294,6 +294,11 @@ async def bottleneck(cluster: Cluster) -> Bottleneck | None:
     return await cluster.engine.bottleneck(cluster.coordinator.pid)
 
 
+async def predicted_tps(cluster: Cluster) -> float | None:
+    """The speed model's generation tok/s for the running plan, from the calibration cache."""
+    return await cluster.engine.predicted_tps()
+
+
 # ---- generate -----------------------------------------------------------------------------------
 
 async def generate(cluster: Cluster, prompt: str = SMOKE_PROMPT, tokens: int = 16,

@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from core import operations
 from core.cluster import Cluster
 from core.config import load_config
 from core.demo_model import write_demo_model
 from core.engines.llama_rpc.build import find_cached_binary
+from core.metrics_export import ClusterCollector, Figures
+from core.status import ClusterStatus, CoordinatorStatus
 from tests.cluster_files import free_port, toml_text
 from tests.latency_relay import LatencyRelay
+from tui.cli_format import format_status
 
 pytestmark = pytest.mark.skipif(
     find_cached_binary("ggml-rpc-server") is None or find_cached_binary("llama-server") is None,
@@ -97,3 +103,22 @@ def test_the_slow_link_is_the_bottleneck_while_it_runs_and_after(tmp_path: Path)
     assert {n["node"] for n in neck["nodes"]} == {"coordinator", "fast", "slow"}
     assert after is not None and after.slowest is not None and after.slowest.node == "slow"
     assert after.age_s > 0  # idle: the last figures, with their age
+    # The same figures, as Prometheus text and as the headless `status` prints them.
+    status = load_status(report)
+    collector = ClusterCollector()
+    collector.figures = Figures(status, None, time.monotonic())
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    assert re.search(r'torbiz_node_token_time_share\{cluster="neck",node="slow"\} 0\.[5-9]', text)
+    assert 'torbiz_node_token_seconds{cluster="neck",node="slow",part="link"}' in text
+    assert "torbiz_token_seconds" in text
+    printed = format_status(status)
+    assert re.search(r"^  slow: \d+% \(compute \d+%, link \d+%\)  <- slowest$", printed, re.M), \
+        printed
+
+
+def load_status(report: dict[str, Any]) -> ClusterStatus:
+    """The JSON `status --json` printed, back into the status the exporter and the text use."""
+    return ClusterStatus(report["cluster"], (), CoordinatorStatus(), (), report["throughput"],
+                         bottleneck=report["bottleneck"])

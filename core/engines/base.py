@@ -219,6 +219,10 @@ class Engine(abc.ABC):
         None when the engine cannot tell."""
         return None
 
+    async def predicted_tps(self) -> float | None:
+        """The speed model's tok/s for the running plan (None: cannot predict it)."""
+        return None
+
     async def stalled_workers(self) -> dict[str, str]:
         """Workers holding up a request the serving side has stopped decoding (node -> the
         sentence), reported `not responding` even while their node answers; none by default."""

@@ -71,6 +71,31 @@ class Bottleneck:
                 f"token (compute {part.compute_s / self.token_s:.0%}, link "
                 f"{part.link_s / self.token_s:.0%})")
 
+    def lines(self) -> list[str]:
+        """The headless `status`'s lines: the token's time, then one line per part."""
+        when = "now" if self.age_s < 2 else f"measured {self.age_s:.0f} s ago"
+        out = [f"each token: {self.token_s * 1000:.1f} ms ({when}); where it goes:"]
+        slowest = self.slowest
+        for part in self.parts:
+            if part.node in self.unmeasured:
+                split_text = "compute and link not told apart: its CPU could not be read"
+            else:
+                split_text = (f"compute {part.compute_s / self.token_s:.0%}, link "
+                              f"{part.link_s / self.token_s:.0%}")
+            mark = "  <- slowest" if slowest is not None and part.node == slowest.node else ""
+            out.append(f"  {part.node}: {part.share:.0%} ({split_text}){mark}")
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], age_s: float) -> Bottleneck | None:
+        """What to_json wrote (None: not that shape)."""
+        try:
+            parts = tuple(PartShare(**part) for part in data["nodes"])
+            return cls(float(data["token_seconds"]), str(data["rate_from"]), parts,
+                       tuple(str(n) for n in data.get("unmeasured", ())), max(0.0, age_s))
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def to_json(self) -> dict[str, Any]:
         slowest = self.slowest
         return {"token_seconds": self.token_s, "rate_from": self.rate_from,

@@ -126,7 +126,7 @@ class LayerMapView(Static):
                 text.append(f"  {share}", style="bold red" if "◀" in share else "")
         if self.bottleneck is not None and self.bottleneck.slowest is not None:
             age = self.bottleneck.age_s
-            when = "" if age < 2 else f" ({self.bottleneck.rate_from}, {age:.0f} s ago)"
+            when = "" if age < 2 else f" (measured {age:.0f} s ago)"
             text.append(f"\n◀ {sanitize(self.bottleneck.sentence())}{when}", style="bold")
         if cold:
             text.append(f"\n{COLD} cold: {_blocks(cold)} not in their node's cache "

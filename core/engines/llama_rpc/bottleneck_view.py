@@ -22,7 +22,7 @@ from core.engines.llama_rpc import wait_sampler
 from core.engines.llama_rpc.serving import placement_file
 from core.planning.layer_map import COORDINATOR
 from core.state_file import read_json, write_json
-from core.supervision.bottleneck import Bottleneck, PartShare, split, token_seconds
+from core.supervision.bottleneck import Bottleneck, split, token_seconds
 from core.supervision.throughput import ThroughputSample
 
 BOTTLENECK_FILE = "bottleneck.json"
@@ -58,6 +58,29 @@ def _addresses(endpoint: str) -> set[tuple[str, int]]:
     except (OSError, UnicodeError):
         return set()
     return {(str(info[4][0]).split("%", 1)[0], int(port)) for info in infos}
+
+
+async def predicted_tps(config: ClusterConfig) -> float | None:
+    """The speed model's generation tok/s for the running plan (placement.json's spans) from
+    the calibration cache; None when anything in it is not calibrated or nothing runs."""
+    from core.engines.llama_rpc import calibrate_run
+    from core.planning.perf import ModelShape, predict
+    from core.planning.placement import PlacementError, read_model
+
+    placement = await asyncio.to_thread(read_json, placement_file(config)) or {}
+    spans = [(name, span[1]) for name, span in (placement.get("plan") or {}).items()
+             if isinstance(span, list) and len(span) == 2 and isinstance(span[1], int)]
+    if not spans:
+        return None
+    try:
+        model = await read_model(config)
+    except PlacementError:
+        return None
+    speeds, links = await asyncio.to_thread(calibrate_run.measured, config,
+                                            [name for name, _ in spans])
+    found = predict(spans, speeds, links, ModelShape(model.n_layers, model.n_embd),
+                    local=[COORDINATOR])
+    return found.tokens_per_s or None
 
 
 def _same_plan(found: Bottleneck, workers: Workers) -> bool:
@@ -141,12 +164,6 @@ class RunningShares:
 
     def _load(self) -> Bottleneck | None:
         data = read_json(self._file())
-        if data is None:
+        if data is None or not isinstance(data.get("at"), (int, float)):
             return None
-        try:
-            parts = tuple(PartShare(**part) for part in data["nodes"])
-            return Bottleneck(float(data["token_seconds"]), str(data["rate_from"]), parts,
-                              tuple(str(n) for n in data.get("unmeasured", ())),
-                              max(0.0, time.time() - float(data["at"])))
-        except (KeyError, TypeError, ValueError):
-            return None
+        return Bottleneck.from_json(data, time.time() - data["at"])

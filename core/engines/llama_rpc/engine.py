@@ -280,6 +280,11 @@ class LlamaRpcEngine(Engine):
 
         return await self._shares.update(sample, coordinator_pid, probe)
 
+    async def predicted_tps(self) -> float | None:
+        from core.engines.llama_rpc.bottleneck_view import predicted_tps
+
+        return await predicted_tps(self.config)
+
     async def status_detail(self, base: ClusterStatus) -> ClusterStatus:
         if base.coordinator.state == NodeState.STOPPED:
             return base
