@@ -122,3 +122,39 @@ def load_status(report: dict[str, Any]) -> ClusterStatus:
     """The JSON `status --json` printed, back into the status the exporter and the text use."""
     return ClusterStatus(report["cluster"], (), CoordinatorStatus(), (), report["throughput"],
                          bottleneck=report["bottleneck"])
+
+
+async def test_the_dashboard_marks_the_slow_node_while_a_request_runs(tmp_path: Path) -> None:
+    """The real dashboard (Pilot) over the same two workers: `u`, then a long request from
+    outside; the slow worker's TOKEN TIME cell ends in ◀ and the layer map names it."""
+    from tests.test_tui_pilot import SIZE, coordinator_state, wait_until
+    from tui.app import make_app
+    from tui.widgets.layer_map import LayerMapView
+    from tui.widgets.node_table import NodeTable
+
+    port = free_port()
+    relay = LatencyRelay("127.0.0.2", port, delay_s=DELAY_S, listen_port=port)
+    await relay.start()
+    config = load_config(cluster_file(tmp_path, port))
+    app = make_app(config)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("u")
+            await wait_until(pilot, lambda: coordinator_state(app) == "ready",
+                             "the coordinator ready", timeout=120)
+            request = asyncio.create_task(
+                long_request(f"http://127.0.0.1:{config.coordinator.port}", 400))
+            table = app.main.query_one(NodeTable)
+            await wait_until(pilot, lambda: table.get_cell("slow", "share").plain.endswith("◀"),
+                             "the slow worker marked slowest", timeout=60)
+            legend = str(app.main.query_one(LayerMapView).render())
+            assert "◀ slowest: slow, " in legend, legend
+            assert not table.get_cell("fast", "share").plain.endswith("◀")
+            await request
+    finally:
+        cleanup = Cluster(config)
+        try:
+            await operations.down(cleanup)
+        finally:
+            await cleanup.close()
+        await relay.stop()

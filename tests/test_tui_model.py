@@ -94,7 +94,8 @@ def test_a_row_joins_the_status_with_the_polls_cells() -> None:
     neck = Bottleneck(0.1, "running", (
         PartShare("coordinator", None, 0.01, 0.0, 0.1),
         PartShare("alpha", 4, 0.05, 0.03, 0.8)))
-    changed = model.throughput_changed(sample(9.5), "", neck)
+    model.throughput_changed(sample(9.5), "")
+    changed = model.bottleneck_changed(neck)
     assert [row.name for row in changed] == ["alpha"]  # beta holds no layers: no share
     cells = node_cells(model.nodes["alpha"])
     assert (cells["device"], cells["free"], cells["layers"], cells["share"], cells["latency"]) \
@@ -166,7 +167,8 @@ def test_an_engine_without_a_coordinator_hides_c_and_generates_through_its_worke
     assert model.can("generate")
     assert model.serving is not None and model.serving.title == "Petals swarm"
     assert model.serving.name == "torbiz-lab"
-    assert model.throughput_changed(None, "") == []  # no rates per node
+    model.throughput_changed(None, "")
+    assert model.bottleneck_changed(None) == []  # no shares per node
     assert "torbiz-tui generate" in model.idle_throughput_note("stopped")
     assert dashboard().serving is None
 

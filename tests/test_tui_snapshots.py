@@ -142,7 +142,8 @@ async def feed(pilot: Pilot[Any], coordinator: str = STARTING) -> None:
                 at=0.0, gen_tps=rate, prompt_tps=rate * 6, requests_processing=1,
                 requests_deferred=0, decoded_total=500, prompt_tokens_total=900,
                 slots_decoding=1, slots=(SlotProgress(0, 12, True, 214, 298, 300, 86, rate),),
-                running_tps=rate), "", NECK))
+                running_tps=rate)))
+        app.main.post_message(MainScreen.BottleneckUpdated(NECK))
     await settle(pilot)
     app.clear_notifications()  # toasts have their own timers: leave them out of the picture
     await settle(pilot)

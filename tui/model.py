@@ -184,7 +184,6 @@ class Dashboard:
         self.stale = False
         self.event_log: deque[str] = deque(maxlen=event_lines)
         self._busy: Counter[str] = Counter()
-        self._holding: set[str] = set()  # nodes the layer map shows holding blocks
         self._recent_errors: deque[str] = deque(maxlen=64)
 
     # ---- updates from the core's events -------------------------------------------------------
@@ -251,7 +250,6 @@ class Dashboard:
     def layer_map_changed(self, layer_map: LayerMap | None) -> list[NodeRow]:
         self.layer_map = layer_map
         held = {span.node: span for span in layer_map.spans} if layer_map else {}
-        self._holding = set(held)
         changed = []
         for name, row in self.nodes.items():
             span = held.get(name)
@@ -261,15 +259,15 @@ class Dashboard:
                 changed.append(self._set(replace(row, layers=layers)))
         return changed
 
-    def throughput_changed(self, sample: ThroughputSample | None, note: str = "",
-                           bottleneck: Bottleneck | None = None) -> list[NodeRow]:
+    def throughput_changed(self, sample: ThroughputSample | None, note: str = "") -> None:
         self.throughput, self.throughput_note = sample, note
-        self.bottleneck = bottleneck
-        if not self.capabilities.has_throughput:
-            return []
+
+    def bottleneck_changed(self, found: Bottleneck | None) -> list[NodeRow]:
+        """Each row's share of a token's time (the TOKEN TIME cells)."""
+        self.bottleneck = found
         changed = []
         for name, row in self.nodes.items():
-            share = bottleneck.cell(name) if bottleneck is not None else "-"
+            share = found.cell(name) if found is not None else "-"
             if share != row.share:
                 changed.append(self._set(replace(row, share=share)))
         return changed

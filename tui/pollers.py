@@ -24,6 +24,7 @@ PROBE_PARALLEL = 16  # as the Cluster's own fan-out
 METRICS_INTERVAL = 1.0  # seconds between throughput polls (one in flight)
 RESOURCES_INTERVAL = 30.0  # seconds between resource probes (device, free memory)
 WARMTH_INTERVAL = 15.0  # seconds between reads of the workers' weight caches (cold blocks)
+BOTTLENECK_INTERVAL = 1.0  # seconds between the end of one measurement and the next
 MAP_INTERVAL_LOADED = 15.0  # once llama-server has placed the model (else the engine's own)
 
 
@@ -88,8 +89,7 @@ async def resources_forever(cluster: Cluster, deliver: Callable[[str, str, str],
 
 async def metrics_forever(cluster: Cluster,
                           deliver_map: Callable[[LayerMap | None, str], object],
-                          deliver_sample: Callable[[ThroughputSample | None, str,
-                                                    Bottleneck | None], object],
+                          deliver_sample: Callable[[ThroughputSample | None, str], object],
                           idle_note: Callable[[str], str]) -> None:
     """The layer map and the throughput, one poll of each in flight: throughput every
     METRICS_INTERVAL while the coordinator serves; the map at the engine's pace while the
@@ -123,16 +123,26 @@ async def metrics_forever(cluster: Cluster,
             shown_idle = False
             try:
                 sample = await operations.throughput(cluster)
+                deliver_sample(sample, "" if sample is not None else "no answer from /metrics")
             except Exception as exc:
-                deliver_sample(None, f"throughput: {exc}", None)
-            else:
-                try:
-                    found = await operations.bottleneck(cluster)
-                except Exception:  # a view: the rates still show without it
-                    found = None
-                deliver_sample(sample, "" if sample is not None else "no answer from /metrics",
-                               found)
+                deliver_sample(None, f"throughput: {exc}")
         elif not shown_idle:
             shown_idle = True
-            deliver_sample(None, idle_note(state), None)
+            deliver_sample(None, idle_note(state))
         await asyncio.sleep(METRICS_INTERVAL)
+
+
+async def bottleneck_forever(cluster: Cluster,
+                             deliver: Callable[[Bottleneck | None], object]) -> None:
+    """Where each token's time goes: measured while requests run (each measurement samples
+    for about a second, so it has a loop of its own and never slows the throughput poll), the
+    last figures while idle, nothing while the coordinator does not serve."""
+    while True:
+        found = None
+        if cluster.capabilities.has_throughput and cluster.coordinator.state == READY:
+            try:
+                found = await operations.bottleneck(cluster)
+            except Exception:  # a view: the rates still show without it
+                found = None
+        deliver(found)
+        await asyncio.sleep(BOTTLENECK_INTERVAL)

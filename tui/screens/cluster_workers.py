@@ -79,7 +79,10 @@ class ClusterWorkers(Screen[None]):
     class ThroughputUpdated(Message):
         sample: ThroughputSample | None
         error: str = ""
-        bottleneck: Bottleneck | None = None
+
+    @dataclass
+    class BottleneckUpdated(Message):
+        found: Bottleneck | None
 
     @dataclass
     class ResourcesUpdated(Message):
@@ -135,6 +138,7 @@ class ClusterWorkers(Screen[None]):
         if self.live:
             self.poll()
             self.poll_metrics()
+            self.poll_bottleneck()
             self.poll_resources()
 
     def _on_cluster_event(self, event: Event) -> None:
@@ -170,9 +174,13 @@ class ClusterWorkers(Screen[None]):
         await pollers.metrics_forever(
             self.cluster,
             lambda found, error: self.post_message(self.LayerMapUpdated(found, error)),
-            lambda sample, error, found: self.post_message(
-                self.ThroughputUpdated(sample, error, found)),
+            lambda sample, error: self.post_message(self.ThroughputUpdated(sample, error)),
             self.model.idle_throughput_note)
+
+    @work(exclusive=True, group="bottleneck", exit_on_error=False)
+    async def poll_bottleneck(self) -> None:
+        await pollers.bottleneck_forever(
+            self.cluster, lambda found: self.post_message(self.BottleneckUpdated(found)))
 
     @work(exclusive=True, group="log", exit_on_error=False)
     async def follow_log(self, name: str) -> None:
