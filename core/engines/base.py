@@ -223,7 +223,7 @@ class Engine(abc.ABC):
         """The speed model's tok/s for the running plan (None: cannot predict it)."""
         return None
 
-    async def stalled_workers(self) -> dict[str, str]:
+    async def stalled_workers(self, coordinator_pid: int | None) -> dict[str, str]:
         """Workers holding up a request the serving side has stopped decoding (node -> the
         sentence), reported `not responding` even while their node answers; none by default."""
         return {}

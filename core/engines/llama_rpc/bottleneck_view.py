@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -41,23 +39,6 @@ def _workers(plan: dict[str, Any]) -> Workers:
         if isinstance(span[1], int) and span[1] > 0:
             found.append((name, span[1]))
     return found
-
-
-def _addresses(endpoint: str) -> set[tuple[str, int]]:
-    """The (ip, port) pairs an endpoint "host:port" may connect to (resolved here)."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit():
-        return set()
-    host = host.strip("[]")
-    try:
-        return {(str(ipaddress.ip_address(host)), int(port))}
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return set()
-    return {(str(info[4][0]).split("%", 1)[0], int(port)) for info in infos}
 
 
 async def predicted_tps(config: ClusterConfig) -> float | None:
@@ -133,7 +114,8 @@ class RunningShares:
         names = [name for name, _ in workers]
         owner: dict[tuple[str, int], str] = {}
         for name in names:
-            for address in await asyncio.to_thread(_addresses, endpoints.get(name, "")):
+            for address in await asyncio.to_thread(wait_sampler.endpoint_addresses,
+                                                   endpoints.get(name, "")):
                 owner[address] = name
         await probe(names)
         before = {name: self._cpu.get(name) for name in names}

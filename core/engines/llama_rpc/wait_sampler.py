@@ -18,7 +18,9 @@ It needs no protocol knowledge and sends nothing: a delay added anywhere between
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -58,11 +60,26 @@ def _hex_address(text: str) -> tuple[str, int] | None:
     if len(packed) == 4:
         return ".".join(str(b) for b in packed), number
     if len(packed) == 16:
-        import ipaddress
-
         ip = ipaddress.IPv6Address(packed)
         return (str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)), number
     return None
+
+
+def endpoint_addresses(endpoint: str) -> set[tuple[str, int]]:
+    """The (ip, port) pairs an endpoint "host:port" may connect to (resolved here)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        return set()
+    host = host.strip("[]")
+    try:
+        return {(str(ipaddress.ip_address(host)), int(port))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return set()
+    return {(str(info[4][0]).split("%", 1)[0], int(port)) for info in infos}
 
 
 def socket_peers(pid: int) -> dict[int, tuple[str, int]]:
