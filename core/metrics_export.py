@@ -32,7 +32,6 @@ class Figures:
     recovery: dict[str, Any] | None
     at: float  # time.monotonic() when the round ended
     predicted_tps: float | None = None
-    node_share: dict[str, float] | None = None  # node: its measured share of a token's time
 
 
 def _number(value: Any) -> float | None:
@@ -121,13 +120,30 @@ class ClusterCollector(Collector):
                 family = GaugeMetricFamily(name, text, labels=["cluster"])
                 family.add_metric([status.name], value)
                 out.append(family)
-        if figures.node_share:
+        neck = status.bottleneck
+        if neck and isinstance(neck.get("nodes"), list):
             share = GaugeMetricFamily("torbiz_node_token_time_share",
                                       "the node's measured share of each token's time",
                                       labels=["cluster", "node"])
-            for node, value in figures.node_share.items():
-                share.add_metric([status.name, node], value)
-            out.append(share)
+            seconds = GaugeMetricFamily("torbiz_node_token_seconds",
+                                        "measured seconds of each token on the node, by part",
+                                        labels=["cluster", "node", "part"])
+            for part in neck["nodes"]:
+                node = str(part.get("node", ""))
+                for value, family, extra in ((part.get("share"), share, []),
+                                             (part.get("compute_s"), seconds, ["compute"]),
+                                             (part.get("link_s"), seconds, ["link"])):
+                    number = _number(value)
+                    if number is not None:
+                        family.add_metric([status.name, node, *extra], number)
+            token = _number(neck.get("token_seconds"))
+            if token:
+                family = GaugeMetricFamily("torbiz_token_seconds",
+                                           "measured time per token (per request)",
+                                           labels=["cluster"])
+                family.add_metric([status.name], token)
+                out.append(family)
+            out += [share, seconds]
         return out
 
     @staticmethod

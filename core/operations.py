@@ -21,6 +21,7 @@ from core.reach import detached
 from core.reach.probe import NodeProbe, probe_node, probe_nodes
 from core.reach.transport import LocalTransport, TransportError
 from core.status import ClusterStatus, CoordinatorStatus, Level, NodeState, NodeStatus
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.throughput import ThroughputSample
 from core.weight_cache import PruneResult, WarmProgress, WarmResult, WarmthReport
 from core.weight_cache_view import plan_json, plan_lines
@@ -269,6 +270,17 @@ async def cold_blocks(cluster: Cluster, layer_map: LayerMap) -> tuple[int, ...]:
 async def throughput(cluster: Cluster) -> ThroughputSample | None:
     """A live sample of the serving side's rates (None when the engine has none)."""
     return await cluster.engine.throughput()
+
+
+async def bottleneck(cluster: Cluster) -> Bottleneck | None:
+    """Per node, its share of each token's time (compute vs link), the slowest first in line;
+    the last figures while idle; None when the engine cannot tell or nothing ran yet."""
+    return await cluster.engine.bottleneck(cluster.coordinator.pid)
+
+
+async def predicted_tps(cluster: Cluster) -> float | None:
+    """The speed model's generation tok/s for the running plan, from the calibration cache."""
+    return await cluster.engine.predicted_tps()
 
 
 # ---- generate -----------------------------------------------------------------------------------

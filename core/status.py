@@ -125,6 +125,7 @@ class ClusterStatus:
     throughput: dict[str, Any] | None = None
     blocks: tuple[BlockInfo, ...] = ()  # Petals: every block and who serves it (DHT)
     unserved: tuple[int, ...] = ()  # Petals: blocks no live ONLINE server serves
+    bottleneck: dict[str, Any] | None = None  # where each token's time goes (supervision)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -135,6 +136,7 @@ class ClusterStatus:
             "throughput": self.throughput,
             "blocks": [asdict(block) for block in self.blocks],
             "unserved": list(self.unserved),
+            "bottleneck": self.bottleneck,
         }
 
 

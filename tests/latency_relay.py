@@ -38,6 +38,9 @@ class LatencyRelay:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
+        # A link that goes silent: nothing more is forwarded either way, not even a close, and
+        # both sockets stay open (what a deadlocked worker looks like from the coordinator).
+        self.swallow = False
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._client, *self.listen)
@@ -115,6 +118,10 @@ class LatencyRelay:
         try:
             while True:
                 data = await reader.read(1 << 16)
+                if self.swallow:
+                    if not data:
+                        await asyncio.Event().wait()  # silent: the close is swallowed too
+                    continue
                 queue.put_nowait((time.monotonic() + self.delay_s, data))
                 if not data:
                     break

@@ -1,6 +1,6 @@
 """Honest throughput: a short burst shows the rate it ran at, not a window average that was
 mostly idle. Against a real llama-server (the monitor) and the dashboard on a real cluster
-(Pilot): `g` generates 16 tokens, and the panel and the TOK/S cells show that request's rate."""
+(Pilot): `g` generates 16 tokens, and the panel shows that request's rate."""
 
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ from core.engines.llama_rpc.build import find_cached_binary
 from core.status import READY
 from core.supervision.throughput import ThroughputMonitor
 from tests.cluster_files import free_port, llama_processes_with, toml_text, wait_healthy
-from tests.test_tui_e2e_tmux import Tmux, row, tmux
+from tests.test_tui_e2e_tmux import Tmux, tmux
 from tests.test_tui_pilot import (
     SIZE,
     coordinator_state,
     free_ports,
     model_cluster,
-    table,
     wait_until,
 )
 from tui.app import make_app
@@ -116,14 +115,12 @@ async def test_g_shows_its_real_rate_in_the_panel_and_the_table(
         assert shown == pytest.approx(rate, rel=0.1), (headline(), event.group(0))
         assert " s ago" in headline()
         assert f"last {tokens} tokens" in str(panel.query_one("#requests").render())
-        cell = table(app).get_cell("alpha", "tps").plain
-        assert float(cell) == pytest.approx(rate, rel=0.1), cell
         assert max(panel.generation) == pytest.approx(rate, rel=0.1)  # the burst's height
 
 
 def test_g_in_a_real_terminal_shows_the_bursts_rate(tmp_path: Path, tmux: Tmux) -> None:
     """The real torbiz-tui in tmux: u, then g (16 tokens in a few ms); the throughput panel
-    says "last: N tok/s" with N the rate of g's own event line, and so does TOK/S."""
+    says "last: N tok/s" with N the rate of g's own event line."""
     binary = find_cached_binary("ggml-rpc-server")
     if binary is None or find_cached_binary("llama-server") is None:
         pytest.skip("llama.cpp not built: run `torbiz-tui build-llama`")
@@ -152,9 +149,6 @@ def test_g_in_a_real_terminal_shows_the_bursts_rate(tmp_path: Path, tmux: Tmux) 
         shown = float(panel.split("last:")[1].split("tok/s")[0])
         assert shown == pytest.approx(float(said.group(1)), rel=0.1), screen
         assert " s ago" in panel
-        # TOK/S: the table draws on its own redraw slot, a moment after the panel.
-        screen = tmux.wait_for(f"  {shown:.1f}  ", timeout=5)
-        assert f"  {shown:.1f}  " in row(screen, "alpha"), row(screen, "alpha")
         print("\n" + screen)  # the captured screen, for whoever reads the test log
         tmux.keys("q")
         tmux.wait_for("Stop the cluster (s)")

@@ -24,3 +24,13 @@ def test_idle_slot_and_a_new_request_are_not_stalled() -> None:
     assert watch.update([_slot(3, processing=False)], 5.0) == []
     assert watch.update([_slot(3, task=8)], 6.0) == []  # a new task starts fresh
     assert watch.update([_slot(3, task=8)], 7.0) == []
+
+
+def test_the_slowest_step_counts_only_whole_steps() -> None:
+    watch = StallWatch(stall_s=2.0)
+    watch.update([_slot(1)], 0.0)
+    watch.update([_slot(2)], 0.5)  # the first move after first sight: a partial step
+    assert watch.update([_slot(2)], 2.6)[0].slowest_step_s == 0.0
+    watch.update([_slot(3)], 3.0)  # a whole step of 2.5 s
+    stalled = watch.update([_slot(3)], 5.5)
+    assert stalled[0].slowest_step_s == 2.5 and stalled[0].stalled_s == 2.5

@@ -260,26 +260,26 @@ def test_resource_cells_name_gpus_from_the_probe_never_from_words() -> None:
 async def test_extra_cells_survive_status_changes_and_feed_the_filter(
         config: ClusterConfig) -> None:
     from core.planning.layer_map import LOADED, LayerMap, MapSpan
-    from core.supervision.throughput import ThroughputSample
+    from core.supervision.bottleneck import Bottleneck, PartShare
 
     app = make_app(config, live=False)
     async with app.run_test(size=SIZE) as pilot:
         table = app.main.query_one(NodeTable)
         app.main.post_message(node(config, "gpu-a", READY, pid=41))
-        # The cells the node's status does not carry: the probe's, the map's, the rate's.
+        # The cells the node's status does not carry: the probe's, the map's, the share's.
         app.main.post_message(MainScreen.ResourcesUpdated("gpu-a", "RTX 4090", "20.5 GiB"))
         app.main.post_message(MainScreen.LayerMapUpdated(
             LayerMap(4, (MapSpan("gpu-a", 0, 4),), source=LOADED)))
-        app.main.post_message(MainScreen.ThroughputUpdated(ThroughputSample(
-            at=0.0, gen_tps=9.5, prompt_tps=0.0, requests_processing=1, requests_deferred=0,
-            decoded_total=10, prompt_tokens_total=0, slots_decoding=1, running_tps=9.5)))
+        app.main.post_message(MainScreen.BottleneckUpdated(Bottleneck(0.1, "running", (
+            PartShare("coordinator", None, 0.01, 0.0, 0.1),
+            PartShare("gpu-a", 4, 0.06, 0.03, 0.9)))))
         await pilot.pause()
         assert table.get_cell("gpu-a", "device").plain == "RTX 4090"
-        assert table.get_cell("gpu-a", "tps").plain == "9.5"
+        assert table.get_cell("gpu-a", "share").plain == "90% c60 l30 ◀"
         app.main.post_message(node(config, "gpu-a", FAILED, pid=41, error="worker died"))
         await pilot.pause()
         assert table.get_cell("gpu-a", "layers").plain == "0-3"  # kept across the change
-        assert table.get_cell("gpu-a", "tps").plain == "-"  # not serving: no rate
+        assert table.get_cell("gpu-a", "share").plain == "-"  # not serving: no share
         table.set_filter("4090")
         assert table.rows == ["gpu-a"]
 

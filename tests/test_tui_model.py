@@ -23,6 +23,7 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from core.supervision.bottleneck import Bottleneck, PartShare
 from core.supervision.throughput import ThroughputSample
 from tui.model import (
     COORDINATOR,
@@ -90,15 +91,19 @@ def test_a_row_joins_the_status_with_the_polls_cells() -> None:
     model.node_changed(status("alpha", READY, pid=41, probe_ms=40))
     model.resources("alpha", "RTX 4090", "20.5 GiB")
     model.layer_map_changed(LayerMap(4, (MapSpan("alpha", 0, 4),), source=LOADED))
-    changed = model.throughput_changed(sample(9.5))
-    assert [row.name for row in changed] == ["alpha"]  # beta holds no layers: no rate
+    neck = Bottleneck(0.1, "running", (
+        PartShare("coordinator", None, 0.01, 0.0, 0.1),
+        PartShare("alpha", 4, 0.05, 0.03, 0.8)))
+    model.throughput_changed(sample(9.5), "")
+    changed = model.bottleneck_changed(neck)
+    assert [row.name for row in changed] == ["alpha"]  # beta holds no layers: no share
     cells = node_cells(model.nodes["alpha"])
-    assert (cells["device"], cells["free"], cells["layers"], cells["tps"], cells["latency"]) \
-        == ("RTX 4090", "20.5 GiB", "0-3", "9.5", "40ms")
+    assert (cells["device"], cells["free"], cells["layers"], cells["share"], cells["latency"]) \
+        == ("RTX 4090", "20.5 GiB", "0-3", "80% c50 l30 ◀", "40ms")
     model.node_changed(status("alpha", FAILED, pid=41, error="worker \x1b[31mdied"))
     cells = node_cells(model.nodes["alpha"])
     assert cells["layers"] == "0-3" and cells["device"] == "RTX 4090"  # kept across the change
-    assert cells["tps"] == "-"  # not serving: no rate
+    assert cells["share"] == "-"  # not serving: no share
     assert cells["error"] == "worker died"  # remote text is inert
 
 
@@ -162,7 +167,8 @@ def test_an_engine_without_a_coordinator_hides_c_and_generates_through_its_worke
     assert model.can("generate")
     assert model.serving is not None and model.serving.title == "Petals swarm"
     assert model.serving.name == "torbiz-lab"
-    assert model.throughput_changed(None, "") == []  # no rates per node
+    model.throughput_changed(None, "")
+    assert model.bottleneck_changed(None) == []  # no shares per node
     assert "torbiz-tui generate" in model.idle_throughput_note("stopped")
     assert dashboard().serving is None
 

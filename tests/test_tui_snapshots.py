@@ -31,6 +31,7 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from core.supervision.bottleneck import Bottleneck, PartShare
 from core.supervision.throughput import SlotProgress, ThroughputSample
 from tests.cluster_files import toml_text
 from tui.app import TorbizApp, make_app
@@ -73,6 +74,12 @@ LAYERS = [LayerShare("gpu-a", "10.9.66.41:50052", 8, 30, 30, 30 * 410 << 20),
           LayerShare("gpu-b", "10.9.66.42:50052", 38, 24, 24, 24 * 410 << 20),
           LayerShare("gpu-c", "10.9.66.43:50052", 62, 18, 17, 17 * 410 << 20)]
 THROUGHPUT = [0.0, 0.0, 3.1, 8.4, 11.2, 11.9, 12.3, 12.1, 11.8, 12.4, 12.2, 12.0]
+# Where each 83 ms token goes: gpu-c sits behind a thin link.
+NECK = Bottleneck(0.083, "running", (
+    PartShare("coordinator", 8, 0.004, 0.0, 0.048),
+    PartShare("gpu-a", 30, 0.018, 0.002, 0.241),
+    PartShare("gpu-b", 24, 0.014, 0.003, 0.205),
+    PartShare("gpu-c", 17, 0.011, 0.031, 0.506)))
 
 
 class SnapshotsHere(pytest_textual_snapshot.SVGImageExtension):
@@ -136,6 +143,7 @@ async def feed(pilot: Pilot[Any], coordinator: str = STARTING) -> None:
                 requests_deferred=0, decoded_total=500, prompt_tokens_total=900,
                 slots_decoding=1, slots=(SlotProgress(0, 12, True, 214, 298, 300, 86, rate),),
                 running_tps=rate)))
+        app.main.post_message(MainScreen.BottleneckUpdated(NECK))
     await settle(pilot)
     app.clear_notifications()  # toasts have their own timers: leave them out of the picture
     await settle(pilot)

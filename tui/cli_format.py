@@ -8,6 +8,7 @@ import sys
 from core.checks import DoctorReport
 from core.status import ClusterStatus, Event, Level, NodeChanged, NodeState, Notice
 from core.status_text import coordinator_state_text, status_cells
+from core.supervision.bottleneck import Bottleneck
 from core.units import table_lines
 from tui.text import sanitize
 
@@ -44,6 +45,10 @@ def format_status(status: ClusterStatus) -> str:
                      + (f"  {sanitize(c.error)}" if c.error else ""))
     if status.blocks or status.unserved:
         lines.append(format_block_map(status))
+    neck = Bottleneck.from_json(status.bottleneck, float(status.bottleneck.get("age_s") or 0)) \
+        if status.bottleneck else None
+    if neck is not None:
+        lines += ["", *(sanitize(line) for line in neck.lines())]
     return "\n".join(line.rstrip() for line in lines)
 
 

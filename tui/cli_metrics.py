@@ -16,7 +16,11 @@ async def serve_metrics(config: ClusterConfig, host: str, port: int, interval: f
 
     async def gather() -> Figures:
         report = await operations.status(cluster, detail=True)
-        return Figures(report.status, report.recovery, time.monotonic())
+        try:
+            predicted = await operations.predicted_tps(cluster)
+        except Exception:  # a figure: never a reason to stop serving the others
+            predicted = None
+        return Figures(report.status, report.recovery, time.monotonic(), predicted)
 
     def started(url: str) -> None:
         print(f"serving cluster {config.name}'s figures on {url} (a status round every "

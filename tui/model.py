@@ -28,6 +28,7 @@ from core.status import (
     Notice,
 )
 from core.status_text import status_cells
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.throughput import ThroughputSample
 from tui.text import sanitize
 
@@ -68,7 +69,7 @@ class NodeRow:
     device: str = "-"
     free: str = "-"
     layers: str = "-"
-    tps: str = "-"
+    share: str = "-"  # its share of each token's time: "62% c55 l7", "◀" on the slowest
 
     @property
     def name(self) -> str:
@@ -81,7 +82,7 @@ def node_cells(row: NodeRow, now: float | None = None) -> dict[str, str]:
     cells.update(state=cells["state"] if row.state == row.status.state else sanitize(row.state),
                  device=sanitize(row.device),
                  free=sanitize(row.free), layers=row.layers,
-                 tps=row.tps if row.status.state == READY else "-")
+                 share=row.share if row.status.state == READY else "-")
     return cells
 
 
@@ -178,11 +179,11 @@ class Dashboard:
         self.layer_map: LayerMap | None = None
         self.throughput: ThroughputSample | None = None
         self.throughput_note = ""
+        self.bottleneck: Bottleneck | None = None  # where each token's time goes
         self.plan: PlanPreview | None = None
         self.stale = False
         self.event_log: deque[str] = deque(maxlen=event_lines)
         self._busy: Counter[str] = Counter()
-        self._holding: set[str] = set()  # nodes the layer map shows holding blocks
         self._recent_errors: deque[str] = deque(maxlen=64)
 
     # ---- updates from the core's events -------------------------------------------------------
@@ -249,7 +250,6 @@ class Dashboard:
     def layer_map_changed(self, layer_map: LayerMap | None) -> list[NodeRow]:
         self.layer_map = layer_map
         held = {span.node: span for span in layer_map.spans} if layer_map else {}
-        self._holding = set(held)
         changed = []
         for name, row in self.nodes.items():
             span = held.get(name)
@@ -259,19 +259,17 @@ class Dashboard:
                 changed.append(self._set(replace(row, layers=layers)))
         return changed
 
-    def throughput_changed(self, sample: ThroughputSample | None,
-                           note: str = "") -> list[NodeRow]:
+    def throughput_changed(self, sample: ThroughputSample | None, note: str = "") -> None:
         self.throughput, self.throughput_note = sample, note
-        if not self.capabilities.has_throughput:
-            return []
-        # Every worker holding layers takes part in every token (llama.cpp runs the blocks in
-        # turn): each one's rate is the coordinator's decode rate (running, else the last).
-        rate = f"{sample.decode_tps:.1f}" if sample is not None and sample.decode_tps else "-"
+
+    def bottleneck_changed(self, found: Bottleneck | None) -> list[NodeRow]:
+        """Each row's share of a token's time (the TOKEN TIME cells)."""
+        self.bottleneck = found
         changed = []
         for name, row in self.nodes.items():
-            tps = rate if name in self._holding else "-"
-            if tps != row.tps:
-                changed.append(self._set(replace(row, tps=tps)))
+            share = found.cell(name) if found is not None else "-"
+            if share != row.share:
+                changed.append(self._set(replace(row, share=share)))
         return changed
 
     def idle_throughput_note(self, state: str) -> str:

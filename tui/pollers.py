@@ -13,6 +13,7 @@ from core import operations
 from core.cluster import Cluster
 from core.planning.layer_map import PLAN, LayerMap
 from core.status import READY, STARTING
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.supervisor import Supervisor
 from core.supervision.throughput import ThroughputSample
 from tui.model import COORDINATOR, WHOLE_CLUSTER, describe_resources
@@ -23,6 +24,7 @@ PROBE_PARALLEL = 16  # as the Cluster's own fan-out
 METRICS_INTERVAL = 1.0  # seconds between throughput polls (one in flight)
 RESOURCES_INTERVAL = 30.0  # seconds between resource probes (device, free memory)
 WARMTH_INTERVAL = 15.0  # seconds between reads of the workers' weight caches (cold blocks)
+BOTTLENECK_INTERVAL = 1.0  # seconds between the end of one measurement and the next
 MAP_INTERVAL_LOADED = 15.0  # once llama-server has placed the model (else the engine's own)
 
 
@@ -128,3 +130,19 @@ async def metrics_forever(cluster: Cluster,
             shown_idle = True
             deliver_sample(None, idle_note(state))
         await asyncio.sleep(METRICS_INTERVAL)
+
+
+async def bottleneck_forever(cluster: Cluster,
+                             deliver: Callable[[Bottleneck | None], object]) -> None:
+    """Where each token's time goes: measured while requests run (each measurement samples
+    for about a second, so it has a loop of its own and never slows the throughput poll), the
+    last figures while idle, nothing while the coordinator does not serve."""
+    while True:
+        found = None
+        if cluster.capabilities.has_throughput and cluster.coordinator.state == READY:
+            try:
+                found = await operations.bottleneck(cluster)
+            except Exception:  # a view: the rates still show without it
+                found = None
+        deliver(found)
+        await asyncio.sleep(BOTTLENECK_INTERVAL)

@@ -34,6 +34,7 @@ from core.status import (
     NodeState,
     NodeStatus,
 )
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.throughput import ThroughputSample
 from core.weight_cache import PruneResult, WarmResult, WarmthReport
 
@@ -213,7 +214,16 @@ class Engine(abc.ABC):
         """A live sample of the serving side's rates, or None when the engine has none."""
         return None
 
-    async def stalled_workers(self) -> dict[str, str]:
+    async def bottleneck(self, coordinator_pid: int | None) -> Bottleneck | None:
+        """Where each token's time goes while the cluster runs (the last figures while idle);
+        None when the engine cannot tell."""
+        return None
+
+    async def predicted_tps(self) -> float | None:
+        """The speed model's tok/s for the running plan (None: cannot predict it)."""
+        return None
+
+    async def stalled_workers(self, coordinator_pid: int | None) -> dict[str, str]:
         """Workers holding up a request the serving side has stopped decoding (node -> the
         sentence), reported `not responding` even while their node answers; none by default."""
         return {}

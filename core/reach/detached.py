@@ -146,6 +146,17 @@ elapsed() {
     echo $((up - ps_start / hz))
   else ps -o etimes= -p "$p" 2>/dev/null | tr -cd 0-9; fi
 }
+# CPU time of process $p's main thread (utime + stime, in hundredths of a second), from /proc;
+# "-" where there is none. The main thread of rpc-server and llama-server is the one that
+# computes (thread 0 of every graph) and waits on its socket in between.
+cpu() {
+  if [ -r "/proc/$p/task/$p/stat" ]; then
+    hz=$(getconf CLK_TCK 2>/dev/null); case $hz in ''|*[!0-9]*|0) hz=100;; esac
+    sed 's/.*) //' "/proc/$p/task/$p/stat" 2>/dev/null |
+      awk -v hz="$hz" '{ if ($12 ~ /^[0-9]+$/) printf "%d", ($12 + $13) * 100 / hz
+                         else print "-" }'
+  else echo -; fi
+}
 # Zombies do not count: an init that reaps slowly must not make a stopped group look alive.
 group_alive() {
   if command -v ps >/dev/null 2>&1; then
@@ -237,7 +248,7 @@ _STATUS = _EXISTING_DIR + r"""
 port_state
 check
 case $verdict in
-  ours) echo "TORBIZ running $p $pstate $(elapsed)";;
+  ours) e=$(elapsed); echo "TORBIZ running $p $pstate ${e:--} $(cpu)";;
   gone|other) echo "TORBIZ dead $p $pstate";;
   unverified) echo "TORBIZ unverified ${p:--} $why";;
   *) echo "TORBIZ none - $pstate";;
@@ -309,13 +320,17 @@ class ProcessState:
     error: str = ""
     port: str = "unknown"
     elapsed_s: int | None = None  # seconds since the process started, if known
+    cpu_s: float | None = None  # CPU time of its main thread (running only; None: cannot tell)
 
 
 def _running(rest: str) -> ProcessState:
     pid, _, rest = rest.partition(" ")
-    port, _, elapsed = rest.strip().partition(" ")
+    port, _, rest = rest.strip().partition(" ")
+    elapsed, _, cpu = rest.strip().partition(" ")
+    cpu = cpu.strip()
     return ProcessState("running", _pid(pid), "", port.strip() or "unknown",
-                        int(elapsed) if elapsed.strip().isdigit() else None)
+                        int(elapsed) if elapsed.strip().isdigit() else None,
+                        int(cpu) / 100 if cpu.isdigit() and len(cpu) < 16 else None)
 
 
 def _refusal(word: str, rest: str, state_dir: str) -> ProcessState | None:

@@ -135,7 +135,7 @@ class Supervisor:
         serves; asked beside the status checks, never after them."""
         if self.cluster.coordinator.state != READY:
             return {}
-        return await self.cluster.engine.stalled_workers()
+        return await self.cluster.engine.stalled_workers(self.cluster.coordinator.pid)
 
     def _welcome_back(self, before: dict[str, NodeStatus], nodes: list[NodeStatus]) -> None:
         """A node back after hanging or losing its link: its worker is reattached (same pid),

@@ -24,6 +24,7 @@ from core.status import (
     NodeStatus,
     Notice,
 )
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.supervisor import Supervisor
 from core.supervision.throughput import ThroughputSample
 from tui import pollers
@@ -80,6 +81,10 @@ class ClusterWorkers(Screen[None]):
         error: str = ""
 
     @dataclass
+    class BottleneckUpdated(Message):
+        found: Bottleneck | None
+
+    @dataclass
     class ResourcesUpdated(Message):
         node: str
         device: str
@@ -133,6 +138,7 @@ class ClusterWorkers(Screen[None]):
         if self.live:
             self.poll()
             self.poll_metrics()
+            self.poll_bottleneck()
             self.poll_resources()
 
     def _on_cluster_event(self, event: Event) -> None:
@@ -170,6 +176,11 @@ class ClusterWorkers(Screen[None]):
             lambda found, error: self.post_message(self.LayerMapUpdated(found, error)),
             lambda sample, error: self.post_message(self.ThroughputUpdated(sample, error)),
             self.model.idle_throughput_note)
+
+    @work(exclusive=True, group="bottleneck", exit_on_error=False)
+    async def poll_bottleneck(self) -> None:
+        await pollers.bottleneck_forever(
+            self.cluster, lambda found: self.post_message(self.BottleneckUpdated(found)))
 
     @work(exclusive=True, group="log", exit_on_error=False)
     async def follow_log(self, name: str) -> None:

@@ -176,8 +176,15 @@ class MainScreen(WarmAction):
     def _throughput_updated(self, message: ClusterWorkers.ThroughputUpdated) -> None:
         if self._gone():
             return
-        self._draw(Changed(self.model.throughput_changed(message.sample, message.error)))
+        self.model.throughput_changed(message.sample, message.error)
         self.throughput.show_sample(message.sample, message.error)
+
+    @on(ClusterWorkers.BottleneckUpdated)
+    def _bottleneck_updated(self, message: ClusterWorkers.BottleneckUpdated) -> None:
+        if self._gone():
+            return
+        self._draw(Changed(self.model.bottleneck_changed(message.found)))
+        self.layer_map.show_bottleneck(message.found)
 
     @on(ClusterWorkers.ResourcesUpdated)
     def _resources_updated(self, message: ClusterWorkers.ResourcesUpdated) -> None:

@@ -7,6 +7,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from core.planning.layer_map import COORDINATOR, LOADED, PLAN, SWARM, LayerMap
+from core.supervision.bottleneck import Bottleneck
 from tui.text import sanitize
 
 # Distinct on dark and light themes; red stays for errors, grey for the coordinator's CPU.
@@ -42,12 +43,21 @@ class LayerMapView(Static):
         self._colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(node_order)}
         self._colours[COORDINATOR] = COORDINATOR_COLOUR
         self.map: LayerMap | None = None
+        self.bottleneck: Bottleneck | None = None
 
     def on_mount(self) -> None:
         self.border_title = "layers"
 
     def colour(self, node: str) -> str:
         return self._colours.get(node, "white")
+
+    def show_bottleneck(self, found: Bottleneck | None) -> None:
+        """Mark the slowest node in the legend (where each token's time goes)."""
+        if found == self.bottleneck:
+            return
+        self.bottleneck = found
+        if self.map is not None and self.map.blocks:
+            self.update(self.render_map(self.map))
 
     def show_map(self, layer_map: LayerMap | None) -> None:
         if layer_map == self.map:
@@ -57,6 +67,17 @@ class LayerMapView(Static):
             self.update("no model placed yet: press p for the plan, u to bring the cluster up")
             return
         self.update(self.render_map(layer_map))
+
+    def _share(self, node: str) -> str:
+        """The node's share of each token's time: "41% of a token (compute 35%, link 6%)"."""
+        found = self.bottleneck
+        part = next((p for p in found.parts if p.node == node), None) if found else None
+        if found is None or part is None:
+            return ""
+        slowest = found.slowest
+        mark = " ◀" if slowest is not None and slowest.node == node else ""
+        return (f"{part.share:.0%} of a token (compute {part.compute_s / found.token_s:.0%}, "
+                f"link {part.link_s / found.token_s:.0%}){mark}")
 
     def render_map(self, layer_map: LayerMap) -> Text:
         text = Text(no_wrap=False)
@@ -100,6 +121,13 @@ class LayerMapView(Static):
             elif layer_map.source in (LOADED, SWARM) and span.planned_count is not None \
                     and span.node != COORDINATOR:
                 text.append(" = plan", style="green")
+            share = self._share(span.node)
+            if share:
+                text.append(f"  {share}", style="bold red" if "◀" in share else "")
+        if self.bottleneck is not None and self.bottleneck.slowest is not None:
+            age = self.bottleneck.age_s
+            when = "" if age < 2 else f" (measured {age:.0f} s ago)"
+            text.append(f"\n◀ {sanitize(self.bottleneck.sentence())}{when}", style="bold")
         if cold:
             text.append(f"\n{COLD} cold: {_blocks(cold)} not in their node's cache "
                         "(the next load sends them; torbiz-tui cache warm)", style="yellow")

@@ -46,7 +46,7 @@ COLUMNS: tuple[tuple[str, str, int | None], ...] = (
     ("layers", "LAYERS", None),
     ("state", "STATE", 16),
     ("latency", "RTT", 6),
-    ("tps", "TOK/S", 6),
+    ("share", "TOKEN TIME", 12),
     ("uptime", "UP", 6),
     ("endpoint", "ENDPOINT", None),
     ("error", "ERROR", 48),

@@ -25,6 +25,7 @@ from core.engines.base import (
 )
 from core.engines.llama_rpc import cache_ops, doctor, generate, standby
 from core.engines.llama_rpc import rpc as llama_rpc
+from core.engines.llama_rpc.bottleneck_view import RunningShares
 from core.engines.llama_rpc.coordinator import (
     CoordinatorError,
     api_exposure,
@@ -35,7 +36,7 @@ from core.engines.llama_rpc.coordinator import (
 from core.engines.llama_rpc.recovery import Recoverer, last_recovery
 from core.engines.llama_rpc.recovery_survey import RecoveryHost
 from core.engines.llama_rpc.serving import CoordinatorRunner, coordinator_log, placement_file
-from core.engines.llama_rpc.stall import STALL_ASK_S, StallWatch, process_stopped
+from core.engines.llama_rpc.stall import StallDetector
 from core.local_log import since_last_start
 from core.planning.layer_map import LayerMap, llama_map
 from core.planning.perf import LinkSpeed, NodeSpeed
@@ -58,6 +59,7 @@ from core.status import (
     NodeStatus,
     rounded_ms,
 )
+from core.supervision.bottleneck import Bottleneck
 from core.supervision.load_log import LoadReport, parse_load_log
 from core.supervision.throughput import ThroughputMonitor, ThroughputSample, parse_slots
 from core.weight_cache import PruneResult, WarmResult, WarmthReport
@@ -80,8 +82,8 @@ class LlamaRpcEngine(Engine):
         self.runner = CoordinatorRunner(ctx, self.nodes())
         self._throughput: ThroughputMonitor | None = None
         self._http: httpx.AsyncClient | None = None
-        self._stalls = StallWatch()
-        self._stopped: dict[str, str] = {}  # node -> why its stopped worker stalls requests
+        self._stalls = StallDetector()
+        self._shares = RunningShares(self.config)
 
     def nodes(self) -> list[NodeConfig]:
         return [n for n in self.config.nodes if n.backend == self.name]
@@ -107,12 +109,13 @@ class LlamaRpcEngine(Engine):
         asked = time.monotonic()
         proc = await detached.status(transport, state_dir, llama_rpc.listen_address(node))
         probe_ms = rounded_ms(time.monotonic() - asked)
-        if proc.state == "running" and proc.pid is not None and node.name in self._stopped:
-            stopped = await self._still_stopped(node, transport, proc.pid)
-            if stopped:
-                return self.status(node, NodeState.NOT_RESPONDING, proc.pid, stopped,
+        if proc.state == "running" and proc.pid is not None and node.name in self._stalls.blamed:
+            held = await self._stalls.kept(node, transport, proc.pid)
+            if held:
+                return self.status(node, NodeState.NOT_RESPONDING, proc.pid, held,
                                    started_at=self.started_at(node.name, proc),
                                    probe_ms=probe_ms)
+        self._shares.node_cpu(node.name, proc.cpu_s if proc.state == "running" else None)
         if proc.state == "running":
             ready = await self._listening(node, proc)
             return self.status(node, NodeState.READY if ready else NodeState.STARTING, proc.pid,
@@ -267,12 +270,32 @@ class LlamaRpcEngine(Engine):
                                                  client=self._client())
         return await self._throughput.poll()
 
+    async def bottleneck(self, coordinator_pid: int | None) -> Bottleneck | None:
+        """Where each token's time goes now (or last, while idle)."""
+        sample = self._throughput.latest if self._throughput is not None else None
+
+        async def probe(names: Sequence[str]) -> None:
+            await asyncio.gather(*(self.probe_node(self.config.node(n)) for n in names),
+                                 return_exceptions=True)
+
+        return await self._shares.update(sample, coordinator_pid, probe)
+
+    async def predicted_tps(self) -> float | None:
+        from core.engines.llama_rpc.bottleneck_view import predicted_tps
+
+        return await predicted_tps(self.config)
+
     async def status_detail(self, base: ClusterStatus) -> ClusterStatus:
         if base.coordinator.state == NodeState.STOPPED:
             return base
         layers, sample = await asyncio.gather(self.layer_shares(), self.throughput())
+        if sample is not None and sample.requests_processing and not sample.running_tps:
+            await asyncio.sleep(0.5)  # a one-shot look: the running rate needs a second poll
+            sample = await self.throughput()
+        found = await self.bottleneck(base.coordinator.pid)
         return replace(base, layers=layers,
-                       throughput=asdict(sample) if sample is not None else None)
+                       throughput=asdict(sample) if sample is not None else None,
+                       bottleneck=found.to_json() if found is not None else None)
 
     async def generate(self, prompt: str, tokens: int, timeout: float) -> Generation:
         return await generate.through_coordinator(self.config, prompt, tokens, timeout)
@@ -339,50 +362,29 @@ class LlamaRpcEngine(Engine):
     def last_recovery(self) -> dict[str, Any] | None:
         return last_recovery(self.ctx)
 
-    async def stalled_workers(self) -> dict[str, str]:
-        """While a busy slot has not moved for STALL_S, the ready workers whose process does
-        not run (SIGSTOPped: the node still answers SSH): reported `not responding`, with the
-        stalled request named, and kept so until their process runs again."""
+    async def stalled_workers(self, coordinator_pid: int | None) -> dict[str, str]:
+        """While a busy slot has not moved for STALL_S, the ready worker it waits on (its
+        process stopped, or running but silent: stall.py): reported `not responding`, with the
+        stalled request named, and kept so while it stays so."""
         try:
             response = await self._client().get(f"{coordinator_url(self.config)}/slots",
                                                  timeout=1.0)
             slots = parse_slots(response.json()) if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             slots = None
-        stalled = self._stalls.update(slots or [], time.monotonic())
-        if not stalled:
-            return {}
-        suspects = [(n, self.ctx.last_status(n.name)) for n in self.nodes()
-                    if n.name not in self._stopped]
-        suspects = [(n, st) for n, st in suspects if st.state == NodeState.READY and st.pid]
-
-        async def ask(node: NodeConfig, pid: int) -> str | None:
-            try:
-                # Short: a node silent to this is the status check's to report.
-                return await asyncio.wait_for(process_stopped(
-                    self.ctx.transport(node.name), pid, STALL_ASK_S), STALL_ASK_S)
-            except Exception:  # a node that does not answer is the status check's to report
-                return None
-
-        answers = await asyncio.gather(*(ask(n, st.pid or 0) for n, st in suspects))
-        found: dict[str, str] = {}
-        for (node, status), stat in zip(suspects, answers, strict=True):
-            if stat is None:
-                continue
-            found[node.name] = self._stopped[node.name] = (
-                f"its worker (pid {status.pid}) is stopped (ps state {stat}) while "
-                f"{stalled[0].sentence()}: it holds the request up; resume it (kill -CONT "
-                f"{status.pid}) or restart it")
-            self.status(node, NodeState.NOT_RESPONDING, status.pid, found[node.name],
-                        started_at=status.started_at, probe_ms=status.probe_ms)
-        return found
-
-    async def _still_stopped(self, node: NodeConfig, transport: Any, pid: int) -> str | None:
-        """The kept reason while the worker a stalled request waited on is still stopped."""
-        if await process_stopped(transport, pid, node.ssh.status_timeout) is not None:
-            return self._stopped[node.name]
-        self._stopped.pop(node.name, None)
-        return None
+        suspects = [(n, self.ctx.last_status(n.name)) for n in self.nodes()]
+        placement = await asyncio.to_thread(read_json, placement_file(self.config)) or {}
+        endpoints = placement.get("endpoints")
+        found = await self._stalls.look(
+            slots or [], coordinator_pid,
+            [(n, st) for n, st in suspects if st.state == NodeState.READY and st.pid],
+            {str(k): str(v) for k, v in endpoints.items()} if isinstance(endpoints, dict)
+            else {}, self.ctx.transport)
+        for name, blame in found.items():
+            status = self.ctx.last_status(name)
+            self.status(self.config.node(name), NodeState.NOT_RESPONDING, status.pid,
+                        blame.reason, started_at=status.started_at, probe_ms=status.probe_ms)
+        return {name: blame.reason for name, blame in found.items()}
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -217,8 +217,11 @@ class CoordinatorRunner:
                                         f"(torbiz-tui logs coordinator)"))
 
     async def stop(self) -> CoordinatorStatus:
-        result = await detached.stop(local_transport(), coordinator_state_dir(self.config))
         url = coordinator_url(self.config)
+        # Said first: from its TERM on it serves nothing, and the status checks wait on our lock.
+        self.ctx.report_coordinator(CoordinatorStatus(NodeState.STOPPED, url,
+                                                      error="being stopped"))
+        result = await detached.stop(local_transport(), coordinator_state_dir(self.config))
         if result.error:
             self.ctx.notice(f"coordinator: {result.error}", Level.ERROR)
             return self.ctx.report_coordinator(
