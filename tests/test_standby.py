@@ -91,7 +91,7 @@ async def test_recovery_onto_a_warm_standby(tmp_path: Path, sshd_cluster) -> Non
             result.reason
         assert ("node3", 1, 1) in result.spans and ("node1", 0, 1) in result.spans
         assert [name for name, _ in result.steps] == [
-            "re-probed", "confirmed", "surveyed", "planned", "stopped", "hello", "started"]
+            "confirmed", "surveyed", "planned", "stopped", "hello", "started"]
         recorded = json.loads((tmp_path / "state" / "t" / "_coordinator" / "recovery.json")
                               .read_text())
         assert list(recorded["steps"]) == [name for name, _ in result.steps]

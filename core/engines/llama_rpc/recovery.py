@@ -184,20 +184,16 @@ class Recoverer:
         early = asyncio.create_task(survey(self.cluster, self.engine, sorted(need[1]),
                                            self._previous_spans()))
         try:
-            # Confirm: another process stopping a part removes its pidfile a moment after the
-            # process died; that is `stopped`, not a fault.
-            await asyncio.sleep(CONFIRM_DELAY)
-            await asyncio.gather(self.cluster.refresh_coordinator(),
-                                 *(self.cluster.probe_node(n) for n in need[1]))
-            self._step("re-probed")
-            need = await self.needed()
-            if need is None or need in self._attempted:
-                return None
             with self._lock() as locked:
                 if not locked:
                     return None  # another process is recovering this cluster
-                await self.cluster.refresh_coordinator()
-                need = await self.needed()  # it may have just finished one
+                # Confirm: another process stopping a part removes its pidfile a moment after
+                # the process died (that is `stopped`, not a fault), and another process may
+                # have just finished a recovery (the coordinator is asked again).
+                await asyncio.sleep(CONFIRM_DELAY)
+                await asyncio.gather(self.cluster.refresh_coordinator(),
+                                     *(self.cluster.probe_node(n) for n in need[1]))
+                need = await self.needed()
                 if need is None or need in self._attempted:
                     return None
                 self._attempted.add(need)
