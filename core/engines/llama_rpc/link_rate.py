@@ -116,7 +116,8 @@ async def measure(host: str, port: int, *, timeout: float = 5.0,
         if major != PROTOCOL_MAJOR:
             raise LinkRateError(f"its worker speaks RPC protocol {major}.x; the timed "
                                 f"transfer knows protocol {PROTOCOL_MAJOR} only")
-        return await _timed(rpc, budget_s)
+        # One deadline over it all: a link that stops mid-transfer blocks a write, not a read.
+        return await asyncio.wait_for(_timed(rpc, budget_s), timeout + 30 + 8 * budget_s)
     except asyncio.TimeoutError:
         raise LinkRateError(f"its worker at {host}:{port} stopped answering during the "
                             "timed transfer") from None
