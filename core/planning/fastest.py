@@ -16,6 +16,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from core.planning.layer_map import COORDINATOR
 from core.planning.model_info import ModelInfo
 from core.planning.perf import (
     DEFAULT_ROUND_TRIPS,
@@ -54,20 +55,20 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
                  round_trips: float = DEFAULT_ROUND_TRIPS) -> FastestPlan:
     """Raises PlanRefused (from the memory planner) when the model fits nowhere."""
     shape = ModelShape(model.n_layers, model.n_embd)
-    local = [n.name for n in nodes if n.is_coordinator]
     missing = [n.name for n in nodes if n.name not in speeds
                or (not n.is_coordinator and n.name not in links)]
-    if missing:
+    if missing or COORDINATOR not in speeds:
         memory = plan_layers(model, nodes, context=context, cache_type=cache_type,
                              policy="pack")
+        named = missing or [COORDINATOR]
         return FastestPlan(memory, None, (
-            f"fastest: {', '.join(missing)} not calibrated (torbiz-tui calibrate "
-            f"{' '.join(missing)}): placed by memory (pack)",))
+            f"fastest: {', '.join(named)} not calibrated (torbiz-tui calibrate"
+            f"{''.join(' ' + m for m in missing)}): placed by memory (pack)",))
     # Refuses, with the memory planner's sentence, when nothing fits.
     plan_layers(model, nodes, context=context, cache_type=cache_type, policy="pack")
     costs = layer_costs(model, context, cache_type)
     worker = _Blocks(costs, model.output_bytes)
-    embedding = model.embedding_bytes if local else 0
+    embedding = model.embedding_bytes if any(n.is_coordinator for n in nodes) else 0
 
     def candidate(subset: Sequence[NodeBudget]) -> tuple[Plan, Prediction] | None:
         coordinator = [n for n in subset if n.is_coordinator]
@@ -86,7 +87,7 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
         plan = _plan(model, ordered, counts, FASTEST, context, cache_type,
                      embedding if coordinator else 0, [n.name for n in nodes])
         found = predict([(a.node, a.n_layers) for a in plan.assignments], speeds, links,
-                        shape, round_trips=round_trips, local=local)
+                        shape, round_trips=round_trips, coordinator=COORDINATOR)
         return plan, found
 
     results: dict[frozenset[str], tuple[Plan, Prediction]] = {}
