@@ -6,11 +6,12 @@ core/planning/fit.py's):
 - link: one TCP connection to the node's worker port, an RPC HELLO, then 20 DEVICE_COUNT
   requests (9 bytes out, 12 back): the median is the round trip. rpc-server serves one client
   at a time, so this runs only while no coordinator holds the workers.
-- a run: a short-lived llama-server (this machine's CPU, the coordinator's threads) with the
-  last k blocks on one worker (k 0: every block on this CPU) answers 1 + CAL_RUNS requests of
-  a CAL_PROMPT_TOKENS-token prompt and CAL_TOKENS generated tokens; the medians of the last
-  CAL_RUNS requests' own timings (llama-server's predicted_ms / predicted_n, prompt_ms) are
-  the run's time per token and per prompt.
+- a run: a short-lived llama-server started as `up` starts the coordinator (coordinator_argv:
+  its threads, extra_args, slots; a free loopback port) with the last k blocks on one worker
+  (k 0: every block on this CPU) answers 1 + CAL_RUNS requests of a CAL_PROMPT_TOKENS-token
+  prompt and CAL_TOKENS generated tokens; the medians of the last CAL_RUNS requests' own
+  timings (llama-server's predicted_ms / predicted_n, prompt_ms) are the run's time per token
+  and per prompt.
 - this machine's CPU: CAL_ROUNDS runs with every block on it.
 - each node: runs at several block counts (1, half, and every block its budget holds), in
   CAL_ROUNDS rounds, each round with a run of every block on this CPU (forward, then backward,
@@ -18,9 +19,9 @@ core/planning/fit.py's):
   the slope of the load time against the bytes its blocks hold (left out with rpc-server's -c
   cache: the weights need not cross).
 A result is cached in <state_dir>/<cluster>/_calibration/<node>.json under the model file's
-identity (path, size, mtime), llama-server's and the coordinator's threads, and the worker's
-(its RPC version, rpc_server, threads, host and port); a changed key, or --force, measures
-again."""
+identity (path, size, mtime), llama-server's, the coordinator's threads and extra_args, and the
+worker's (its RPC version, rpc_server, threads, host and port); a changed key, or --force,
+measures again."""
 
 from __future__ import annotations
 
@@ -32,14 +33,19 @@ import statistics
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from core.config import ClusterConfig, NodeConfig
-from core.engines.llama_rpc.coordinator import COORDINATOR_DIR, placement_args
+from core.engines.llama_rpc.coordinator import (
+    COORDINATOR_DIR,
+    CoordinatorError,
+    coordinator_argv,
+    placement_args,
+)
 from core.engines.llama_rpc.rpc import RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE, _rst_close
 from core.planning.fit import NodeRuns, Run, derive, fit_line
 from core.planning.layer_map import COORDINATOR
@@ -177,8 +183,9 @@ class Decode:
 async def timed_decode(binary: str, model: Path, context: int, endpoint: str | None,
                        blocks: int, *, timeout: float = 120.0, threads: int | None = None
                        ) -> Decode:
-    """llama-server with `blocks` (the last ones) on the worker at `endpoint` (none: all on this
-    CPU): its own time per generated token, and how long it took to load."""
+    """A bare llama-server (bench/round_trips.py) with `blocks` (the last ones) on the worker at
+    `endpoint` (none: all on this CPU): its own time per generated token, and how long it took
+    to load."""
     port = _free_port()
     argv = [binary, "-m", str(model), "-c", str(context), "--host", "127.0.0.1",
             "--port", str(port), "-np", "1", *placement_args([blocks] if endpoint else [])]
@@ -186,6 +193,24 @@ async def timed_decode(binary: str, model: Path, context: int, endpoint: str | N
         argv += ["--rpc", endpoint]
     if threads:
         argv += ["-t", str(threads)]
+    return await timed_run(argv, port, timeout)
+
+
+async def timed_coordinator(config: ClusterConfig, binary: str, endpoint: str | None,
+                            blocks: int, timeout: float = 120.0) -> Decode:
+    """The same with llama-server's command line exactly as `up` starts it (coordinator_argv:
+    the cluster's threads, extra_args, slots), on a free loopback port."""
+    port = _free_port()
+    here = replace(config, coordinator=replace(config.coordinator, host="127.0.0.1", port=port))
+    try:
+        argv = coordinator_argv(here, binary, [endpoint] if endpoint else [],
+                                layers=[blocks] if endpoint else [])
+    except CoordinatorError as exc:
+        raise CalibrationError(str(exc)) from None
+    return await timed_run(argv, port, timeout)
+
+
+async def timed_run(argv: Sequence[str], port: int, timeout: float) -> Decode:
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -282,9 +307,7 @@ async def calibrate_local(config: ClusterConfig, binary: str, model: ModelInfo,
                           key: dict[str, Any]) -> Calibration:
     assert config.model.gguf is not None
     started = time.monotonic()
-    decodes = [await timed_decode(binary, config.model.gguf, config.model.context, None, 0,
-                                  threads=config.coordinator.threads)
-               for _ in range(CAL_ROUNDS)]
+    decodes = [await timed_coordinator(config, binary, None, 0) for _ in range(CAL_ROUNDS)]
     # Its load time goes with the key: a worker's transfer rate is measured against it.
     return Calibration(LOCAL, {**key, "load_seconds": min(d.load_seconds for d in decodes)},
                        tuple(_run(d, 0) for d in decodes),
@@ -309,9 +332,8 @@ async def calibrate_worker(config: ClusterConfig, node: NodeConfig, binary: str,
         order = [0, *block_counts(most)]
         for blocks in order if round_ % 2 == 0 else reversed(order):
             try:
-                run = await timed_decode(binary, config.model.gguf, config.model.context,
-                                         endpoint if blocks else None, blocks,
-                                         threads=config.coordinator.threads)
+                run = await timed_coordinator(config, binary, endpoint if blocks else None,
+                                              blocks)
             except CalibrationError as exc:
                 where = f"with {blocks} blocks on it" if blocks else "on this CPU alone"
                 raise CalibrationError(f"its timed run {where} failed: {exc}") from None

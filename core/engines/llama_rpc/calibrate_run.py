@@ -54,7 +54,8 @@ async def run(engine: CalibratingEngine, names: Sequence[str], force: bool,
     assert config.model.gguf is not None
     base = {**cal.model_identity(config.model.gguf), **_binary_key(binary),
             "context": config.model.context, "method": cal.METHOD,
-            "coordinator_threads": config.coordinator.threads}
+            "coordinator_threads": config.coordinator.threads,
+            "coordinator_args": list(config.coordinator.extra_args)}
     lines: list[str] = []
     local = None if force else cal.load_cached(config, cal.LOCAL, base)
     if local is None:
