@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from core.planning.fastest import plan_fastest
 from core.planning.fit import NodeRuns, Run, derive, fit_line, model_inputs
-from core.planning.perf import ModelShape, predict, predict_prompt
+from core.planning.perf import LinkSpeed, ModelShape, NodeSpeed, predict, predict_prompt
+from tests.test_planner import make_model, node
 
 SHAPE = ModelShape(n_blocks=8, n_embd=1024)
 B, S, L = 0.012, 0.0005, 0.002  # all on this CPU, a node's extra per block, its link
@@ -66,3 +68,21 @@ def test_predictions_add_up_to_the_timed_runs() -> None:
     prompt = predict_prompt([("a", 5), ("b", 3)], speeds, links, coordinator="coordinator")
     assert prompt.token_seconds == pytest.approx(0.5 + 5 * 10 * S + L + 3 * 0.01 + 0.021)
     assert prompt.tokens == 64
+
+
+def test_fastest_leaves_the_slow_link_out_and_scales_past_every_subset() -> None:
+    model = make_model([100] * 8, output=10)
+    nodes = [node("near1", 600), node("near2", 600), node("far", 2000)]
+    speeds = {"coordinator": NodeSpeed("coordinator", 0.0015, 0.001),
+              **{n.name: NodeSpeed(n.name, 0.0015) for n in nodes}}
+    links = {"near1": LinkSpeed("near1", 0.0001, 0, 0.001),
+             "near2": LinkSpeed("near2", 0.0001, 0, 0.001), "far": LinkSpeed("far", 0.020, 0)}
+    found = plan_fastest(model, nodes, speeds, links, context=1)
+    assert sorted(a.node for a in found.plan.assignments if a.n_layers) == ["near1", "near2"]
+    assert found.prediction is not None and found.prediction.nodes[0].node == "coordinator"
+    assert any(note.startswith("far: 20 ms link would cost") for note in found.notes)
+    many = [node(f"n{i}", 250) for i in range(40)]  # 2^40 subsets would never finish
+    speeds.update({n.name: NodeSpeed(n.name, 0.0015 + i * 1e-5) for i, n in enumerate(many)})
+    links.update({n.name: LinkSpeed(n.name, 0.0001 * (i + 1), 0) for i, n in enumerate(many)})
+    best = plan_fastest(model, many, speeds, links, context=1)
+    assert [a.node for a in best.plan.assignments if a.n_layers] == ["n0", "n1", "n2", "n3"]

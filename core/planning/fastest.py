@@ -4,16 +4,16 @@ generation tokens/s (core/planning/perf.py, from calibration) within every memor
 A token's time is the sum over the plan's nodes of their compute for their blocks and their
 link, so the order of the workers does not change it; what does is which nodes take part (each
 one adds its link) and how many blocks each holds (a faster node should hold as many as its
-budget allows). For every subset of the nodes (2^n, n is small: a home cluster) the blocks go
-fastest node first, each taking all its budget holds (the coordinator's CPU first, as
-llama.cpp requires); the subset with the best prediction wins, a larger one only when more
-than TIE faster (ties go to fewer nodes). A node without a calibration makes the policy fall
-back to `pack` (by memory), with a sentence saying so."""
+budget allows). For every subset of the nodes (up to EVERY_SUBSET nodes; beyond, the best n
+for every n) the blocks go fastest node first, each taking all its budget holds (the
+coordinator's CPU first, as llama.cpp requires); the subset with the best prediction wins, a
+larger one only when more than TIE faster (ties go to fewer nodes). A node without a
+calibration makes the policy fall back to `pack` (by memory), with a sentence saying so."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from core.planning.layer_map import COORDINATOR
@@ -25,6 +25,7 @@ from core.planning.perf import (
     NodeSpeed,
     Prediction,
     link_cost,
+    link_seconds,
     predict,
 )
 from core.planning.planner import (
@@ -41,6 +42,7 @@ from core.planning.planner import (
 
 FASTEST = "fastest"
 TIE = 0.02  # a plan with more nodes must be this much faster to win
+EVERY_SUBSET = 12  # up to this many nodes every subset is tried (4,095); beyond, the best-first
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,10 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
         return plan, found
 
     results: dict[frozenset[str], tuple[Plan, Prediction]] = {}
-    for size in range(1, len(nodes) + 1):
-        for subset in itertools.combinations(nodes, size):
-            found = candidate(subset)
-            if found is not None:
-                results[frozenset(n.name for n in subset)] = found
+    for subset in _subsets(nodes, speeds, links, shape, round_trips):
+        found = candidate(subset)
+        if found is not None:
+            results[frozenset(n.name for n in subset)] = found
     best_key = None
     for key, (_, rate) in sorted(results.items(), key=lambda item: len(item[0])):
         if best_key is None or rate.tokens_per_s > \
@@ -125,3 +126,24 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
                          f"ms, compute {part.compute_seconds * 1000:.1f} ms)")
     return FastestPlan(best, prediction, tuple(notes))
 
+
+
+def _subsets(nodes: Sequence[NodeBudget], speeds: Mapping[str, NodeSpeed],
+             links: Mapping[str, LinkSpeed], shape: ModelShape, round_trips: float
+             ) -> Iterator[Sequence[NodeBudget]]:
+    """Every subset of up to EVERY_SUBSET nodes; for more, the coordinator (when planned) with
+    the n best workers for every n (best: least link and per-block time), so 64 nodes are 64
+    candidates, not 2^64."""
+    if len(nodes) <= EVERY_SUBSET:
+        for size in range(1, len(nodes) + 1):
+            yield from itertools.combinations(nodes, size)
+        return
+    coordinator = [n for n in nodes if n.is_coordinator]
+    workers = sorted((n for n in nodes if not n.is_coordinator), key=lambda n: (
+        link_seconds(links[n.name], shape, round_trips) + speeds[n.name].block_seconds))
+    for size in range(1, len(workers) + 1):
+        yield workers[:size]
+        if coordinator:
+            yield [*coordinator, *workers[:size]]
+    if coordinator:
+        yield coordinator
