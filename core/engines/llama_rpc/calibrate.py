@@ -367,7 +367,10 @@ def describe(found: Calibration) -> str:
     times = "/".join(
         f"{statistics.median(r.token_seconds for r in found.runs if r.blocks == k) * 1000:.1f}"
         for k in counts)
-    d = derive(found.node_runs())
+    try:
+        d = derive(found.node_runs())
+    except ValueError:
+        return f"{found.node}: its stored runs cannot be read: torbiz-tui calibrate --force"
     text = (f"{found.node}: {'/'.join(map(str, counts))} blocks on its worker: {times} ms a "
             f"token, this CPU alone {d.base * 1000:.1f}: {d.per_block * 1000:+.2f} ms per block "
             f"against this CPU, {d.link * 1000:.1f} ms a token for its link and RPC")
