@@ -49,7 +49,7 @@ def plan_speed(config: ClusterConfig, plan: PlanView) -> tuple[list[str], dict[s
     for part in gen.nodes:
         mark = "  <- slowest" if slowest is not None and part.node == slowest.node else ""
         held = f"for {part.blocks} blocks" if part.node != LOCAL or part.blocks \
-            else "output layer, sampling, no blocks"
+            else "its own work, no blocks"
         lines.append(f"  {part.node}: {part.share:.0%} (compute "
                      f"{part.compute_seconds * 1000:.1f} ms {held}, link "
                      f"{part.link_seconds * 1000:.1f} ms){mark}")
