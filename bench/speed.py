@@ -84,10 +84,10 @@ async def measure(path: Path, runs: int, tokens: int, into: Measured) -> str:
         if not into.predicted:  # what `plan` says of it, once
             lines = view.text.splitlines()
             start = next((i for i, ln in enumerate(lines) if ln.startswith("speed:")), len(lines))
-            speed = lines[start:start + 1] + list(itertools.takewhile(
+            shown = lines[start:start + 1] + list(itertools.takewhile(
                 lambda ln: ln.startswith("  "), lines[start + 1:]))
             notes = [ln for ln in lines if "left out" in ln or "kept," in ln]
-            print("\n".join([*notes, *speed]), flush=True)
+            print("\n".join([*notes, *shown]), flush=True)
         into.predicted.append(float(speed.get("tokens_per_s", 0.0)))
         into.predicted_pp.append(float((speed.get("prompt") or {}).get("tokens_per_s", 0.0)))
         await operations.up(cluster)
