@@ -54,8 +54,8 @@ def cluster_file(workdir: Path, nodes: NamespacedNodes, model: Path, policy: str
     d = workdir / policy
     d.mkdir(exist_ok=True)
     slow = nodes.names[-1]
-    overrides = {name: {"rpc_port": ports[name], "max_memory_gb": cap_gb}
-                 for name in nodes.names[:-1]}
+    overrides: dict[str, dict[str, object]] = {
+        name: {"rpc_port": ports[name], "max_memory_gb": cap_gb} for name in nodes.names[:-1]}
     overrides[slow] = {"rpc_port": ports[slow], "rpc_bind": nodes.hosts[-1],
                        "rpc_host": "127.0.0.1"}
     path = ssh_cluster_file(d, nodes, model, name="speed", node_overrides=overrides)
