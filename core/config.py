@@ -149,7 +149,7 @@ def _float_or_none(value: float | None) -> float | None:
 
 def _plan(path: Path, table: dict[str, Any]) -> PlanConfig:
     check_keys(path, "plan", table, _PLAN_KEYS)
-    policy = table.get("policy", "pack")
+    policy = table.get("policy", PlanConfig.policy)
     if policy not in POLICIES:
         raise ConfigError(path, "plan", f"key 'policy' must be one of {', '.join(POLICIES)}, "
                                         f"got {policy!r}")

@@ -74,7 +74,9 @@ class CoordinatorConfig:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    policy: str = "pack"  # "pack": fewest nodes, fastest first; "spread": every node
+    # "fastest": the best predicted tok/s once calibrated (pack until then); "pack": fewest
+    # nodes, fastest first; "spread": every node
+    policy: str = "fastest"
     reserve_gb: float | None = None  # kept free on every node; None: the planner's default
     cache_type: str = "f16"  # KV cache type (llama-server --cache-type-k/-v)
     coordinator_layers: bool = True  # may the coordinator's own CPU hold layers (pack)

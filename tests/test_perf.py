@@ -11,6 +11,7 @@ from core.planning.perf import (
     link_cost,
     link_seconds,
     predict,
+    predict_prompt,
 )
 
 SHAPE = ModelShape(n_blocks=24, n_embd=2048)  # 8 KiB of activations per token
@@ -41,10 +42,35 @@ def test_dropping_the_slow_link_is_faster_when_the_blocks_fit_elsewhere() -> Non
 
 
 def test_the_coordinators_own_blocks_cross_no_link_and_unknowns_are_named() -> None:
-    speeds = {"here": NodeSpeed("here", 0.001)}
-    found = predict([("here", 24)], speeds, {}, SHAPE, local=["here"])
-    assert found.token_seconds == pytest.approx(0.024) and found.nodes[0].link_seconds == 0
-    missing = predict([("here", 12), ("x", 12)], speeds, {}, SHAPE, local=["here"])
+    speeds = {"here": NodeSpeed("here", 0.001, fixed_seconds=0.002)}
+    found = predict([("here", 24)], speeds, {}, SHAPE, coordinator="here")
+    assert found.token_seconds == pytest.approx(0.026) and found.nodes[0].link_seconds == 0
+    missing = predict([("here", 12), ("x", 12)], speeds, {}, SHAPE, coordinator="here")
     assert missing.tokens_per_s == 0 and missing.unknown == ("x",)
     assert missing.describe() == "no prediction: x not measured"
     assert link_seconds(LinkSpeed("z", 0.001, 0), SHAPE, round_trips=2) == pytest.approx(0.002)
+    assert link_seconds(LinkSpeed("z", 0.001, 0, overhead_seconds=0.0005), SHAPE) == \
+        pytest.approx(0.0015)
+
+
+def test_the_coordinators_fixed_part_counts_when_it_holds_no_block() -> None:
+    speeds = {"here": NodeSpeed("here", 0.001, fixed_seconds=0.003),
+              "a": NodeSpeed("a", 0.002)}
+    links = {"a": LinkSpeed("a", 0.001, 0)}
+    found = predict([("a", 24)], speeds, links, SHAPE, coordinator="here")
+    assert found.token_seconds == pytest.approx(0.003 + 0.048 + 0.001)
+    assert [(p.node, p.blocks) for p in found.nodes] == [("here", 0), ("a", 24)]
+    assert predict([("a", 24)], {"a": speeds["a"]}, links, SHAPE,
+                   coordinator="here").unknown == ("here",)
+
+
+def test_prompt_processing_is_the_same_sum_for_a_whole_prompt() -> None:
+    speeds = {"here": NodeSpeed("here", 0.001, 0.002, 0.010, 0.004, prompt_tokens=64),
+              "a": NodeSpeed("a", 0.002, 0.0, 0.020, None, 64)}
+    links = {"a": LinkSpeed("a", 0.001, 0, prompt_seconds=0.006)}
+    found = predict_prompt([("here", 4), ("a", 20)], speeds, links, coordinator="here")
+    seconds = 0.004 + 4 * 0.010 + 20 * 0.020 + 0.006
+    assert found.token_seconds == pytest.approx(seconds) and found.tokens == 64
+    assert found.tokens_per_s == pytest.approx(64 / seconds)
+    unmeasured = {"here": speeds["here"], "a": NodeSpeed("a", 0.002)}
+    assert predict_prompt([("a", 24)], unmeasured, links, coordinator="here").tokens_per_s == 0

@@ -74,10 +74,16 @@ class Generation:
     text: str
     tokens: int
     seconds: float  # the generation's own time when the engine reports it, else wall time
+    prompt_tokens: int = 0  # the prompt as processed, when the engine reports it
+    prompt_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
 
 def port_taken(host: str, port: int, setting: str) -> str:

@@ -4,18 +4,19 @@ generation tokens/s (core/planning/perf.py, from calibration) within every memor
 A token's time is the sum over the plan's nodes of their compute for their blocks and their
 link, so the order of the workers does not change it; what does is which nodes take part (each
 one adds its link) and how many blocks each holds (a faster node should hold as many as its
-budget allows). For every subset of the nodes (2^n, n is small: a home cluster) the blocks go
-fastest node first, each taking all its budget holds (the coordinator's CPU first, as
-llama.cpp requires); the subset with the best prediction wins, a larger one only when more
-than TIE faster (ties go to fewer nodes). A node without a calibration makes the policy fall
-back to `pack` (by memory), with a sentence saying so."""
+budget allows). For every subset of the nodes (up to EVERY_SUBSET nodes; beyond, the best n
+for every n) the blocks go fastest node first, each taking all its budget holds (the
+coordinator's CPU first, as llama.cpp requires); the subset with the best prediction wins, a
+larger one only when more than TIE faster (ties go to fewer nodes). A node without a
+calibration makes the policy fall back to `pack` (by memory), with a sentence saying so."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from core.planning.layer_map import COORDINATOR
 from core.planning.model_info import ModelInfo
 from core.planning.perf import (
     DEFAULT_ROUND_TRIPS,
@@ -24,6 +25,7 @@ from core.planning.perf import (
     NodeSpeed,
     Prediction,
     link_cost,
+    link_seconds,
     predict,
 )
 from core.planning.planner import (
@@ -40,6 +42,7 @@ from core.planning.planner import (
 
 FASTEST = "fastest"
 TIE = 0.02  # a plan with more nodes must be this much faster to win
+EVERY_SUBSET = 12  # up to this many nodes every subset is tried (4,095); beyond, the best-first
 
 
 @dataclass(frozen=True)
@@ -54,20 +57,20 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
                  round_trips: float = DEFAULT_ROUND_TRIPS) -> FastestPlan:
     """Raises PlanRefused (from the memory planner) when the model fits nowhere."""
     shape = ModelShape(model.n_layers, model.n_embd)
-    local = [n.name for n in nodes if n.is_coordinator]
     missing = [n.name for n in nodes if n.name not in speeds
                or (not n.is_coordinator and n.name not in links)]
-    if missing:
+    if missing or COORDINATOR not in speeds:
         memory = plan_layers(model, nodes, context=context, cache_type=cache_type,
                              policy="pack")
+        named = missing or [COORDINATOR]
         return FastestPlan(memory, None, (
-            f"fastest: {', '.join(missing)} not calibrated (torbiz-tui calibrate "
-            f"{' '.join(missing)}): placed by memory (pack)",))
+            f"fastest: {', '.join(named)} not calibrated (torbiz-tui calibrate"
+            f"{''.join(' ' + m for m in missing)}): placed by memory (pack)",))
     # Refuses, with the memory planner's sentence, when nothing fits.
     plan_layers(model, nodes, context=context, cache_type=cache_type, policy="pack")
     costs = layer_costs(model, context, cache_type)
     worker = _Blocks(costs, model.output_bytes)
-    embedding = model.embedding_bytes if local else 0
+    embedding = model.embedding_bytes if any(n.is_coordinator for n in nodes) else 0
 
     def candidate(subset: Sequence[NodeBudget]) -> tuple[Plan, Prediction] | None:
         coordinator = [n for n in subset if n.is_coordinator]
@@ -86,15 +89,14 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
         plan = _plan(model, ordered, counts, FASTEST, context, cache_type,
                      embedding if coordinator else 0, [n.name for n in nodes])
         found = predict([(a.node, a.n_layers) for a in plan.assignments], speeds, links,
-                        shape, round_trips=round_trips, local=local)
+                        shape, round_trips=round_trips, coordinator=COORDINATOR)
         return plan, found
 
     results: dict[frozenset[str], tuple[Plan, Prediction]] = {}
-    for size in range(1, len(nodes) + 1):
-        for subset in itertools.combinations(nodes, size):
-            found = candidate(subset)
-            if found is not None:
-                results[frozenset(n.name for n in subset)] = found
+    for subset in _subsets(nodes, speeds, links, shape, round_trips):
+        found = candidate(subset)
+        if found is not None:
+            results[frozenset(n.name for n in subset)] = found
     best_key = None
     for key, (_, rate) in sorted(results.items(), key=lambda item: len(item[0])):
         if best_key is None or rate.tokens_per_s > \
@@ -124,3 +126,24 @@ def plan_fastest(model: ModelInfo, nodes: Sequence[NodeBudget], speeds: Mapping[
                          f"ms, compute {part.compute_seconds * 1000:.1f} ms)")
     return FastestPlan(best, prediction, tuple(notes))
 
+
+
+def _subsets(nodes: Sequence[NodeBudget], speeds: Mapping[str, NodeSpeed],
+             links: Mapping[str, LinkSpeed], shape: ModelShape, round_trips: float
+             ) -> Iterator[Sequence[NodeBudget]]:
+    """Every subset of up to EVERY_SUBSET nodes; for more, the coordinator (when planned) with
+    the n best workers for every n (best: least link and per-block time), so 64 nodes are 64
+    candidates, not 2^64."""
+    if len(nodes) <= EVERY_SUBSET:
+        for size in range(1, len(nodes) + 1):
+            yield from itertools.combinations(nodes, size)
+        return
+    coordinator = [n for n in nodes if n.is_coordinator]
+    workers = sorted((n for n in nodes if not n.is_coordinator), key=lambda n: (
+        link_seconds(links[n.name], shape, round_trips) + speeds[n.name].block_seconds))
+    for size in range(1, len(workers) + 1):
+        yield workers[:size]
+        if coordinator:
+            yield [*coordinator, *workers[:size]]
+    if coordinator:
+        yield coordinator

@@ -1,19 +1,23 @@
-"""The performance model: predicted generation tokens/s of a plan, from measured node and link
-speeds and the model's shape. Pure: no IO, no clocks.
+"""The performance model: predicted generation and prompt-processing tokens/s of a plan, from
+measured node and link speeds and the model's shape. Pure: no IO, no clocks.
 
-llama.cpp over RPC runs the blocks in turn, one node after the other, for every token: a
-token's time is the sum of each node's compute for its blocks plus, for each worker, the round
-trips the coordinator makes to it and the activations it sends over the link. So the slowest
-node does not set the pace alone: every node and every link adds its own part, and each part's
-share of the token's time says where the time goes (the bottleneck is the largest part).
+llama.cpp over RPC runs the blocks in turn, one node after the other, for every token (in a
+single request's decode no two nodes compute at once): a token's time is the coordinator's
+fixed work (output layer, sampling, the server loop), plus each node's compute for its blocks,
+plus, for each worker, the round trips the coordinator makes to it, the activations it sends
+over the link and the RPC's own cost (the graph sent and rebuilt). So the slowest node does not
+set the pace alone: every node and every link adds its own part, and each part's share of the
+token's time says where the time goes (the bottleneck is the largest part). A prompt is the
+same sum for the whole prompt in one batch (one round trip per worker, the activations of
+every prompt token).
 
-Inputs are measurements (core/planning: a node's seconds per block per token through the real
-engine on its device; a link's round trip and transfer rate), never guesses; a node or link
-without one is left out of the prediction and named in `unknown`."""
+Inputs are measurements (core/planning/fit.py turns calibration runs through the real engine
+into them), never guesses; a node or link without one is left out of the prediction and named
+in `unknown`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 # Round trips llama.cpp makes to each worker per generated token, measured (bench/round_trips.py):
@@ -28,21 +32,30 @@ ACTIVATION_BYTES_PER_VALUE = 4  # llama.cpp hands f32 activations between backen
 
 @dataclass(frozen=True)
 class NodeSpeed:
-    """A node's measured compute for this model: seconds per block per generated token, and
-    per block per prompt token when measured."""
+    """A node's measured compute for this model: seconds per block per generated token and, for
+    the coordinator, the fixed seconds every token costs it whatever it holds (the output
+    layer, sampling, the server loop). The same for a whole prompt of `prompt_tokens` tokens
+    when that was measured."""
 
     node: str
     block_seconds: float
+    fixed_seconds: float = 0.0
     prompt_block_seconds: float | None = None
+    prompt_fixed_seconds: float | None = None
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True)
 class LinkSpeed:
-    """The link between the coordinator's machine and a node's worker port."""
+    """The link between the coordinator's machine and a node's worker port: the network's
+    round trip and rate, the RPC's own cost per token beyond them (`overhead_seconds`: the
+    graph sent and rebuilt, measured), and a whole prompt's link cost when measured."""
 
     node: str
     rtt_seconds: float
     bytes_per_second: float
+    overhead_seconds: float = 0.0
+    prompt_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +85,10 @@ class NodeTime:
 @dataclass(frozen=True)
 class Prediction:
     tokens_per_s: float  # 0 when nothing could be predicted
-    token_seconds: float
+    token_seconds: float  # generation: one token's time; prompt processing: the prompt's
     nodes: tuple[NodeTime, ...]
     unknown: tuple[str, ...] = ()  # nodes without a measurement: the prediction leaves them out
+    tokens: int = 1  # tokens in token_seconds (a prompt's length for prompt processing)
 
     @property
     def bottleneck(self) -> NodeTime | None:
@@ -98,37 +112,72 @@ class Prediction:
 
 def link_seconds(link: LinkSpeed, shape: ModelShape,
                  round_trips: float = DEFAULT_ROUND_TRIPS) -> float:
-    """One token's time on one worker's link: its round trips and the activations, in and out."""
+    """One token's time on one worker's link: its round trips, the activations in and out, and
+    the RPC's own overhead."""
     transfer = 2 * shape.activation_bytes / link.bytes_per_second if link.bytes_per_second > 0 \
         else 0.0
-    return round_trips * link.rtt_seconds + transfer
+    return round_trips * link.rtt_seconds + transfer + link.overhead_seconds
 
 
 def predict(spans: Iterable[tuple[str, int]], speeds: Mapping[str, NodeSpeed],
             links: Mapping[str, LinkSpeed], shape: ModelShape, *,
-            round_trips: float = DEFAULT_ROUND_TRIPS, local: Iterable[str] = ()) -> Prediction:
-    """`spans`: (node, blocks) in the plan's order; `local`: nodes whose blocks run in the
-    coordinator's own process (no link)."""
-    in_process = set(local)
+            round_trips: float = DEFAULT_ROUND_TRIPS, coordinator: str | None = None
+            ) -> Prediction:
+    """Generation. `spans`: (node, blocks) in the plan's order; `coordinator`: the node whose
+    blocks run in the coordinator's own process (no link) and whose fixed part every token
+    pays, whether it holds blocks or not."""
+    def compute(speed: NodeSpeed, blocks: int) -> float | None:
+        fixed = speed.fixed_seconds if speed.node == coordinator else 0.0
+        return blocks * speed.block_seconds + fixed
+
+    return _predict(spans, speeds, links, coordinator, compute,
+                    lambda link: link_seconds(link, shape, round_trips), 1)
+
+
+def predict_prompt(spans: Iterable[tuple[str, int]], speeds: Mapping[str, NodeSpeed],
+                   links: Mapping[str, LinkSpeed], *, coordinator: str | None = None
+                   ) -> Prediction:
+    """Prompt processing of a prompt as long as the calibration's (the coordinator's
+    `prompt_tokens`): its tokens/s. No prediction (tokens_per_s 0) when a part has no prompt
+    measurement."""
+    def compute(speed: NodeSpeed, blocks: int) -> float | None:
+        if speed.prompt_block_seconds is None:
+            return None
+        fixed = (speed.prompt_fixed_seconds or 0.0) if speed.node == coordinator else 0.0
+        return blocks * speed.prompt_block_seconds + fixed
+
+    own = speeds.get(coordinator) if coordinator else None
+    tokens = own.prompt_tokens if own is not None and own.prompt_tokens else 0
+    found = _predict(spans, speeds, links, coordinator, compute,
+                     lambda link: link.prompt_seconds, max(tokens, 1))
+    return found if tokens else Prediction(0.0, 0.0, found.nodes, found.unknown or
+                                           ((coordinator or "the coordinator"),))
+
+
+def _predict(spans: Iterable[tuple[str, int]], speeds: Mapping[str, NodeSpeed],
+             links: Mapping[str, LinkSpeed], coordinator: str | None,
+             compute: Callable[[NodeSpeed, int], float | None],
+             wire: Callable[[LinkSpeed], float | None], tokens: int) -> Prediction:
+    given = [(node, blocks) for node, blocks in spans if blocks > 0]
+    if coordinator is not None and all(node != coordinator for node, _ in given):
+        given.insert(0, (coordinator, 0))  # its fixed part: every token pays it
     parts: list[NodeTime] = []
     unknown: list[str] = []
-    for node, blocks in spans:
-        if blocks <= 0:
-            continue
+    for node, blocks in given:
         speed = speeds.get(node)
         link = links.get(node)
-        if speed is None or (node not in in_process and link is None):
+        own = compute(speed, blocks) if speed is not None else None
+        cost = 0.0 if node == coordinator else wire(link) if link is not None else None
+        if own is None or cost is None:
             unknown.append(node)
             continue
-        wire = 0.0 if node in in_process or link is None else link_seconds(link, shape,
-                                                                          round_trips)
-        parts.append(NodeTime(node, blocks, blocks * speed.block_seconds, wire))
+        parts.append(NodeTime(node, blocks, own, cost))
     total = sum(part.seconds for part in parts)
     if total <= 0 or unknown:
-        return Prediction(0.0, 0.0, tuple(parts), tuple(unknown))
+        return Prediction(0.0, 0.0, tuple(parts), tuple(unknown), tokens)
     shared = tuple(NodeTime(p.node, p.blocks, p.compute_seconds, p.link_seconds,
                             p.seconds / total) for p in parts)
-    return Prediction(1.0 / total, total, shared, ())
+    return Prediction(tokens / total, total, shared, (), tokens)
 
 
 def link_cost(node: str, link: LinkSpeed, shape: ModelShape, token_seconds: float,

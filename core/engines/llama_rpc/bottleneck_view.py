@@ -60,7 +60,7 @@ async def predicted_tps(config: ClusterConfig) -> float | None:
     speeds, links = await asyncio.to_thread(calibrate_run.measured, config,
                                             [name for name, _ in spans])
     found = predict(spans, speeds, links, ModelShape(model.n_layers, model.n_embd),
-                    local=[COORDINATOR])
+                    coordinator=COORDINATOR)
     return found.tokens_per_s or None
 
 

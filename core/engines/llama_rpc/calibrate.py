@@ -1,23 +1,27 @@
 """Calibration: each node's compute speed for this model's blocks and each link's round trip
 and transfer rate, measured through the real engine, cached per node and model.
 
-The method (its cost is printed by `torbiz-tui calibrate`):
+The method (its cost is printed by `torbiz-tui calibrate`; the arithmetic is
+core/planning/fit.py's):
 - link: one TCP connection to the node's worker port, an RPC HELLO, then 20 DEVICE_COUNT
   requests (9 bytes out, 12 back): the median is the round trip. rpc-server serves one client
   at a time, so this runs only while no coordinator holds the workers.
-- this machine's CPU: a short-lived llama-server with every block on it (-ngl 0) decodes
-  CAL_TOKENS tokens after a CAL_PROMPT_TOKENS-token prompt, 1 + CAL_RUNS times; the median of
-  the last CAL_RUNS predicted_ms / predicted_n (llama-server's own timing) is its time per
-  token, T_local.
-- each node: the same with its worker holding k blocks (every block when its budget allows,
-  else as many as fit; the first n - k stay on this CPU): T_k. Its seconds per block per
-  token are (T_k - T_local (n-k)/n - link) / k, where link is the round trips and
-  activations perf.link_seconds counts. The transfer rate is the bytes of its k blocks over
-  the extra load time against the local run's (a lower bound: it includes the worker's
-  allocation; with rpc-server's -c cache the weights do not cross and the rate is left out).
+- a run: a short-lived llama-server started as `up` starts the coordinator (coordinator_argv:
+  its threads, extra_args, slots; a free loopback port) with the last k blocks on one worker
+  (k 0: every block on this CPU) answers 1 + CAL_RUNS requests of a CAL_PROMPT_TOKENS-token
+  prompt and CAL_TOKENS generated tokens; the medians of the last CAL_RUNS requests' own
+  timings (llama-server's predicted_ms / predicted_n, prompt_ms) are the run's time per token
+  and per prompt.
+- this machine's CPU: CAL_ROUNDS runs with every block on it.
+- each node: runs at several block counts (1, half, and every block its budget holds), in
+  CAL_ROUNDS rounds, each round with a run of every block on this CPU (forward, then backward,
+  so a machine that slows down meanwhile weighs on both sides alike). The transfer rate is
+  the slope of the load time against the bytes its blocks hold (left out with rpc-server's -c
+  cache: the weights need not cross).
 A result is cached in <state_dir>/<cluster>/_calibration/<node>.json under the model file's
-identity (path, size, mtime) and the worker's (its RPC version, rpc_server, threads, host and
-port); a changed key, or --force, measures again."""
+identity (path, size, mtime), llama-server's, the coordinator's threads and extra_args, and the
+worker's (its RPC version, rpc_server, threads, host and port); a changed key, or --force,
+measures again."""
 
 from __future__ import annotations
 
@@ -29,26 +33,34 @@ import statistics
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from core.config import ClusterConfig, NodeConfig
-from core.engines.llama_rpc.coordinator import COORDINATOR_DIR, placement_args
+from core.engines.llama_rpc.coordinator import (
+    COORDINATOR_DIR,
+    CoordinatorError,
+    coordinator_argv,
+    placement_args,
+)
 from core.engines.llama_rpc.rpc import RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE, _rst_close
+from core.planning.fit import NodeRuns, Run, derive, fit_line
+from core.planning.layer_map import COORDINATOR
 from core.planning.model_info import ModelInfo
-from core.planning.perf import LinkSpeed, ModelShape, NodeSpeed, link_seconds
 from core.state_file import read_json, write_json
 
-CAL_TOKENS = 24
-CAL_PROMPT_TOKENS = 32
+CAL_TOKENS = 32
+CAL_PROMPT_TOKENS = 64
 RTT_ROUNDS = 20
-CAL_RUNS = 3  # measured runs after the warm-up: their median (2 shared cores are noisy)
+CAL_RUNS = 3  # measured requests after the warm-up, per run: their median
+CAL_ROUNDS = 2  # rounds of runs per node (a run is a llama-server load)
+METHOD = 2  # in the cache key: results of an older method are measured again
 RPC_CMD_DEVICE_COUNT = 15
-LOCAL = "coordinator"  # this machine's CPU (layer_map.COORDINATOR)
-_PROMPT = " ".join(["the"] * CAL_PROMPT_TOKENS)
+LOCAL = COORDINATOR  # this machine's CPU
+CAL_PROMPT = " ".join(["the"] * CAL_PROMPT_TOKENS)  # the prompt every run times (and the bench)
 
 
 class CalibrationError(Exception):
@@ -59,21 +71,19 @@ class CalibrationError(Exception):
 class Calibration:
     node: str
     key: dict[str, Any]
-    block_seconds: float  # per block per generated token
-    blocks: int  # blocks it held while measured
-    token_seconds: float  # the measured run's time per token
+    runs: tuple[Run, ...]  # blocks on its worker (0: all on this CPU), its times
+    prompt_tokens: int  # the prompt's length as llama-server counted it
     rtt_seconds: float  # 0 for this machine
     bytes_per_second: float  # 0: not measured
     cost_seconds: float  # what the measurement took
     measured_at: float  # time.time()
     ssh_rtt_seconds: float | None = None
+    model: tuple[int, int, float] = (0, 0, 0.0)  # blocks, n_embd, output_share(): for fit.py
     cached: bool = False
 
-    def speed(self) -> NodeSpeed:
-        return NodeSpeed(self.node, self.block_seconds)
-
-    def link(self) -> LinkSpeed:
-        return LinkSpeed(self.node, self.rtt_seconds, self.bytes_per_second)
+    def node_runs(self) -> NodeRuns:
+        return NodeRuns(self.node, self.runs, self.rtt_seconds, self.bytes_per_second,
+                        self.prompt_tokens)
 
 
 def calibration_dir(config: ClusterConfig) -> Path:
@@ -92,9 +102,12 @@ def load_cached(config: ClusterConfig, name: str, key: dict[str, Any] | None = N
     if not data:
         return None
     try:
-        found = Calibration(**{**data, "cached": True})
-    except TypeError:
-        return None
+        runs = tuple(Run(**run) for run in data.pop("runs"))
+        blocks, embd, share = data.pop("model")
+        found = Calibration(**{**data, "runs": runs, "model": (int(blocks), int(embd),
+                                                              float(share)), "cached": True})
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None  # another method's result: measured again
     if key is not None and any(found.key.get(k) != v for k, v in key.items()):
         return None
     if key is None and config.model.gguf is not None:
@@ -162,14 +175,17 @@ def _free_port() -> int:
 @dataclass(frozen=True)
 class Decode:
     token_seconds: float
+    prompt_seconds: float
+    prompt_tokens: int
     load_seconds: float
 
 
 async def timed_decode(binary: str, model: Path, context: int, endpoint: str | None,
                        blocks: int, *, timeout: float = 120.0, threads: int | None = None
                        ) -> Decode:
-    """llama-server with `blocks` (the last ones) on the worker at `endpoint` (none: all on this
-    CPU): its own time per generated token, and how long it took to load."""
+    """A bare llama-server (bench/round_trips.py) with `blocks` (the last ones) on the worker at
+    `endpoint` (none: all on this CPU): its own time per generated token, and how long it took
+    to load."""
     port = _free_port()
     argv = [binary, "-m", str(model), "-c", str(context), "--host", "127.0.0.1",
             "--port", str(port), "-np", "1", *placement_args([blocks] if endpoint else [])]
@@ -177,6 +193,24 @@ async def timed_decode(binary: str, model: Path, context: int, endpoint: str | N
         argv += ["--rpc", endpoint]
     if threads:
         argv += ["-t", str(threads)]
+    return await timed_run(argv, port, timeout)
+
+
+async def timed_coordinator(config: ClusterConfig, binary: str, endpoint: str | None,
+                            blocks: int, timeout: float = 120.0) -> Decode:
+    """The same with llama-server's command line exactly as `up` starts it (coordinator_argv:
+    the cluster's threads, extra_args, slots), on a free loopback port."""
+    port = _free_port()
+    here = replace(config, coordinator=replace(config.coordinator, host="127.0.0.1", port=port))
+    try:
+        argv = coordinator_argv(here, binary, [endpoint] if endpoint else [],
+                                layers=[blocks] if endpoint else [])
+    except CoordinatorError as exc:
+        raise CalibrationError(str(exc)) from None
+    return await timed_run(argv, port, timeout)
+
+
+async def timed_run(argv: Sequence[str], port: int, timeout: float) -> Decode:
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -204,11 +238,11 @@ async def timed_decode(binary: str, model: Path, context: int, endpoint: str | N
                         break
                 await asyncio.sleep(0.1)
             loaded = time.monotonic() - started
-            runs: list[float] = []
+            runs: list[tuple[float, float, int]] = []
             for _ in range(1 + CAL_RUNS):  # the first warms up; the median of the rest counts
                 try:
                     reply = await client.post(f"{url}/completion", json={
-                        "prompt": _PROMPT, "n_predict": CAL_TOKENS, "temperature": 0,
+                        "prompt": CAL_PROMPT, "n_predict": CAL_TOKENS, "temperature": 0,
                         "ignore_eos": True, "cache_prompt": False})
                 except httpx.HTTPError as exc:
                     raise CalibrationError(f"llama-server stopped answering mid-run "
@@ -222,8 +256,13 @@ async def timed_decode(binary: str, model: Path, context: int, endpoint: str | N
                 if count < 2:
                     raise CalibrationError("llama-server generated no tokens: "
                                            + _last_error(tail))
-                runs.append(float(timings["predicted_ms"]) / 1000 / count)
-            return Decode(statistics.median(runs[1:]), loaded)
+                runs.append((float(timings["predicted_ms"]) / 1000 / count,
+                             float(timings.get("prompt_ms", 0.0)) / 1000,
+                             int(timings.get("prompt_n", 0))))
+            timed = runs[1:]
+            return Decode(statistics.median(r[0] for r in timed),
+                          statistics.median(r[1] for r in timed),
+                          min(r[2] for r in timed), loaded)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
@@ -247,63 +286,99 @@ def _last_error(tail: Sequence[bytes]) -> str:
 
 # ---- one node ------------------------------------------------------------------------------
 
-def shape_of(model: ModelInfo) -> ModelShape:
-    return ModelShape(model.n_layers, model.n_embd)
+def model_facts(model: ModelInfo) -> tuple[int, int, float]:
+    """Blocks, n_embd and the output layer's share of the weights a token reads
+    (core/planning/fit.py): what a plan's prediction needs of the model, kept with the runs."""
+    total = model.weight_bytes + model.output_bytes
+    return model.n_layers, model.n_embd, model.output_bytes / total if total else 0.0
+
+
+def block_counts(most: int) -> list[int]:
+    """The block counts a node is timed at: 1, about half, and `most`."""
+    return sorted({1, (most + 1) // 2, most})
+
+
+def _run(found: Decode, blocks: int) -> Run:
+    return Run(blocks, found.token_seconds,
+               found.prompt_seconds if found.prompt_tokens > 0 else None)
 
 
 async def calibrate_local(config: ClusterConfig, binary: str, model: ModelInfo,
                           key: dict[str, Any]) -> Calibration:
     assert config.model.gguf is not None
     started = time.monotonic()
-    run = await timed_decode(binary, config.model.gguf, config.model.context, None, 0,
-                             threads=config.coordinator.threads)
-    return _local(key, model, run, started)
-
-
-def _local(key: dict[str, Any], model: ModelInfo, run: Decode, started: float) -> Calibration:
+    decodes = [await timed_coordinator(config, binary, None, 0) for _ in range(CAL_ROUNDS)]
     # Its load time goes with the key: a worker's transfer rate is measured against it.
-    return Calibration(LOCAL, {**key, "load_seconds": run.load_seconds},
-                       run.token_seconds / model.n_layers, model.n_layers, run.token_seconds,
-                       0.0, 0.0, time.monotonic() - started, time.time())
+    return Calibration(LOCAL, {**key, "load_seconds": min(d.load_seconds for d in decodes)},
+                       tuple(_run(d, 0) for d in decodes),
+                       min(d.prompt_tokens for d in decodes), 0.0, 0.0,
+                       time.monotonic() - started, time.time(), None, model_facts(model))
 
 
 async def calibrate_worker(config: ClusterConfig, node: NodeConfig, binary: str,
-                           model: ModelInfo, endpoint: str, blocks: int, local: Calibration,
-                           key: dict[str, Any], round_trips: float,
+                           model: ModelInfo, endpoint: str, most: int, key: dict[str, Any],
                            ssh_rtt: float | None) -> Calibration:
+    """Runs at block_counts(most), CAL_ROUNDS rounds (forward, then backward), each round with
+    a run of every block on this CPU."""
     assert config.model.gguf is not None
     started = time.monotonic()
     host, _, port = endpoint.rpartition(":")
     rtt = await rpc_round_trip(host, int(port))
-    try:
-        run = await timed_decode(binary, config.model.gguf, config.model.context, endpoint,
-                                 blocks, threads=config.coordinator.threads)
-    except CalibrationError as exc:
-        raise CalibrationError(f"its timed run failed: {exc}") from None
     n = model.n_layers
-    sent = sum(model.layer_bytes[n - blocks:]) + model.output_bytes
-    extra_load = run.load_seconds - float(local.key.get("load_seconds", 0.0))
-    rate = sent / extra_load if extra_load > 0.05 and not node.cache else 0.0
-    wire = link_seconds(LinkSpeed(node.name, rtt, rate), shape_of(model), round_trips)
-    own = run.token_seconds - local.token_seconds * (n - blocks) / n - wire
-    per_block = max(own / blocks, local.block_seconds * 0.05)
-    return Calibration(node.name, key, per_block, blocks, run.token_seconds, rtt, rate,
-                       time.monotonic() - started, time.time(), ssh_rtt)
+    runs: list[Run] = []
+    loads: list[tuple[float, float]] = []  # (bytes sent, load seconds)
+    prompt_tokens: list[int] = []
+    for round_ in range(CAL_ROUNDS):
+        order = [0, *block_counts(most)]
+        for blocks in order if round_ % 2 == 0 else reversed(order):
+            try:
+                run = await timed_coordinator(config, binary, endpoint if blocks else None,
+                                              blocks)
+            except CalibrationError as exc:
+                where = f"with {blocks} blocks on it" if blocks else "on this CPU alone"
+                raise CalibrationError(f"its timed run {where} failed: {exc}") from None
+            runs.append(_run(run, blocks))
+            prompt_tokens.append(run.prompt_tokens)
+            if blocks:
+                sent = sum(model.layer_bytes[n - blocks:]) + model.output_bytes
+                loads.append((float(sent), run.load_seconds))
+    rate = 0.0
+    if not node.cache and len({b for b, _ in loads}) > 1:
+        per_byte = fit_line(loads).slope
+        rate = 1 / per_byte if per_byte > 0 else 0.0
+    return Calibration(node.name, key, tuple(runs), min(prompt_tokens), rtt, rate,
+                       time.monotonic() - started, time.time(), ssh_rtt, model_facts(model))
 
 
 def describe(found: Calibration) -> str:
     where = "cached" if found.cached else f"measured in {found.cost_seconds:.1f} s"
+    prompt = f"a {found.prompt_tokens}-token prompt"
     if found.node == LOCAL:
-        return (f"{found.node} (this machine's CPU): {found.block_seconds * 1000:.2f} ms per "
-                f"block per token ({found.token_seconds * 1000:.1f} ms a token with all "
-                f"{found.blocks} blocks); {where}")
+        tokens = statistics.median(r.token_seconds for r in found.runs)
+        prompts = [r.prompt_seconds for r in found.runs if r.prompt_seconds is not None]
+        pp = (f", {statistics.median(prompts) * 1000:.1f} ms for {prompt}" if prompts else "")
+        return (f"{found.node} (this machine's CPU): {tokens * 1000:.1f} ms a token with every "
+                f"block on it{pp} (median of {len(found.runs)} runs); {where}")
     rate = (f"{found.bytes_per_second / 1e6:.1f} MB/s" if found.bytes_per_second
             else "rate not measured")
     ssh = (f", SSH {found.ssh_rtt_seconds * 1000:.1f} ms"
            if found.ssh_rtt_seconds is not None else "")
-    return (f"{found.node}: {found.block_seconds * 1000:.2f} ms per block per token "
-            f"(held {found.blocks} blocks: {found.token_seconds * 1000:.1f} ms a token); link "
-            f"{found.rtt_seconds * 1000:.2f} ms round trip, {rate}{ssh}; {where}")
+    counts = sorted({r.blocks for r in found.runs if r.blocks})
+    times = "/".join(
+        f"{statistics.median(r.token_seconds for r in found.runs if r.blocks == k) * 1000:.1f}"
+        for k in counts)
+    try:
+        d = derive(found.node_runs())
+    except ValueError:
+        return f"{found.node}: its stored runs cannot be read: torbiz-tui calibrate --force"
+    text = (f"{found.node}: {'/'.join(map(str, counts))} blocks on its worker: {times} ms a "
+            f"token, this CPU alone {d.base * 1000:.1f}: {d.per_block * 1000:+.2f} ms per block "
+            f"against this CPU, {d.link * 1000:.1f} ms a token for its link and RPC")
+    if d.prompt_per_block is not None and d.prompt_link is not None:
+        text += (f"; {prompt}: {d.prompt_per_block * 1000:+.1f} ms per block, "
+                 f"{d.prompt_link * 1000:.1f} ms link")
+    return (f"{text}; link {found.rtt_seconds * 1000:.2f} ms round trip, {rate}{ssh}; "
+            f"{where}")
 
 
 Progress = Callable[[str], None]

@@ -11,8 +11,9 @@ from core.engines.llama_rpc import link_rate
 from core.engines.llama_rpc.calibrate import Calibration, CalibrationError
 from core.engines.llama_rpc.coordinator import CoordinatorError, find_coordinator_binary
 from core.engines.llama_rpc.rpc import HelloError, hello
+from core.planning.fit import model_inputs
 from core.planning.model_info import ModelInfo
-from core.planning.perf import DEFAULT_ROUND_TRIPS, LinkSpeed, NodeSpeed
+from core.planning.perf import LinkSpeed, ModelShape, NodeSpeed
 from core.planning.placement import PlacementError, node_budget, read_model
 from core.planning.planner import layer_costs
 from core.reach.probe import NodeProbe
@@ -53,7 +54,9 @@ async def run(engine: CalibratingEngine, names: Sequence[str], force: bool,
         return [f"cannot calibrate: {exc}"]
     assert config.model.gguf is not None
     base = {**cal.model_identity(config.model.gguf), **_binary_key(binary),
-            "context": config.model.context}
+            "context": config.model.context, "method": cal.METHOD,
+            "coordinator_threads": config.coordinator.threads,
+            "coordinator_args": list(config.coordinator.extra_args)}
     lines: list[str] = []
     local = None if force else cal.load_cached(config, cal.LOCAL, base)
     if local is None:
@@ -68,7 +71,7 @@ async def run(engine: CalibratingEngine, names: Sequence[str], force: bool,
         node = config.node(name)
         try:
             found = await _one(engine, node.name, force, progress, statuses, probes, model,
-                               binary, base, local)
+                               binary, base)
         except CalibrationError as exc:
             lines.append(f"{name} cannot be calibrated: {exc}; plans leave its speed out "
                          "(placed by memory)")
@@ -81,7 +84,7 @@ async def run(engine: CalibratingEngine, names: Sequence[str], force: bool,
 async def _one(engine: CalibratingEngine, name: str, force: bool,
                progress: Callable[[str], None], statuses: Mapping[str, NodeStatus],
                probes: Mapping[str, NodeProbe], model: Any, binary: str,
-               base: dict[str, Any], local: Calibration) -> Calibration:
+               base: dict[str, Any]) -> Calibration:
     config = engine.config
     node = config.node(name)
     status = statuses.get(name)
@@ -109,11 +112,12 @@ async def _one(engine: CalibratingEngine, name: str, force: bool,
         if cached is not None:
             return cached
     blocks = _blocks_that_fit(config, node, probes.get(name), model)
-    progress(f"{name}: timing {cal.CAL_TOKENS} tokens with {blocks} of {model.n_layers} blocks "
-             f"on its worker")
+    counts = cal.block_counts(blocks)
+    progress(f"{name}: timing {cal.CAL_TOKENS} tokens with {'/'.join(map(str, counts))} of "
+             f"{model.n_layers} blocks on its worker, and all on this CPU, "
+             f"{cal.CAL_ROUNDS} rounds")
     ssh = status.probe_ms / 1000 if status.probe_ms is not None else None
-    found = await cal.calibrate_worker(config, node, binary, model, endpoint, blocks, local,
-                                       key, DEFAULT_ROUND_TRIPS, ssh)
+    found = await cal.calibrate_worker(config, node, binary, model, endpoint, blocks, key, ssh)
     cal.store(config, found)
     return found
 
@@ -136,14 +140,14 @@ def _blocks_that_fit(config: Any, node: Any, probe: NodeProbe | None, model: Mod
 
 def measured(config: Any, names: Sequence[str]) -> tuple[dict[str, NodeSpeed],
                                                          dict[str, LinkSpeed]]:
-    """The cached speeds and links of this model (any worker key: the plan reads what was
-    last measured; `calibrate` checks the key)."""
-    speeds: dict[str, NodeSpeed] = {}
-    links: dict[str, LinkSpeed] = {}
-    for name in (cal.LOCAL, *names):
-        found = cal.load_cached(config, name)
-        if found is not None:
-            speeds[name] = found.speed()
-            if name != cal.LOCAL:
-                links[name] = found.link()
-    return speeds, links
+    """The speeds and links of this model from the cached runs (any worker key: the plan reads
+    what was last measured; `calibrate` checks the key), through core/planning/fit.py. Empty
+    when this machine's CPU is not calibrated (every figure is against it)."""
+    local = cal.load_cached(config, cal.LOCAL)
+    if local is None:
+        return {}, {}
+    found = [c for c in (cal.load_cached(config, name) for name in names if name != cal.LOCAL)
+             if c is not None]
+    blocks, embd, share = local.model
+    return model_inputs(local.node_runs(), [c.node_runs() for c in found],
+                        ModelShape(blocks, embd), share)

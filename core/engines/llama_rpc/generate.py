@@ -18,9 +18,11 @@ async def through_coordinator(config: ClusterConfig, prompt: str, tokens: int,
     try:
         async with httpx.AsyncClient(timeout=timeout, trust_env=False,
                                      headers=auth_headers(config)) as client:
-            # Exactly `tokens` tokens (EOS ignored), so rates compare from one run to the next.
+            # Exactly `tokens` tokens (EOS ignored), and the whole prompt processed each time
+            # (no prompt cache), so rates compare from one run to the next.
             reply = await client.post(url, json={"prompt": prompt, "max_tokens": tokens,
-                                                 "temperature": 0, "ignore_eos": True})
+                                                 "temperature": 0, "ignore_eos": True,
+                                                 "cache_prompt": False})
     except httpx.ConnectError:
         raise EngineError(f"nothing answers at {coordinator_url(config)}: is the coordinator "
                           "up? (torbiz-tui status; torbiz-tui up)") from None
@@ -37,6 +39,8 @@ async def through_coordinator(config: ClusterConfig, prompt: str, tokens: int,
         count = int(data.get("usage", {}).get("completion_tokens", 0))
         timings = data.get("timings", {})
         seconds = float(timings.get("predicted_ms", wall * 1000)) / 1000
+        prompt_tokens = int(timings.get("prompt_n", 0))
+        prompt_seconds = float(timings.get("prompt_ms", 0.0)) / 1000
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise EngineError("the coordinator's answer is not an OpenAI completion") from None
-    return Generation(text, count, seconds)
+    return Generation(text, count, seconds, prompt_tokens, prompt_seconds)

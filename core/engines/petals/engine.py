@@ -276,7 +276,7 @@ class PetalsEngine(Engine):
         except PlanRefused as exc:
             raise EngineError(str(exc)) from exc
         spans = tuple(placement.spans())
-        summary = f"plan ({self.config.plan.policy}): " + ", ".join(
+        summary = f"plan ({placement.plan.policy}): " + ", ".join(
             f"{name} blocks {first}:{first + count}" for name, first, count in spans)
         return PlanView(format_petals_placement(placement), placement.to_json(), spans,
                         summary, placement)

@@ -9,6 +9,7 @@ from typing import Any
 
 from core.config import ClusterConfig, NodeConfig
 from core.engines.petals.local import PetalsError, petals_nodes
+from core.planning.fastest import FASTEST
 from core.planning.model_info import ModelInfo, ModelInfoError, read_hf_info
 from core.planning.planner import NodeBudget, Plan, plan_layers
 from core.reach.probe import NodeProbe
@@ -118,9 +119,10 @@ async def make_petals_placement(config: ClusterConfig,
             reserve_bytes=_reserve_bytes(config, node) + (0 if gpu else overhead),
             max_bytes=int(node.max_memory_gb * GIB) if node.max_memory_gb is not None else None,
             weight=node.weight))
+    # Petals servers cannot be calibrated: `fastest` (the default) places them by memory.
+    policy = "pack" if config.plan.policy == FASTEST else config.plan.policy
     plan = plan_layers(model, budgets, context=config.petals.attn_cache_tokens,
-                       cache_type=cache_type(config.petals.torch_dtype),
-                       policy=config.plan.policy)
+                       cache_type=cache_type(config.petals.torch_dtype), policy=policy)
     return PetalsPlacement(model, tuple(budgets), devices, plan, overhead,
                            config.petals.attn_cache_tokens)
 
