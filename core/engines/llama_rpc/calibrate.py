@@ -359,8 +359,8 @@ def describe(found: Calibration) -> str:
         pp = (f", {statistics.median(prompts) * 1000:.1f} ms for {prompt}" if prompts else "")
         return (f"{found.node} (this machine's CPU): {tokens * 1000:.1f} ms a token with every "
                 f"block on it{pp} (median of {len(found.runs)} runs); {where}")
-    rate = (f"{found.bytes_per_second / 1e6:.1f} MB/s" if found.bytes_per_second
-            else "rate not measured")
+    # The transfer rate, when measured, is the load link's line (link_rate.py), printed next.
+    rate = f", {found.bytes_per_second / 1e6:.1f} MB/s" if found.bytes_per_second else ""
     ssh = (f", SSH {found.ssh_rtt_seconds * 1000:.1f} ms"
            if found.ssh_rtt_seconds is not None else "")
     counts = sorted({r.blocks for r in found.runs if r.blocks})
@@ -377,7 +377,7 @@ def describe(found: Calibration) -> str:
     if d.prompt_per_block is not None and d.prompt_link is not None:
         text += (f"; {prompt}: {d.prompt_per_block * 1000:+.1f} ms per block, "
                  f"{d.prompt_link * 1000:.1f} ms link")
-    return (f"{text}; link {found.rtt_seconds * 1000:.2f} ms round trip, {rate}{ssh}; "
+    return (f"{text}; link {found.rtt_seconds * 1000:.2f} ms round trip{rate}{ssh}; "
             f"{where}")
 
 
