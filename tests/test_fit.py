@@ -86,3 +86,19 @@ def test_fastest_leaves_the_slow_link_out_and_scales_past_every_subset() -> None
     links.update({n.name: LinkSpeed(n.name, 0.0001 * (i + 1), 0) for i, n in enumerate(many)})
     best = plan_fastest(model, many, speeds, links, context=1)
     assert [a.node for a in best.plan.assignments if a.n_layers] == ["n0", "n1", "n2", "n3"]
+
+
+def test_a_calibration_whose_runs_disagree_is_called_noisy() -> None:
+    from core.planning.fit import NOISY, disagreement
+
+    def runs(times: dict[int, float], base: float = 0.0026) -> NodeRuns:
+        return NodeRuns("n", (Run(0, base), Run(0, base),
+                              *(Run(k, t) for k, t in times.items() for _ in range(2))))
+
+    clean = runs({1: 0.0036, 4: 0.0040, 8: 0.0046})
+    assert disagreement(clean) < 0.05
+    spiked = runs({1: 0.0036, 4: 0.0124, 8: 0.0034})  # one block count under another load
+    assert disagreement(spiked) > NOISY
+    falling = runs({1: 0.1217, 4: 0.0744, 8: 0.0434})  # saves more than this CPU's whole time
+    assert disagreement(falling) > NOISY
+    assert disagreement(runs({1: 0.004, 8: 0.005})) == 0.0  # two counts: nothing to tell

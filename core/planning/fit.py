@@ -101,6 +101,34 @@ def derive(found: NodeRuns) -> Derived:
     return Derived(found.node, per_block, link, base, p_block, p_link, prompt_base)
 
 
+NOISY = 0.25  # runs further than this from their line (relative) make a calibration noisy
+
+
+def disagreement(found: NodeRuns) -> float:
+    """How far the worker's runs (the median at each block count) lie from the line through
+    them, as the largest share of the line's value: 0 for a clean calibration; above NOISY,
+    something else loaded this machine or the node while it ran. A line falling faster than
+    this CPU's whole time counts too (its share)."""
+    worker = [(r.blocks, r.token_seconds) for r in found.runs if r.blocks > 0]
+    counts = sorted({k for k, _ in worker})
+    if len(counts) < 3:
+        return 0.0
+    line = fit_line([(float(k), t) for k, t in worker])
+    worst = 0.0
+    for k in counts:
+        at = statistics.median(t for kk, t in worker if kk == k)
+        expected = line.intercept + line.slope * k
+        if expected > 0:
+            worst = max(worst, abs(at - expected) / expected)
+    # Blocks on the worker can at most save this CPU's time for them (all of B): a line that
+    # falls faster says the runs are not comparable.
+    paired = [r.token_seconds for r in found.runs if r.blocks == 0]
+    saved = -line.slope * counts[-1]
+    if paired and saved > statistics.median(paired) > 0:
+        worst = max(worst, saved / statistics.median(paired))
+    return worst
+
+
 def _split(points: Sequence[tuple[int, float]], base: float, floor: float) -> tuple[float, float]:
     """(s, l): the line's slope, and its intercept above `base`, at least `floor` (the round
     trips: the link cannot cost less than the network's part of it)."""

@@ -47,7 +47,7 @@ from core.engines.llama_rpc.coordinator import (
     placement_args,
 )
 from core.engines.llama_rpc.rpc import RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE, _rst_close
-from core.planning.fit import NodeRuns, Run, derive, fit_line
+from core.planning.fit import NOISY, NodeRuns, Run, derive, disagreement, fit_line
 from core.planning.layer_map import COORDINATOR
 from core.planning.model_info import ModelInfo
 from core.state_file import read_json, write_json
@@ -377,8 +377,12 @@ def describe(found: Calibration) -> str:
     if d.prompt_per_block is not None and d.prompt_link is not None:
         text += (f"; {prompt}: {d.prompt_per_block * 1000:+.1f} ms per block, "
                  f"{d.prompt_link * 1000:.1f} ms link")
+    noisy = disagreement(found.node_runs())
+    warn = (f"; NOISY: its runs disagree (up to {noisy:.0%} off a line; something else ran on "
+            "this machine or the node meanwhile): predictions from it are unreliable; run "
+            "`torbiz-tui calibrate --force` when the machines are quiet") if noisy > NOISY else ""
     return (f"{text}; link {found.rtt_seconds * 1000:.2f} ms round trip{rate}{ssh}; "
-            f"{where}")
+            f"{where}{warn}")
 
 
 Progress = Callable[[str], None]

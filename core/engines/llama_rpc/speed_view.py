@@ -8,7 +8,8 @@ from typing import Any
 from core.config import ClusterConfig
 from core.engines.base import PlanView
 from core.engines.llama_rpc import calibrate_run
-from core.engines.llama_rpc.calibrate import LOCAL
+from core.engines.llama_rpc.calibrate import LOCAL, load_cached
+from core.planning.fit import NOISY, disagreement
 from core.planning.perf import ModelShape, Prediction, predict, predict_prompt
 from core.planning.placement import Placement
 
@@ -62,4 +63,20 @@ def plan_speed(config: ClusterConfig, plan: PlanView) -> tuple[list[str], dict[s
     if prompt.tokens_per_s:
         data["prompt"] = {"tokens_per_s": prompt.tokens_per_s, "tokens": prompt.tokens,
                           "seconds": prompt.token_seconds}
+    noisy = noisy_calibrations(config, [p.node for p in gen.nodes if p.node != LOCAL])
+    if noisy:
+        lines.append(f"  calibration of {', '.join(noisy)} is noisy (its runs disagree): this "
+                     f"prediction is unreliable; torbiz-tui calibrate --force {' '.join(noisy)}"
+                     " when the machines are quiet")
+        data["noisy"] = noisy
     return lines, {"speed": data}
+
+
+def noisy_calibrations(config: ClusterConfig, names: list[str]) -> list[str]:
+    """The nodes whose stored calibration runs disagree (fit.disagreement above NOISY)."""
+    found = []
+    for name in names:
+        cal = load_cached(config, name)
+        if cal is not None and disagreement(cal.node_runs()) > NOISY:
+            found.append(name)
+    return found
