@@ -115,7 +115,8 @@ async def read_model(config: ClusterConfig) -> ModelInfo:
 async def make_placement(config: ClusterConfig, probes: dict[str, NodeProbe],
                          speeds: Mapping[str, NodeSpeed] | None = None,
                          links: Mapping[str, LinkSpeed] | None = None) -> Placement:
-    """Plan the llama-rpc nodes that were probed; raises PlacementError or PlanRefused.
+    """Plan the cluster's nodes from their probes (the llama.cpp RPC engine's planner; a cluster
+    is one backend, checked when the file is loaded); raises PlacementError or PlanRefused.
     The fastest policy places by `speeds` and `links` (the calibration)."""
     model = await read_model(config)
     budgets: list[NodeBudget] = []
@@ -124,8 +125,6 @@ async def make_placement(config: ClusterConfig, probes: dict[str, NodeProbe],
         budgets.append(coordinator_budget(config))
         devices[COORDINATOR] = "CPU"
     for node in config.nodes:
-        if node.backend != "llama-rpc":
-            continue
         probe = probes.get(node.name)
         if probe is None:
             raise PlacementError(f"{node.name}: not probed (unreachable?): cannot plan without "
