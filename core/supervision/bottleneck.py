@@ -62,14 +62,27 @@ class Bottleneck:
         slowest = self.slowest
         return text + (" ◀" if slowest is not None and slowest.node == node else "")
 
+    def split_text(self, part: PartShare) -> str:
+        """ "compute 3%, link 93%" of the token's time."""
+        return (f"compute {part.compute_s / self.token_s:.0%}, "
+                f"link {part.link_s / self.token_s:.0%}")
+
+    def part_text(self, node: str) -> str:
+        """The layer map's words: "96% of a token (compute 3%, link 93%) ◀" ("" if not a part)."""
+        part = next((p for p in self.parts if p.node == node), None)
+        if part is None:
+            return ""
+        slowest = self.slowest
+        mark = " ◀" if slowest is not None and slowest.node == node else ""
+        return f"{part.share:.0%} of a token ({self.split_text(part)}){mark}"
+
     def sentence(self) -> str:
         """ "slowest: node3, 62% of each 41.0 ms token (compute 55%, link 7%)" """
         part = self.slowest
         if part is None:
             return ""
         return (f"slowest: {part.node}, {part.share:.0%} of each {self.token_s * 1000:.1f} ms "
-                f"token (compute {part.compute_s / self.token_s:.0%}, link "
-                f"{part.link_s / self.token_s:.0%})")
+                f"token ({self.split_text(part)})")
 
     def lines(self) -> list[str]:
         """The headless `status`'s lines: the token's time, then one line per part."""
@@ -80,8 +93,7 @@ class Bottleneck:
             if part.node in self.unmeasured:
                 split_text = "compute and link not told apart: its CPU could not be read"
             else:
-                split_text = (f"compute {part.compute_s / self.token_s:.0%}, link "
-                              f"{part.link_s / self.token_s:.0%}")
+                split_text = self.split_text(part)
             mark = "  <- slowest" if slowest is not None and part.node == slowest.node else ""
             out.append(f"  {part.node}: {part.share:.0%} ({split_text}){mark}")
         return out

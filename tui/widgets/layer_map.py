@@ -68,17 +68,6 @@ class LayerMapView(Static):
             return
         self.update(self.render_map(layer_map))
 
-    def _share(self, node: str) -> str:
-        """The node's share of each token's time: "41% of a token (compute 35%, link 6%)"."""
-        found = self.bottleneck
-        part = next((p for p in found.parts if p.node == node), None) if found else None
-        if found is None or part is None:
-            return ""
-        slowest = found.slowest
-        mark = " ◀" if slowest is not None and slowest.node == node else ""
-        return (f"{part.share:.0%} of a token (compute {part.compute_s / found.token_s:.0%}, "
-                f"link {part.link_s / found.token_s:.0%}){mark}")
-
     def render_map(self, layer_map: LayerMap) -> Text:
         text = Text(no_wrap=False)
         text.append(f"{layer_map.blocks} blocks, {SOURCE_LABEL.get(layer_map.source, '')}\n",
@@ -121,7 +110,7 @@ class LayerMapView(Static):
             elif layer_map.source in (LOADED, SWARM) and span.planned_count is not None \
                     and span.node != COORDINATOR:
                 text.append(" = plan", style="green")
-            share = self._share(span.node)
+            share = self.bottleneck.part_text(span.node) if self.bottleneck else ""
             if share:
                 text.append(f"  {share}", style="bold red" if "◀" in share else "")
         if self.bottleneck is not None and self.bottleneck.slowest is not None:
